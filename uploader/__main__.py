@@ -1,0 +1,70 @@
+"""``python -m uploader`` / ``uploader``: read the settings, run the service until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from uploader.config import SettingsError, load_settings
+from uploader.errors import StartupError
+from uploader.service import Service
+from uploader.telemetry import setup_logging
+
+log = logging.getLogger("uploader")
+
+
+async def _cancel_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def serve(service: Service) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
+        await nursery.start(service.run)
+
+
+def _startup_errors(group: BaseException) -> list[StartupError]:
+    if isinstance(group, StartupError):
+        return [group]
+    if isinstance(group, BaseExceptionGroup):
+        return [e for sub in group.exceptions for e in _startup_errors(sub)]
+    return []
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"uploader: bad setting: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    setup_logging()
+    service = Service(settings)
+    try:
+        trio.run(serve, service)
+    except BaseException as exc:
+        failures = _startup_errors(exc)
+        if failures:
+            log.critical("cannot start: %s", failures[0])
+            print(f"uploader: cannot start: {failures[0]}", file=sys.stderr, flush=True)
+            logging.shutdown()
+            os._exit(1)
+        if isinstance(exc, KeyboardInterrupt):
+            logging.shutdown()
+            os._exit(0)
+        raise
+    log.info("stopped")
+    logging.shutdown()
+    # Threads abandoned on a hung NFS call must not hold up the exit.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

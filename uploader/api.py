@@ -1,0 +1,138 @@
+"""The HTTP API: a Quart-trio app, served by Hypercorn's trio worker inside the root nursery.
+
+``/healthz`` and ``/readyz`` touch no filesystem and no thread, so they answer whatever NFS
+or Azure are doing. Every error is JSON with one sentence: ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from uploader.config import Settings
+from uploader.layout import InvalidSessionName
+from uploader.session import NfsUnavailable, SessionConflict
+
+if TYPE_CHECKING:
+    from uploader.service import Service
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 64 * 1024
+START_FIELDS = {"session_name"}
+
+
+class BadRequest(Exception):
+    pass
+
+
+def error(status: int, message: str) -> Response:
+    return Response(json.dumps({"error": message}), status=status, mimetype="application/json")
+
+
+def parse_start_body(raw: str | bytes) -> object | None:
+    """The requested session name (None: generate one), or BadRequest with one sentence."""
+    if not raw.strip():
+        return None
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise BadRequest('The request body must be a JSON object such as {"session_name": "run-1"}.')
+    unknown = sorted(set(body) - START_FIELDS)
+    if unknown:
+        raise BadRequest(f"Unknown field {unknown[0]!r}; the only field is 'session_name'.")
+    return body.get("session_name")
+
+
+def create_app(service: Service) -> QuartTrio:
+    app = QuartTrio("uploader")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"ok": True}
+
+    @app.get("/readyz")
+    async def readyz() -> Any:
+        if service.ready:
+            return {"ready": True}
+        return {"ready": False}, 503
+
+    @app.post("/v1/watch/start")
+    async def start() -> Any:
+        if service.sessions is None:
+            return error(503, "The service is still starting; try again in a moment.")
+        try:
+            name = parse_start_body(await request.get_data(as_text=False))
+            state = await service.sessions.start(name)
+        except (BadRequest, InvalidSessionName) as exc:
+            return error(400, str(exc))
+        except SessionConflict as exc:
+            return error(409, str(exc))
+        except NfsUnavailable as exc:
+            return error(503, f"Cannot start the session: {exc}")
+        return state.public()
+
+    @app.post("/v1/watch/stop")
+    async def stop() -> Any:
+        if service.sessions is None:
+            return error(503, "The service is still starting; try again in a moment.")
+        state = await service.sessions.stop()
+        return state.public()
+
+    @app.get("/v1/status")
+    async def status() -> Any:
+        return service.status()
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status == 404:
+            return error(404, f"There is no {request.path} here; see the README for the API.")
+        if status == 405:
+            return error(405, f"{request.method} is not allowed on {request.path}.")
+        if status == 413:
+            return error(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+        return error(status, f"{exc.name}.")
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return error(500, f"Internal error: {type(exc).__name__}.")
+
+    return app
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 2.0
+    return config
+
+
+async def serve(
+    app: QuartTrio,
+    settings: Settings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await hypercorn_serve(
+        app,
+        hypercorn_config(settings),
+        shutdown_trigger=shutdown_trigger,
+        task_status=task_status,
+    )

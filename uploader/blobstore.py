@@ -1,0 +1,182 @@
+"""Blob storage: the container check at start-up, and verified, resumable uploads.
+
+Every byte is checked by the storage service itself: a small file goes up in one Put Blob
+with its Content-MD5, a large one as blocks that each carry their own Content-MD5. Azure
+does not check a whole-blob MD5 when blocks are committed, so the per-block check is what
+proves the bytes; the blob's size and stored MD5 are read back before a file counts as done.
+
+Block ids are derived from the block's position and MD5. After a crash or a network
+failure, blocks already staged in storage (``get_block_list('uncommitted')``) with the right
+id and size are not sent again. Uncommitted blocks expire after 7 days on Azure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import BlobBlock, BlobClient, ContainerClient, ContentSettings
+
+from uploader.auth import Connection, connections_to_try
+from uploader.config import Settings
+from uploader.errors import IntegrityError, StartupError, describe
+from uploader.fileops import StagedFile, read_block
+from uploader.lanes import Lanes
+
+log = logging.getLogger(__name__)
+
+
+def block_id(index: int, md5: bytes) -> str:
+    # Fixed length for every block of a blob, as Azure requires; well under 64 bytes.
+    return f"{index:05d}-{md5.hex()}"
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    bytes_sent: int
+    bytes_resumed: int
+    blocks: int
+
+
+class BlobStore:
+    def __init__(self, connection: Connection, container: str, settings: Settings, lanes: Lanes):
+        self.connection = connection
+        self.container: ContainerClient = connection.client.get_container_client(container)
+        self.settings = settings
+        self.lanes = lanes
+
+    @property
+    def url(self) -> str:
+        return str(self.container.url)
+
+    async def ensure_container(self) -> None:
+        """Read the container's properties, creating it when it is missing."""
+        azure = self.lanes.azure
+        try:
+            await azure.run(self.container.get_container_properties)
+            return
+        except ResourceNotFoundError:
+            pass
+        try:
+            await azure.run(self.container.create_container)
+            log.info("created container %s", self.container.container_name)
+        except ResourceExistsError:
+            pass
+
+    async def upload(
+        self, staged: StagedFile, name: str, *, on_sent: Callable[[int], None] = lambda n: None
+    ) -> UploadReport:
+        blob = self.container.get_blob_client(name)
+        if staged.size <= self.settings.azure_max_single_put_size:
+            return await self._put_whole(blob, staged, on_sent)
+        return await self._put_blocks(blob, staged, on_sent)
+
+    async def _put_whole(
+        self, blob: BlobClient, staged: StagedFile, on_sent: Callable[[int], None]
+    ) -> UploadReport:
+        data = await self.lanes.staging.run(read_block, staged.path, 0, staged.size)
+        answer = await self.lanes.azure.run(
+            blob.upload_blob,
+            data,
+            blob_type="BlockBlob",
+            length=len(data),
+            overwrite=True,
+            validate_content=True,
+            max_concurrency=1,
+            content_settings=ContentSettings(content_md5=bytearray(staged.md5)),
+        )
+        on_sent(len(data))
+        # The service checked the Content-MD5 of the whole body before it answered.
+        stored = answer.get("content_md5")
+        if stored is not None and bytes(stored) != staged.md5:
+            raise IntegrityError(f"storage computed MD5 {bytes(stored).hex()} for {blob.blob_name}")
+        return UploadReport(len(data), 0, 1)
+
+    async def _put_blocks(
+        self, blob: BlobClient, staged: StagedFile, on_sent: Callable[[int], None]
+    ) -> UploadReport:
+        azure, staging = self.lanes.azure, self.lanes.staging
+        ids = [block_id(i, md5) for i, md5 in enumerate(staged.block_md5s)]
+        try:
+            _, uncommitted = await azure.run(blob.get_block_list, "uncommitted")
+        except ResourceNotFoundError:
+            uncommitted = []
+        already = {block.id: block.size for block in uncommitted}
+        missing = [i for i, id_ in enumerate(ids) if already.get(id_) != staged.block_length(i)]
+        to_send = set(missing)
+        resumed = sum(staged.block_length(i) for i in range(len(ids)) if i not in to_send)
+        if resumed:
+            log.info("resuming %s: %d of %d blocks already in storage", blob.blob_name,
+                     len(ids) - len(missing), len(ids))
+        sent = 0
+
+        async def send_blocks(todo: trio.MemoryReceiveChannel[int]) -> None:
+            nonlocal sent
+            async for index in todo:
+                length = staged.block_length(index)
+                data = await staging.run(read_block, staged.path, index * staged.block_size, length)
+                await azure.run(
+                    blob.stage_block, ids[index], data, length=length, validate_content=True
+                )
+                sent += length
+                on_sent(length)
+
+        todo_send, todo_receive = trio.open_memory_channel[int](len(missing))
+        for index in missing:
+            todo_send.send_nowait(index)
+        todo_send.close()
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(self.settings.azure_max_concurrency, len(missing))):
+                nursery.start_soon(send_blocks, todo_receive.clone())
+        todo_receive.close()
+
+        await azure.run(
+            blob.commit_block_list,
+            [BlobBlock(block_id=id_) for id_ in ids],
+            content_settings=ContentSettings(content_md5=bytearray(staged.md5)),
+        )
+        properties = await azure.run(blob.get_blob_properties)
+        stored_md5 = properties.content_settings.content_md5
+        if properties.size != staged.size or stored_md5 is None or bytes(stored_md5) != staged.md5:
+            raise IntegrityError(
+                f"{blob.blob_name} in storage has {properties.size} bytes and MD5 "
+                f"{bytes(stored_md5 or b'').hex()}, expected {staged.size} and {staged.md5.hex()}"
+            )
+        return UploadReport(sent, resumed, len(ids))
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+async def open_blob_store(settings: Settings, lanes: Lanes) -> BlobStore:
+    """Connect with the first credential that works; fail start-up with one clear line."""
+    pool_size = int(lanes.azure.limiter.total_tokens)
+    failures = []
+    for connection in connections_to_try(settings, pool_size):
+        store = BlobStore(connection, settings.azure_container, settings, lanes)
+        try:
+            await store.ensure_container()
+        except ClientAuthenticationError as exc:
+            failures.append(f"{connection.description} was refused: {describe(exc)}")
+        except (ServiceRequestError, ServiceResponseError) as exc:
+            store.close()
+            raise StartupError(f"cannot reach Azure Blob Storage at {store.url}: {describe(exc)}") from None
+        except HttpResponseError as exc:
+            failures.append(f"{connection.description} failed: {describe(exc)}")
+        else:
+            log.info("connected to %s with %s", store.url, connection.description)
+            return store
+        store.close()
+    raise StartupError(
+        f"cannot use container {settings.azure_container!r}: " + "; ".join(failures)
+    )

@@ -1,0 +1,171 @@
+"""Settings, read once from the environment (prefix ``APP_``) and validated at start-up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "APP_"
+MiB = 1024 * 1024
+
+# Azure's rules for container names: 3-63 characters, lowercase letters, digits and
+# single hyphens, starting and ending with a letter or digit.
+_CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class SettingsError(Exception):
+    """A setting is missing or wrong; the message is one line that names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Azure Blob Storage
+    azure_account_url: str | None = None
+    azure_container: str
+    azure_connection_string: SecretStr | None = None
+    azure_account_name: str | None = None
+    azure_account_key: SecretStr | None = None
+    azure_auth: Literal["auto", "default", "key"] = "auto"
+    azure_max_block_size: int = Field(default=8 * MiB, ge=64 * 1024, le=4000 * MiB)
+    azure_max_single_put_size: int = Field(default=8 * MiB, ge=0, le=5000 * MiB)
+    azure_max_concurrency: int = Field(default=4, ge=1, le=64)
+    azure_connect_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    azure_read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Quick retries of one request inside the SDK; what survives them is retried per file.
+    azure_retry_total: int = Field(default=3, ge=0, le=20)
+
+    # Folders
+    nfs_incoming_dir: Path = Path("/mnt/nfs/incoming")
+    nfs_processing_root: Path = Path("/mnt/nfs/.processing")
+    local_staging_root: Path = Path("/mnt/staging")
+
+    # Watcher
+    poll_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    # Comfortably longer than the NFS attribute cache (actimeo=5 in kubernetes/).
+    min_file_age_s: float = Field(default=15.0, ge=0, le=86400)
+    file_extensions: Annotated[tuple[str, ...], NoDecode] = ()
+    max_queue_size: int = Field(default=1000, ge=1, le=1_000_000)
+
+    # Workers and retries
+    worker_concurrency: int = Field(default=4, ge=1, le=256)
+    max_attempts: int = Field(default=5, ge=1, le=1000)
+    retry_backoff_s: float = Field(default=1.0, gt=0, le=3600)
+    retry_backoff_max_s: float = Field(default=60.0, gt=0, le=86400)
+    nfs_threads: int = Field(default=16, ge=1, le=1024)
+    nfs_call_stuck_s: float = Field(default=10.0, gt=0, le=86400)
+    nfs_op_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+
+    # GC
+    gc_interval_s: float = Field(default=30.0, gt=0, le=86400)
+
+    # HTTP
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+    @field_validator("azure_container")
+    @classmethod
+    def _container_name(cls, value: str) -> str:
+        if not _CONTAINER_NAME.match(value):
+            raise ValueError(
+                "must be 3-63 lowercase letters, digits or single hyphens, "
+                "starting and ending with a letter or digit"
+            )
+        return value
+
+    @field_validator("azure_account_url")
+    @classmethod
+    def _account_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL such as https://<account>.blob.core.windows.net")
+        return value.rstrip("/")
+
+    @field_validator("file_extensions", mode="before")
+    @classmethod
+    def _extensions(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = value.split(",")
+        extensions = []
+        for raw in value:
+            ext = str(raw).strip().lower()
+            if not ext:
+                continue
+            if "/" in ext or "\0" in ext:
+                raise ValueError(f"{raw!r} is not a file extension")
+            extensions.append(ext if ext.startswith(".") else f".{ext}")
+        return tuple(extensions)
+
+    @field_validator("nfs_incoming_dir", "nfs_processing_root", "local_staging_root")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return Path(*value.parts)  # drops a trailing slash and duplicate separators
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        folders = {
+            "APP_NFS_INCOMING_DIR": self.nfs_incoming_dir,
+            "APP_NFS_PROCESSING_ROOT": self.nfs_processing_root,
+            "APP_LOCAL_STAGING_ROOT": self.local_staging_root,
+        }
+        names = list(folders)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                a, b = folders[first], folders[second]
+                if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                    raise ValueError(
+                        f"{first} ({a}) and {second} ({b}) must be separate folders, "
+                        "neither inside the other"
+                    )
+        if self.azure_auth == "key" and not self.has_key_credentials:
+            raise ValueError(
+                "APP_AZURE_AUTH=key needs APP_AZURE_CONNECTION_STRING, or APP_AZURE_ACCOUNT_URL "
+                "with APP_AZURE_ACCOUNT_NAME and APP_AZURE_ACCOUNT_KEY"
+            )
+        if self.azure_auth != "key" and self.azure_account_url is None:
+            raise ValueError(f"APP_AZURE_AUTH={self.azure_auth} needs APP_AZURE_ACCOUNT_URL")
+        if self.retry_backoff_max_s < self.retry_backoff_s:
+            raise ValueError("APP_RETRY_BACKOFF_MAX_S must not be smaller than APP_RETRY_BACKOFF_S")
+        return self
+
+    @property
+    def has_key_credentials(self) -> bool:
+        if self.azure_connection_string is not None:
+            return True
+        return bool(
+            self.azure_account_url and self.azure_account_name and self.azure_account_key
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning pydantic's report into one line that names the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            variable = ENV_PREFIX + str(error["loc"][0]).upper()
+            if error["type"] == "missing":
+                problems.append(f"{variable} is required but not set")
+                continue
+            shown = error.get("input")
+            got = "" if isinstance(shown, dict) else f" (got {shown!r})"
+            problems.append(f"{variable}: {message}{got}")
+        else:
+            problems.append(message)
+    return "; ".join(problems)

@@ -1,0 +1,140 @@
+"""Every failure of a file's pipeline is classified here, and only here.
+
+- BENIGN: a race that needs no action (the file went away or was taken by someone else).
+- RETRYABLE: transient (a network blip, a busy or failing service, a stale NFS handle);
+  the file is tried again later, in this process.
+- PERMANENT: retrying cannot help (the file cannot be read, the storage service refuses it
+  for good); the file is quarantined at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import random
+
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+
+
+class Disposition(enum.Enum):
+    BENIGN = "benign"
+    RETRYABLE = "retryable"
+    PERMANENT = "permanent"
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message is one clear line for the log and the exit."""
+
+
+class SourceChanged(Exception):
+    """The file changed after it was found stable: someone is still writing it."""
+
+
+class IntegrityError(Exception):
+    """The blob in storage does not match the staged file."""
+
+
+class SourceVanished(Exception):
+    """The claimed file disappeared from NFS before it was uploaded."""
+
+
+class NotARegularFile(Exception):
+    """What was claimed is not a regular file (a symlink, a folder, a device)."""
+
+
+_RETRYABLE_ERRNOS = {
+    errno.ESTALE,
+    errno.EIO,
+    errno.ETIMEDOUT,
+    errno.EAGAIN,
+    errno.EINTR,
+    errno.EBUSY,
+    errno.ENOSPC,  # staging full: space comes back as other uploads finish
+    errno.EDQUOT,
+    errno.ENOMEM,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.EHOSTUNREACH,
+    errno.ENOLCK,
+    errno.EREMOTEIO,
+}
+_PERMANENT_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ELOOP,
+    errno.ENAMETOOLONG,
+    errno.EINVAL,
+    errno.EFBIG,
+}
+# "Not now" (throttling, timeouts, outages, leases) and "not you" (credentials or roles that
+# are wrong for every file): neither is a reason to give up on one file.
+_RETRYABLE_STATUSES = {401, 403, 408, 409, 412, 429}
+
+
+def classify(exc: BaseException) -> Disposition:
+    if isinstance(exc, SourceVanished):
+        return Disposition.BENIGN
+    if isinstance(exc, NotARegularFile):
+        return Disposition.PERMANENT
+    if isinstance(exc, SourceChanged | IntegrityError):
+        return Disposition.RETRYABLE
+    if isinstance(exc, ClientAuthenticationError):
+        # Expired or rotated credentials are the service's problem, not the file's.
+        return Disposition.RETRYABLE
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        return Disposition.RETRYABLE
+    if isinstance(exc, HttpResponseError):
+        status = exc.status_code
+        if status is None or status in _RETRYABLE_STATUSES or status >= 500:
+            return Disposition.RETRYABLE
+        return Disposition.PERMANENT
+    if isinstance(exc, OSError):
+        if exc.errno in _PERMANENT_ERRNOS:
+            return Disposition.PERMANENT
+        return Disposition.RETRYABLE
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return Disposition.RETRYABLE
+    # An unknown error is most likely our bug: keep the file and try again later.
+    return Disposition.RETRYABLE
+
+
+def is_benign_race(exc: OSError) -> bool:
+    """ENOENT or ESTALE while listing or claiming: the entry went away under us."""
+    return exc.errno in (errno.ENOENT, errno.ESTALE)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for status and logs."""
+    if isinstance(exc, HttpResponseError):
+        code = getattr(exc, "error_code", None)
+        status = exc.status_code
+        first_line = str(exc.message or exc).splitlines()[0] if (exc.message or str(exc)) else ""
+        return f"Azure answered {status} {code or ''}: {first_line}".replace("  ", " ")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        where = f" on {exc.filename}" if exc.filename else ""
+        return f"{name}{where}: {exc.strerror}"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def backoff_delay(
+    attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None
+) -> float:
+    """Capped exponential backoff with jitter: attempt 1 waits about base_s, then doubles.
+
+    The jitter (50-100% of the step) keeps files that failed together from retrying together.
+    """
+    step = min(cap_s, base_s * (2 ** max(0, attempt - 1)))
+    return float(step * (0.5 + 0.5 * (rng or random).random()))

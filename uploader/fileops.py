@@ -1,0 +1,260 @@
+"""The blocking filesystem steps of a file's journey. Each runs in a worker thread.
+
+Claiming uses ``link()`` + ``unlink()``, never ``rename()``: a rename onto a name that is
+still in flight would silently replace the older file, while ``link()`` fails with EEXIST,
+on NFS too. A crash between the two leaves the same inode under both names, which
+``same_file`` recognises, so the next claim or the recovery finishes the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from uploader.errors import NotARegularFile, SourceChanged, SourceVanished, describe, is_benign_race
+
+T = TypeVar("T")
+COPY_CHUNK = 1024 * 1024
+MAX_BLOCKS_PER_BLOB = 50_000  # Azure's limit for a block blob
+
+
+class Claim(enum.Enum):
+    CLAIMED = "claimed"
+    GONE = "gone"  # taken or deleted by someone else: nothing to do
+    BUSY = "busy"  # an older file of that name is still in flight
+    CHANGED = "changed"  # changed since the watcher found it stable: still being written
+
+
+@dataclass(frozen=True)
+class ScanEntry:
+    rel: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Scan:
+    entries: list[ScanEntry]
+    skipped: list[str]  # entries that could not be read this time, one line each
+
+
+def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
+    """List the regular files below ``root``, recursively; FileNotFoundError if it is missing.
+
+    Symlinks are never followed: nothing outside the folder is ever read. An entry that
+    vanishes or goes stale while we look (ENOENT, ESTALE) is skipped; the next scan sees
+    it again if it still exists.
+    """
+    entries: list[ScanEntry] = []
+    skipped: list[str] = []
+    folders: list[tuple[str, str]] = [(os.fspath(root), "")]
+    while folders:
+        path, prefix = folders.pop()
+        try:
+            iterator = os.scandir(path)
+        except OSError as exc:
+            if prefix == "":
+                raise
+            if not is_benign_race(exc):
+                skipped.append(describe(exc))
+            continue
+        with iterator:
+            for entry in iterator:
+                rel = prefix + entry.name
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError as exc:
+                    if not is_benign_race(exc):
+                        skipped.append(describe(exc))
+                    continue
+                if stat.S_ISDIR(info.st_mode):
+                    folders.append((entry.path, rel + "/"))
+                elif stat.S_ISREG(info.st_mode):
+                    if extensions and not entry.name.lower().endswith(extensions):
+                        continue
+                    entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns))
+    return Scan(entries, skipped)
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def in_folder(path: Path, operation: Callable[[], T], *, attempts: int = 3) -> T:
+    """Run ``operation``, creating ``path``'s folder when it is missing.
+
+    GC removes empty folders while workers run; whoever needs a folder makes it again.
+    """
+    for _ in range(attempts - 1):
+        try:
+            return operation()
+        except FileNotFoundError:
+            os.makedirs(path.parent, exist_ok=True)
+    return operation()
+
+
+def claim(source: Path, target: Path, expected: tuple[int, int] | None) -> Claim:
+    """Move ``source`` (incoming) to ``target`` (processing) without clobbering ``target``."""
+    try:
+        before = os.lstat(source)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ESTALE):
+            return Claim.GONE
+        raise
+    if not stat.S_ISREG(before.st_mode):
+        return Claim.GONE
+    if expected is not None and (before.st_size, before.st_mtime_ns) != expected:
+        return Claim.CHANGED
+    try:
+        in_folder(target, lambda: os.link(source, target, follow_symlinks=False))
+    except FileExistsError:
+        try:
+            if not same_file(os.lstat(target), before):
+                return Claim.BUSY
+        except FileNotFoundError:
+            return Claim.BUSY  # it just left; the next scan claims this one
+        # Same inode: an earlier claim stopped between link and unlink.
+    except FileNotFoundError:
+        return Claim.GONE
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(source)
+    return Claim.CLAIMED
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    path: Path
+    size: int
+    mtime_ns: int  # of the NFS file the copy was made from
+    md5: bytes
+    block_size: int
+    block_md5s: tuple[bytes, ...]
+
+    def block_length(self, index: int) -> int:
+        return min(self.block_size, self.size - index * self.block_size)
+
+
+def stage_copy(source: Path, target: Path, block_size: int) -> StagedFile:
+    """Copy ``source`` to local staging, hashing the whole file and every block on the way."""
+    try:
+        fd_in = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceVanished(f"{source} is gone") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotARegularFile(f"{source} is a symbolic link") from None
+        raise
+    try:
+        before = os.fstat(fd_in)
+        if not stat.S_ISREG(before.st_mode):
+            raise NotARegularFile(f"{source} is not a regular file")
+        # A file too large for 50,000 blocks of the configured size gets larger blocks.
+        block_size = max(block_size, -(-before.st_size // MAX_BLOCKS_PER_BLOB))
+        fd_out = in_folder(
+            target,
+            lambda: os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+        )
+        whole = hashlib.md5(usedforsecurity=False)
+        blocks: list[bytes] = []
+        block = hashlib.md5(usedforsecurity=False)
+        in_block = 0
+        size = 0
+        try:
+            while chunk := os.read(fd_in, min(COPY_CHUNK, block_size - in_block)):
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd_out, view)
+                    view = view[written:]
+                whole.update(chunk)
+                block.update(chunk)
+                in_block += len(chunk)
+                size += len(chunk)
+                if in_block == block_size:
+                    blocks.append(block.digest())
+                    block = hashlib.md5(usedforsecurity=False)
+                    in_block = 0
+            if in_block:
+                blocks.append(block.digest())
+            os.fsync(fd_out)
+        finally:
+            os.close(fd_out)
+        after = os.fstat(fd_in)
+    finally:
+        os.close(fd_in)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or size != after.st_size:
+        raise SourceChanged(f"{source} changed while it was copied to staging")
+    return StagedFile(target, size, before.st_mtime_ns, whole.digest(), block_size, tuple(blocks))
+
+
+def read_block(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as staged:
+        staged.seek(offset)
+        data = staged.read(length)
+    if len(data) != length:
+        raise SourceChanged(f"staging copy {path} is shorter than expected")
+    return data
+
+
+def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> None:
+    """Move a verified file out of the way; refuse if it changed since it was staged."""
+    try:
+        now = os.lstat(processing)
+    except FileNotFoundError:
+        raise SourceVanished(f"{processing} is gone") from None
+    if (now.st_size, now.st_mtime_ns) != (staged.size, staged.mtime_ns):
+        raise SourceChanged(f"{processing} changed after it was uploaded")
+    in_folder(completed, lambda: os.rename(processing, completed))
+
+
+def remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def quarantine(processing: Path, failed: Path, reason_path: Path, reason: dict[str, object]) -> Path:
+    """Move a file that cannot be uploaded to the failed folder, beside a reason file.
+
+    Never overwrites an earlier quarantined file of the same name: a numbered suffix
+    keeps both. Returns where the file went.
+    """
+    candidate = failed
+    for n in range(1, 10_000):
+        try:
+            in_folder(candidate, partial(os.link, processing, candidate, follow_symlinks=False))
+            break
+        except FileExistsError:
+            try:
+                if same_file(os.lstat(candidate), os.lstat(processing)):
+                    break
+            except FileNotFoundError:
+                pass
+            candidate = failed.with_name(f"{failed.name}.{n}")
+    else:  # pragma: no cover - ten thousand failures of one name
+        raise FileExistsError(errno.EEXIST, "no free name in the failed folder", str(failed))
+    reason_file = reason_path.with_name(candidate.name + ".json") if candidate != failed else reason_path
+    write_atomically(reason_file, json.dumps(reason, indent=2, sort_keys=True).encode())
+    os.unlink(processing)
+    return candidate
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = in_folder(tmp, lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -1,0 +1,124 @@
+"""GC: deletes completed files, orphaned staging copies and empty folders.
+
+Workers hand each completed file over at once, so NFS empties as fast as uploads finish;
+a sweep every ``gc_interval_s`` (and one at start-up) catches whatever a crash or a
+failing share left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from uploader.errors import describe
+from uploader.fileops import list_files, remove_quietly
+from uploader.lanes import Lanes
+from uploader.layout import FileKey, Layout, is_date_prefix
+from uploader.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def remove_empty_folders(top: Path, *, keep_top: bool = True) -> int:
+    """Remove the empty folders below ``top`` (bottom up); returns how many went."""
+    removed = 0
+    for folder, _, _ in os.walk(top, topdown=False, followlinks=False):
+        if keep_top and folder == os.fspath(top):
+            continue
+        try:
+            os.rmdir(folder)
+            removed += 1
+        except OSError:
+            pass  # not empty, or already gone: both fine
+    return removed
+
+
+def _keys_below(root: Path) -> list[tuple[FileKey, Path]]:
+    """(key, path) of every file in a <date>/<session>/<rel> tree."""
+    found: list[tuple[FileKey, Path]] = []
+    try:
+        dates = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    for date in dates:
+        if not is_date_prefix(date):
+            continue
+        try:
+            sessions = sorted(os.listdir(root / date))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for session in sessions:
+            try:
+                scan = list_files(root / date / session)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            found.extend((FileKey(date, session, e.rel), root / date / session / e.rel) for e in scan.entries)
+    return found
+
+
+def sweep(layout: Layout, progress: Progress) -> dict[str, int]:
+    """Blocking: one full pass (run it in a thread started by Trio)."""
+
+    def claimed(key: FileKey) -> bool:
+        # Asked of the Trio thread, which owns ``progress``, at the moment of deciding.
+        return bool(trio.from_thread.run_sync(progress.is_claimed, key))
+
+    counts = {"completed": 0, "staging": 0, "folders": 0}
+    for key, path in _keys_below(layout.completed_root):
+        remove_quietly(path)
+        counts["completed"] += 1
+        if not claimed(key):
+            remove_quietly(layout.staging_path(key))
+    for key, path in _keys_below(layout.staging_root):
+        if not claimed(key):
+            remove_quietly(path)
+            counts["staging"] += 1
+    for top in (layout.completed_root, layout.staging_root, layout.failed_files_root, layout.failed_reasons_root):
+        counts["folders"] += remove_empty_folders(top)
+    for date in _dated_folders(layout.processing_root):
+        counts["folders"] += remove_empty_folders(date, keep_top=False)
+    return counts
+
+
+def _dated_folders(root: Path) -> list[Path]:
+    try:
+        return [root / name for name in sorted(os.listdir(root)) if is_date_prefix(name)]
+    except FileNotFoundError:
+        return []
+
+
+async def run(
+    completed: trio.MemoryReceiveChannel[Path],
+    *,
+    layout: Layout,
+    lanes: Lanes,
+    progress: Progress,
+    interval_s: float,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_delete_completed, completed, lanes)
+        task_status.started()
+        while True:
+            try:
+                counts = await lanes.nfs.run(sweep, layout, progress)
+            except OSError as exc:
+                log.warning("GC sweep failed: %s", describe(exc))
+            else:
+                if any(counts.values()):
+                    log.info("GC removed %(completed)d completed files, %(staging)d staging copies "
+                             "and %(folders)d empty folders", counts)
+            await trio.sleep(interval_s)
+
+
+async def _delete_completed(completed: trio.MemoryReceiveChannel[Path], lanes: Lanes) -> None:
+    async with completed:
+        async for path in completed:
+            try:
+                await lanes.nfs.run(remove_quietly, path)
+            except OSError as exc:
+                # The sweep deletes it later.
+                log.warning("cannot delete completed %s yet: %s", path, describe(exc))

@@ -1,0 +1,69 @@
+"""Worker threads for blocking calls, in separate lanes so one stuck kind cannot starve another.
+
+``trio.to_thread.run_sync(..., abandon_on_cancel=True)`` returns at once when cancelled, but
+the thread keeps its limiter token until the call really returns. A hung NFS server can
+therefore use up every token of the lane its calls run in: NFS calls, staging I/O and
+Azure calls each get their own lane, and each lane counts the calls that are stuck.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+class ThreadLane:
+    def __init__(self, name: str, threads: int, *, stuck_after_s: float = 10.0) -> None:
+        self.name = name
+        self.limiter = trio.CapacityLimiter(threads)
+        self.stuck_after_s = stuck_after_s
+        self._started: dict[int, float] = {}
+        self._ids = itertools.count()
+        # Guards _started: calls end in their own threads, maybe after trio abandoned them.
+        self._lock = threading.Lock()
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        call_id = next(self._ids)
+
+        def tracked() -> T:
+            with self._lock:
+                self._started[call_id] = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    del self._started[call_id]
+
+        return await trio.to_thread.run_sync(tracked, limiter=self.limiter, abandon_on_cancel=True)
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._started)
+
+    def stuck(self) -> int:
+        """Calls running for longer than ``stuck_after_s``, abandoned ones included."""
+        limit = time.monotonic() - self.stuck_after_s
+        with self._lock:
+            return sum(1 for started in self._started.values() if started < limit)
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "threads": int(self.limiter.total_tokens),
+            "running": self.running(),
+            "stuck": self.stuck(),
+        }
+
+
+@dataclass(frozen=True)
+class Lanes:
+    nfs: ThreadLane
+    staging: ThreadLane
+    azure: ThreadLane

@@ -1,0 +1,172 @@
+"""Where every file lives, and what its blob is called: pure functions, no I/O.
+
+The service owns everything under the processing root::
+
+    <processing root>/session.json                        the session state, kept across restarts
+    <processing root>/<YYYYMMDD>/<session>/<rel>          claimed, in flight (the contract's path)
+    <processing root>/.completed/<YYYYMMDD>/<session>/<rel>   uploaded and verified, GC deletes it
+    <processing root>/.failed/files/<YYYYMMDD>/<session>/<rel>    quarantined, never deleted
+    <processing root>/.failed/reasons/<YYYYMMDD>/<session>/<rel>.json  why it was quarantined
+
+Date folders are always eight digits, so the dot-folders and ``session.json`` can never
+collide with a session's files, whatever those files are called.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import uuid_utils
+
+SESSION_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_.\-]+$")
+# A session name is a folder name on NFS and in staging: NAME_MAX on Linux.
+MAX_SESSION_NAME_LENGTH = 255
+DATE_PREFIX_PATTERN = re.compile(r"^\d{8}$")
+STATE_FILE_NAME = "session.json"
+COMPLETED_DIR_NAME = ".completed"
+FAILED_DIR_NAME = ".failed"
+
+
+class InvalidSessionName(ValueError):
+    """The message is one sentence a user can act on."""
+
+
+def validate_session_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise InvalidSessionName("session_name must be a string.")
+    if name == "":
+        raise InvalidSessionName("session_name must not be empty; omit it to get a generated name.")
+    if len(name) > MAX_SESSION_NAME_LENGTH:
+        raise InvalidSessionName(
+            f"session_name is {len(name)} characters long; the limit is {MAX_SESSION_NAME_LENGTH}."
+        )
+    if not SESSION_NAME_PATTERN.fullmatch(name):
+        raise InvalidSessionName(
+            "session_name may only contain ASCII letters, digits, '_', '.' and '-'."
+        )
+    if name in (".", ".."):
+        raise InvalidSessionName(f"session_name {name!r} is a path, not a name.")
+    return name
+
+
+def new_session_name() -> str:
+    return f"00-session-{uuid_utils.uuid7()}"
+
+
+def date_prefix(moment: datetime) -> str:
+    """The UTC date of ``moment`` as YYYYMMDD."""
+    if moment.tzinfo is None:
+        raise ValueError("date_prefix needs an aware datetime")
+    return moment.astimezone(UTC).strftime("%Y%m%d")
+
+
+def is_date_prefix(name: str) -> bool:
+    if not DATE_PREFIX_PATTERN.fullmatch(name):
+        return False
+    try:
+        datetime.strptime(name, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
+
+
+def is_session_name(name: str) -> bool:
+    try:
+        validate_session_name(name)
+    except InvalidSessionName:
+        return False
+    return True
+
+
+@dataclass(frozen=True, order=True)
+class FileKey:
+    """One file of one session: ``rel`` is its path below the session folder, '/'-separated."""
+
+    date_prefix: str
+    session: str
+    rel: str
+
+    def __str__(self) -> str:
+        return f"{self.date_prefix}/{self.session}/{printable(self.rel)}"
+
+
+def _percent_escape(error: UnicodeError) -> tuple[str, int]:
+    assert isinstance(error, UnicodeDecodeError)
+    bad = error.object[error.start : error.end]
+    return "".join(f"%{byte:02X}" for byte in bad), error.end
+
+
+codecs.register_error("uploader-percent", _percent_escape)
+
+
+def printable(rel: str) -> str:
+    """``rel`` as valid Unicode.
+
+    Linux file names are bytes; Python hands undecodable bytes over as lone surrogates,
+    which no URL or JSON document can carry. Those bytes (and only those) become %XX.
+    """
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", errors="uploader-percent")
+    return rel
+
+
+def blob_name(key: FileKey) -> str:
+    return f"{key.date_prefix}/{key.session}/{printable(key.rel)}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    incoming_root: Path
+    processing_root: Path
+    staging_root: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.processing_root / STATE_FILE_NAME
+
+    @property
+    def completed_root(self) -> Path:
+        return self.processing_root / COMPLETED_DIR_NAME
+
+    @property
+    def failed_files_root(self) -> Path:
+        return self.processing_root / FAILED_DIR_NAME / "files"
+
+    @property
+    def failed_reasons_root(self) -> Path:
+        return self.processing_root / FAILED_DIR_NAME / "reasons"
+
+    def incoming_dir(self, session: str) -> Path:
+        return self.incoming_root / session
+
+    def incoming_path(self, key: FileKey) -> Path:
+        return self.incoming_dir(key.session) / key.rel
+
+    def processing_dir(self, date: str, session: str) -> Path:
+        return self.processing_root / date / session
+
+    def processing_path(self, key: FileKey) -> Path:
+        return self.processing_dir(key.date_prefix, key.session) / key.rel
+
+    def staging_dir(self, date: str, session: str) -> Path:
+        return self.staging_root / date / session
+
+    def staging_path(self, key: FileKey) -> Path:
+        return self.staging_dir(key.date_prefix, key.session) / key.rel
+
+    def completed_path(self, key: FileKey) -> Path:
+        return self.completed_root / key.date_prefix / key.session / key.rel
+
+    def failed_path(self, key: FileKey) -> Path:
+        return self.failed_files_root / key.date_prefix / key.session / key.rel
+
+    def failed_reason_path(self, failed_path: Path) -> Path:
+        relative = failed_path.relative_to(self.failed_files_root)
+        return self.failed_reasons_root / relative.parent / f"{relative.name}.json"

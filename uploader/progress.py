@@ -1,0 +1,66 @@
+"""What the pipeline has done and is doing: the counters behind /v1/status.
+
+Only the Trio thread touches this object, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from uploader.layout import FileKey
+
+RECENT_QUARANTINED = 100
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Progress:
+    files_processed: int = 0
+    files_failed: int = 0  # failed attempts; each one is retried or quarantined
+    files_retried: int = 0
+    files_quarantined: int = 0
+    files_skipped: int = 0  # benign races: the file went away before we could claim it
+    bytes_uploaded: int = 0  # bytes of completed files
+    bytes_sent: int = 0  # bytes sent to storage, retries included
+    bytes_resumed: int = 0  # bytes found already staged in storage and not sent again
+    in_flight: int = 0  # files inside a worker right now
+    retry_waiting: int = 0
+    last_error: str | None = None
+    last_error_at: str | None = None
+    # Files claimed from incoming (or recovered) and not yet completed or quarantined.
+    claimed: set[FileKey] = field(default_factory=set)
+    quarantined: collections.deque[dict[str, object]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_QUARANTINED)
+    )
+    # Bumps on every completed upload: a retry can tell whether storage works for others.
+    successes: int = 0
+
+    def is_claimed(self, key: FileKey) -> bool:
+        return key in self.claimed
+
+    def note_error(self, message: str) -> None:
+        self.last_error = message
+        self.last_error_at = utc_now_iso()
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "files_processed": self.files_processed,
+            "files_failed": self.files_failed,
+            "files_retried": self.files_retried,
+            "files_quarantined": self.files_quarantined,
+            "files_skipped": self.files_skipped,
+            "bytes_uploaded": self.bytes_uploaded,
+            "bytes_sent": self.bytes_sent,
+            "bytes_resumed": self.bytes_resumed,
+            "in_flight": self.in_flight,
+            "retry_waiting": self.retry_waiting,
+            "claimed": len(self.claimed),
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "quarantined": list(self.quarantined),
+        }

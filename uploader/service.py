@@ -1,0 +1,164 @@
+"""The service wiring: one root nursery supervises everything.
+
+    root nursery
+     ├── HTTP API (Quart-trio on Hypercorn)
+     ├── session control ── session scope (only while a session is active) ── watcher
+     ├── pipeline ── workers x N (and their retry timers)
+     ├── GC
+     └── recovery feed (re-queues what a previous run left unfinished, then ends)
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from uploader import api, gc, watcher
+from uploader.blobstore import BlobStore, open_blob_store
+from uploader.config import Settings
+from uploader.errors import StartupError, describe
+from uploader.lanes import Lanes, ThreadLane
+from uploader.layout import FileKey, Layout
+from uploader.progress import Progress
+from uploader.recovery import recover
+from uploader.session import SessionControl
+from uploader.telemetry import Metrics
+from uploader.worker import Pipeline, WorkItem
+
+log = logging.getLogger(__name__)
+COMPLETED_BACKLOG = 10_000
+
+
+def make_lanes(settings: Settings) -> Lanes:
+    return Lanes(
+        nfs=ThreadLane("nfs", settings.nfs_threads, stuck_after_s=settings.nfs_call_stuck_s),
+        staging=ThreadLane("staging", max(4, settings.worker_concurrency)),
+        azure=ThreadLane(
+            "azure",
+            settings.worker_concurrency * settings.azure_max_concurrency,
+            stuck_after_s=settings.azure_read_timeout_s,
+        ),
+    )
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.layout = Layout(
+            settings.nfs_incoming_dir, settings.nfs_processing_root, settings.local_staging_root
+        )
+        self.lanes = make_lanes(settings)
+        self.progress = Progress()
+        self.metrics = Metrics.create()
+        self.ready = False
+        self.sessions: SessionControl | None = None
+        self.store: BlobStore | None = None
+        self._queue: trio.MemoryReceiveChannel[WorkItem] | None = None
+        self._send: trio.MemorySendChannel[WorkItem] | None = None
+
+    def queue_depth(self) -> int:
+        return 0 if self._queue is None else self._queue.statistics().current_buffer_used
+
+    def status(self) -> dict[str, object]:
+        session = self.sessions.state.public() if self.sessions else {"active": False}
+        return {
+            **session,
+            "ready": self.ready,
+            "queue_depth": self.queue_depth(),
+            **self.progress.snapshot(),
+            "nfs_calls": self.lanes.nfs.snapshot(),
+            "azure_calls": self.lanes.azure.snapshot(),
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED) -> None:
+        settings = self.settings
+        async with trio.open_nursery() as root:
+            # The API comes first, so /healthz answers while the rest starts.
+            try:
+                await root.start(partial(api.serve, api.create_app(self), settings))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {settings.host}:{settings.port} (APP_HOST/APP_PORT): "
+                    f"{exc.strerror or exc}"
+                ) from None
+            self.store = await open_blob_store(settings, self.lanes)
+            try:
+                await self._start_pipeline(root)
+                self.ready = True
+                log.info("ready on %s:%d", settings.host, settings.port)
+                task_status.started(self)
+                await trio.sleep_forever()
+            finally:
+                self.ready = False
+                self.store.close()
+
+    async def _start_pipeline(self, root: trio.Nursery) -> None:
+        settings, layout, lanes = self.settings, self.layout, self.lanes
+        assert self.store is not None
+        try:
+            recovered = await recover(layout, lanes.nfs)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot read {layout.processing_root} (APP_NFS_PROCESSING_ROOT): {describe(exc)}"
+            ) from None
+        send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)
+        completed_send, completed_receive = trio.open_memory_channel[Path](COMPLETED_BACKLOG)
+        self._send, self._queue = send, receive
+        pipeline = Pipeline(
+            settings=settings,
+            layout=layout,
+            lanes=lanes,
+            store=self.store,
+            progress=self.progress,
+            metrics=self.metrics,
+            retry_send=send.clone(),
+            completed_send=completed_send,
+        )
+        await root.start(pipeline.run, receive)
+        await root.start(
+            partial(
+                gc.run,
+                completed_receive,
+                layout=layout,
+                lanes=lanes,
+                progress=self.progress,
+                interval_s=settings.gc_interval_s,
+            )
+        )
+        control = SessionControl(layout, lanes.nfs, self._watch, nfs_timeout_s=settings.nfs_op_timeout_s)
+        self.sessions = await root.start(control.run)
+        self.progress.claimed.update(recovered.unfinished)
+        root.start_soon(self._feed_recovered, send.clone(), recovered.unfinished)
+        if recovered.state.active:
+            await control.resume(recovered.state)
+        else:
+            control.state = recovered.state
+
+    async def _feed_recovered(
+        self, send: trio.MemorySendChannel[WorkItem], unfinished: list[FileKey]
+    ) -> None:
+        async with send:
+            for key in unfinished:
+                await send.send(WorkItem(key, claimed=True))
+
+    async def _watch(
+        self, date_prefix: str, session: str, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        assert self._send is not None
+        settings = self.settings
+        await watcher.run(
+            self._send.clone(),
+            date_prefix=date_prefix,
+            session=session,
+            layout=self.layout,
+            nfs=self.lanes.nfs,
+            progress=self.progress,
+            poll_interval_s=settings.poll_interval_s,
+            min_file_age_s=settings.min_file_age_s,
+            extensions=settings.file_extensions,
+            task_status=task_status,
+        )
+

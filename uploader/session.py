@@ -1,0 +1,220 @@
+"""The session: its state machine, kept on NFS across restarts, and the watcher's scope.
+
+Starting a session creates its folders, records it, and starts the watcher in a cancel
+scope of its own; stopping cancels only that scope, so workers drain what is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from uploader import fileops
+from uploader.errors import describe
+from uploader.lanes import ThreadLane
+from uploader.layout import (
+    Layout,
+    date_prefix,
+    is_date_prefix,
+    is_session_name,
+    new_session_name,
+    validate_session_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SessionConflict(Exception):
+    pass
+
+
+class NfsUnavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class SessionState:
+    active: bool = False
+    session_name: str | None = None
+    date_prefix: str | None = None
+    started_at: str | None = None
+    stopped_at: str | None = None
+
+    def public(self) -> dict[str, object]:
+        return {
+            "session_name": self.session_name,
+            "date_prefix": self.date_prefix,
+            "active": self.active,
+            "started_at": self.started_at,
+            "stopped_at": self.stopped_at,
+        }
+
+
+def encode_state(state: SessionState) -> bytes:
+    return json.dumps(asdict(state), indent=2).encode()
+
+
+def decode_state(raw: bytes) -> SessionState:
+    """Parse the stored state; anything unusable reads as 'no session'."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("session state is not a JSON object")
+    name, date = data.get("session_name"), data.get("date_prefix")
+    if name is None and date is None:
+        return SessionState()
+    if not (isinstance(name, str) and is_session_name(name)):
+        raise ValueError(f"stored session_name {name!r} is not a valid name")
+    if not (isinstance(date, str) and is_date_prefix(date)):
+        raise ValueError(f"stored date_prefix {date!r} is not YYYYMMDD")
+    return SessionState(
+        active=bool(data.get("active")),
+        session_name=name,
+        date_prefix=date,
+        started_at=data.get("started_at"),
+        stopped_at=data.get("stopped_at"),
+    )
+
+
+def read_state(path: Path) -> SessionState:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return SessionState()
+    try:
+        return decode_state(raw)
+    except ValueError as exc:
+        log.error("ignoring unreadable session state %s: %s", path, exc)
+        return SessionState()
+
+
+def _make_session_folders(layout: Layout, date: str, name: str) -> None:
+    for folder in (
+        layout.incoming_dir(name),
+        layout.processing_dir(date, name),
+        layout.staging_dir(date, name),
+    ):
+        os.makedirs(folder, exist_ok=True)
+
+
+# The watcher of one session, as the service wires it: (date_prefix, session, task_status).
+WatchFn = Callable[..., Awaitable[None]]
+
+
+class SessionControl:
+    """Owns the session state and the watcher's cancel scope. Start and stop are serialised."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        nfs: ThreadLane,
+        watch: WatchFn,
+        *,
+        nfs_timeout_s: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.layout = layout
+        self.nfs = nfs
+        self._watch = watch
+        self._nfs_timeout_s = nfs_timeout_s
+        self._clock = clock
+        self.state = SessionState()
+        self._lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[SessionControl] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def start(self, requested_name: object | None = None) -> SessionState:
+        """Start a session; raises InvalidSessionName, SessionConflict or NfsUnavailable."""
+        name = new_session_name() if requested_name is None else validate_session_name(requested_name)
+        async with self._lock:
+            if self.state.active:
+                raise SessionConflict(
+                    f"session {self.state.session_name!r} is already active; stop it first."
+                )
+            now = self._clock()
+            state = SessionState(True, name, date_prefix(now), now.isoformat(timespec="seconds"))
+            await self._on_nfs(_make_session_folders, self.layout, state.date_prefix, name)
+            await self._save(state)
+            await self._start_watcher(state)
+            log.info("session %s started", name, extra={"session": name})
+            return state
+
+    async def resume(self, state: SessionState) -> None:
+        """Restart the watcher of a session that was active before the restart."""
+        async with self._lock:
+            assert state.active and not self.state.active
+            await self._start_watcher(state)
+            log.info("session %s resumed", state.session_name, extra={"session": state.session_name})
+
+    async def stop(self) -> SessionState:
+        async with self._lock:
+            if not self.state.active:
+                return self.state
+            if self._scope is not None:
+                self._scope.cancel()
+                self._scope = None
+            stopped = SessionState(
+                False,
+                self.state.session_name,
+                self.state.date_prefix,
+                self.state.started_at,
+                self._clock().isoformat(timespec="seconds"),
+            )
+            self.state = stopped
+            assert self._nursery is not None
+            self._nursery.start_soon(self._save_in_background)
+            log.info("session %s stopped", stopped.session_name, extra={"session": stopped.session_name})
+            return stopped
+
+    async def _start_watcher(self, state: SessionState) -> None:
+        assert self._nursery is not None
+        self._scope = await self._nursery.start(self._watch_in_scope, state)
+        self.state = state
+
+    async def _watch_in_scope(
+        self, state: SessionState, *, task_status: trio.TaskStatus[trio.CancelScope]
+    ) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(self._watch, state.date_prefix, state.session_name))
+                task_status.started(scope)
+
+    async def _save_in_background(self) -> None:
+        """Keep trying to record the current state; a stop must not wait for a hung share."""
+        delay = 1.0
+        while True:
+            async with self._lock:
+                try:
+                    await self._save(self.state)
+                    return
+                except NfsUnavailable as exc:
+                    log.error("cannot record the session state (%s); retrying in %.0f s", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    async def _save(self, state: SessionState) -> None:
+        await self._on_nfs(fileops.write_atomically, self.layout.state_file, encode_state(state))
+
+    async def _on_nfs(self, fn: Callable[..., object], *args: object) -> None:
+        try:
+            with trio.fail_after(self._nfs_timeout_s):
+                await self.nfs.run(fn, *args)
+        except trio.TooSlowError:
+            raise NfsUnavailable(
+                f"the NFS share did not answer within {self._nfs_timeout_s:g} s."
+            ) from None
+        except OSError as exc:
+            raise NfsUnavailable(f"the NFS share failed: {describe(exc)}.") from None

@@ -1,0 +1,158 @@
+"""The watcher: polls a session's incoming folder and hands stable files to the workers.
+
+A file is stable when two scans in a row see the same (size, mtime) and it is older than
+``min_file_age_s``, either by its mtime or by how long we have watched it stay unchanged
+(the second covers an NFS server whose clock runs ahead of ours). A pending set keeps a
+file from being queued twice while it waits for a worker; the bounded channel gives
+backpressure.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from uploader.errors import describe
+from uploader.fileops import Scan, ScanEntry, list_files
+from uploader.lanes import ThreadLane
+from uploader.layout import FileKey, Layout
+from uploader.progress import Progress
+from uploader.worker import WorkItem
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 60.0
+
+
+def scan_session_folder(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
+    """List a session's incoming folder; a missing folder is made again, since users drop into it."""
+    try:
+        return list_files(root, extensions)
+    except FileNotFoundError:
+        os.makedirs(root, exist_ok=True)
+        return Scan([], [])
+
+
+@dataclass
+class _Observation:
+    size: int
+    mtime_ns: int
+    unchanged_since: float  # monotonic time of the first scan that saw this (size, mtime)
+
+
+class StabilityTracker:
+    """Pure bookkeeping of what the scans saw; no I/O, no clock of its own."""
+
+    def __init__(self, min_age_s: float) -> None:
+        self.min_age_s = min_age_s
+        self._seen: dict[str, _Observation] = {}
+        self._pending: set[str] = set()
+
+    def observe(
+        self, entries: Iterable[ScanEntry], wall_now: float, monotonic_now: float
+    ) -> list[ScanEntry]:
+        """Record one scan; return the entries that are stable and not already pending."""
+        stable = []
+        current: dict[str, _Observation] = {}
+        for entry in entries:
+            before = self._seen.get(entry.rel)
+            if before is not None and (before.size, before.mtime_ns) == (entry.size, entry.mtime_ns):
+                current[entry.rel] = before
+                if entry.rel in self._pending:
+                    continue
+                mtime_age = wall_now - entry.mtime_ns / 1e9
+                watched_for = monotonic_now - before.unchanged_since
+                if mtime_age >= self.min_age_s or watched_for >= self.min_age_s:
+                    stable.append(entry)
+            else:
+                current[entry.rel] = _Observation(entry.size, entry.mtime_ns, monotonic_now)
+        self._seen = current
+        # A file that left the folder was claimed (or deleted); forget that it was pending.
+        self._pending.intersection_update(current)
+        return stable
+
+    def mark_pending(self, rel: str) -> None:
+        self._pending.add(rel)
+
+    def release(self, rel: str) -> None:
+        self._pending.discard(rel)
+
+    @property
+    def pending(self) -> frozenset[str]:
+        return frozenset(self._pending)
+
+
+class Backoff:
+    """Exponential backoff for a failing scan: 1 s, 2 s, 4 s ... capped at ``cap_s``."""
+
+    def __init__(self, base_s: float = 1.0, cap_s: float = MAX_BACKOFF_S) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return float(min(self.cap_s, self.base_s * 2 ** (self.failures - 1)))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+async def run(
+    send: trio.MemorySendChannel[WorkItem],
+    *,
+    date_prefix: str,
+    session: str,
+    layout: Layout,
+    nfs: ThreadLane,
+    progress: Progress,
+    poll_interval_s: float,
+    min_file_age_s: float,
+    extensions: tuple[str, ...] = (),
+    wall_clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Poll ``incoming/<session>/`` until cancelled; the channel end is closed on exit."""
+    folder = layout.incoming_dir(session)
+    tracker = StabilityTracker(min_file_age_s)
+    backoff = Backoff()
+    reported: set[str] = set()
+    task_status.started()
+    async with send:
+        while True:
+            try:
+                scan = await nfs.run(scan_session_folder, folder, extensions)
+            except OSError as exc:
+                delay = backoff.next_delay()
+                level = logging.WARNING if exc.errno in (errno.ESTALE, errno.ENOENT) else logging.ERROR
+                log.log(level, "cannot list %s (%s); next try in %.0f s", folder, describe(exc), delay)
+                progress.note_error(f"watcher: {describe(exc)}")
+                await trio.sleep(delay)
+                continue
+            backoff.reset()
+            for problem in set(scan.skipped) - reported:
+                log.warning("skipped an entry of %s this scan: %s", folder, problem)
+            reported = set(scan.skipped)
+            for entry in tracker.observe(scan.entries, wall_clock(), trio.current_time()):
+                key = FileKey(date_prefix, session, entry.rel)
+                if progress.is_claimed(key):
+                    # An older file of the same name is still in flight: it goes first.
+                    continue
+                tracker.mark_pending(entry.rel)
+                await send.send(
+                    WorkItem(
+                        key,
+                        claimed=False,
+                        expected=(entry.size, entry.mtime_ns),
+                        on_claim_settled=partial(tracker.release, entry.rel),
+                    )
+                )
+            await trio.sleep(poll_interval_s)

@@ -1,0 +1,266 @@
+"""The workers: receive → claim → stage → upload → mark completed.
+
+A file that fails stays claimed, on NFS, and is tried again later in this process with
+capped exponential backoff. It is quarantined when its failure is permanent, or after
+``max_attempts`` failures while other files were completing in between (so an outage of
+NFS or storage, which fails every file, never quarantines anything).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from opentelemetry import trace
+
+from uploader import fileops
+from uploader.blobstore import BlobStore
+from uploader.config import Settings
+from uploader.errors import Disposition, backoff_delay, classify, describe
+from uploader.fileops import Claim, StagedFile
+from uploader.lanes import Lanes
+from uploader.layout import FileKey, Layout, blob_name, printable
+from uploader.progress import Progress, utc_now_iso
+from uploader.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+
+@dataclass
+class WorkItem:
+    key: FileKey
+    # True when the file already sits at its processing path (claimed before, or recovered).
+    claimed: bool
+    # (size, mtime_ns) the watcher found stable; the claim refuses a file that differs.
+    expected: tuple[int, int] | None = None
+    # Tells the watcher this file is no longer waiting for a claim.
+    on_claim_settled: Callable[[], None] | None = None
+    attempts: int = 0
+    successes_at_last_failure: int = -1
+    staged: StagedFile | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        layout: Layout,
+        lanes: Lanes,
+        store: BlobStore,
+        progress: Progress,
+        metrics: Metrics,
+        retry_send: trio.MemorySendChannel[WorkItem],
+        completed_send: trio.MemorySendChannel[Path],
+    ) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.lanes = lanes
+        self.store = store
+        self.progress = progress
+        self.metrics = metrics
+        self._retry_send = retry_send
+        self._completed_send = completed_send
+        self._nursery: trio.Nursery | None = None
+
+    async def run(
+        self,
+        receive: trio.MemoryReceiveChannel[WorkItem],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run ``worker_concurrency`` workers on ``receive`` until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for _ in range(self.settings.worker_concurrency):
+                nursery.start_soon(self._work, receive.clone())
+            task_status.started()
+
+    async def _work(self, receive: trio.MemoryReceiveChannel[WorkItem]) -> None:
+        async with receive:
+            async for item in receive:
+                await self.process(item)
+
+    async def process(self, item: WorkItem) -> None:
+        key = item.key
+        if not item.claimed:
+            outcome = await self._claim(item)
+            if outcome is not Claim.CLAIMED:
+                return
+        self.progress.in_flight += 1
+        self.metrics.in_flight.add(1)
+        attributes = {"session": key.session, "file": printable(key.rel), "date_prefix": key.date_prefix}
+        with tracer.start_as_current_span("file", attributes=attributes) as span:
+            try:
+                size = await self._upload(item)
+            except Exception as exc:
+                span.set_attribute("outcome", "failed")
+                span.record_exception(exc)
+                await self._failed(item, exc)
+            else:
+                span.set_attribute("outcome", "uploaded")
+                span.set_attribute("size", size)
+            finally:
+                self.progress.in_flight -= 1
+                self.metrics.in_flight.add(-1)
+
+    async def _claim(self, item: WorkItem) -> Claim:
+        key = item.key
+        try:
+            with tracer.start_as_current_span("claim", attributes={"file": printable(key.rel)}):
+                outcome = await self.lanes.nfs.run(
+                    fileops.claim,
+                    self.layout.incoming_path(key),
+                    self.layout.processing_path(key),
+                    item.expected,
+                )
+        except OSError as exc:
+            # Still in incoming: the watcher offers it again on a later scan.
+            self.progress.note_error(f"claim {key}: {describe(exc)}")
+            log.warning("cannot claim %s: %s", key, describe(exc))
+            return Claim.GONE
+        finally:
+            if item.on_claim_settled is not None:
+                item.on_claim_settled()
+        if outcome is Claim.CLAIMED:
+            item.claimed = True
+            self.progress.claimed.add(key)
+        elif outcome is Claim.GONE:
+            self.progress.files_skipped += 1
+        else:
+            log.info("not claiming %s yet: %s", key, outcome.value)
+        return outcome
+
+    async def _upload(self, item: WorkItem) -> int:
+        key, layout = item.key, self.layout
+        processing = layout.processing_path(key)
+        staged = item.staged
+        if staged is None or not await self.lanes.staging.run(_still_staged, staged):
+            with tracer.start_as_current_span("stage"):
+                staged = await self.lanes.nfs.run(
+                    fileops.stage_copy,
+                    processing,
+                    layout.staging_path(key),
+                    self.settings.azure_max_block_size,
+                )
+            item.staged = staged
+
+        def sent(n: int) -> None:
+            self.progress.bytes_sent += n
+            self.metrics.bytes_sent.add(n)
+
+        started = trio.current_time()
+        with tracer.start_as_current_span("upload", attributes={"size": staged.size}):
+            report = await self.store.upload(staged, blob_name(key), on_sent=sent)
+        self.metrics.upload_duration.record(trio.current_time() - started)
+        with tracer.start_as_current_span("complete"):
+            await self.lanes.nfs.run(
+                fileops.mark_completed, processing, layout.completed_path(key), staged
+            )
+        # The completed file is GC's now; a full channel only means the periodic sweep does it.
+        with contextlib.suppress(trio.WouldBlock):
+            self._completed_send.send_nowait(layout.completed_path(key))
+        await self.lanes.staging.run(fileops.remove_quietly, staged.path)
+        progress = self.progress
+        progress.claimed.discard(key)
+        progress.files_processed += 1
+        progress.successes += 1
+        progress.bytes_uploaded += staged.size
+        progress.bytes_resumed += report.bytes_resumed
+        self.metrics.files_processed.add(1)
+        self.metrics.file_size.record(staged.size)
+        log.info(
+            "uploaded %s (%d bytes, %d resumed)", key, staged.size, report.bytes_resumed,
+            extra={"session": key.session, "file": printable(key.rel)},
+        )
+        return staged.size
+
+    async def _failed(self, item: WorkItem, exc: Exception) -> None:
+        key, progress = item.key, self.progress
+        disposition = classify(exc)
+        reason = describe(exc)
+        if disposition is Disposition.BENIGN:
+            log.warning("dropping %s: %s", key, reason)
+            progress.claimed.discard(key)
+            progress.files_skipped += 1
+            await self._drop_staging(key)
+            return
+        item.attempts += 1
+        others_completed = progress.successes > item.successes_at_last_failure >= 0
+        item.successes_at_last_failure = progress.successes
+        progress.files_failed += 1
+        self.metrics.files_failed.add(1, {"disposition": disposition.value})
+        progress.note_error(f"{key}: {reason}")
+        give_up = disposition is Disposition.PERMANENT or (
+            item.attempts >= self.settings.max_attempts and others_completed
+        )
+        if give_up:
+            log.error("quarantining %s after %d attempts: %s", key, item.attempts, reason)
+            if await self._quarantine(item, reason, disposition):
+                return
+        delay = backoff_delay(
+            item.attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s
+        )
+        log.warning("attempt %d of %s failed (%s); retrying in %.1f s", item.attempts, key, reason, delay)
+        progress.files_retried += 1
+        progress.retry_waiting += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._retry_later, item, delay)
+
+    async def _retry_later(self, item: WorkItem, delay: float) -> None:
+        try:
+            await trio.sleep(delay)
+        finally:
+            self.progress.retry_waiting -= 1
+        await self._retry_send.send(item)
+
+    async def _quarantine(self, item: WorkItem, reason: str, disposition: Disposition) -> bool:
+        key, layout = item.key, self.layout
+        failed = layout.failed_path(key)
+        record: dict[str, object] = {
+            "date_prefix": key.date_prefix,
+            "session": key.session,
+            "file": printable(key.rel),
+            "blob_name": blob_name(key),
+            "attempts": item.attempts,
+            "reason": reason,
+            "disposition": disposition.value,
+            "quarantined_at": utc_now_iso(),
+        }
+        try:
+            where = await self.lanes.nfs.run(
+                fileops.quarantine,
+                layout.processing_path(key),
+                failed,
+                layout.failed_reason_path(failed),
+                record,
+            )
+        except OSError as exc:
+            log.error("cannot quarantine %s: %s", key, describe(exc))
+            return False
+        record["path"] = str(where)
+        self.progress.claimed.discard(key)
+        self.progress.files_quarantined += 1
+        self.progress.quarantined.append(record)
+        self.metrics.files_quarantined.add(1)
+        await self._drop_staging(key)
+        return True
+
+    async def _drop_staging(self, key: FileKey) -> None:
+        try:
+            await self.lanes.staging.run(fileops.remove_quietly, self.layout.staging_path(key))
+        except OSError as exc:
+            log.warning("cannot remove the staging copy of %s: %s", key, describe(exc))
+
+
+def _still_staged(staged: StagedFile) -> bool:
+    """Whether an earlier attempt's staging copy can be used again (same path and size)."""
+    try:
+        return staged.path.stat().st_size == staged.size
+    except OSError:
+        return False

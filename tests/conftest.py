@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
 from tests.support.azurite import Azurite, run_azurite
+from tests.support.service import Folders, ServiceProcess, running_service
+
+ServiceFactory = Callable[..., ServiceProcess]
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +27,36 @@ def container_name() -> str:
 
 @pytest.fixture
 def container(azurite: Azurite, container_name: str) -> Iterator[ContainerClient]:
-    """A client for a container that each test owns (created by the service, not here)."""
+    """A client for the container this test owns (the service creates it, not this fixture)."""
     service = BlobServiceClient.from_connection_string(azurite.connection_string())
-    client = service.get_container_client(container_name)
-    yield client
+    yield service.get_container_client(container_name)
     service.close()
+
+
+@pytest.fixture
+def folders(tmp_path: Any) -> Folders:
+    return Folders(tmp_path / "svc")
+
+
+@pytest.fixture
+def service_factory(
+    azurite: Azurite, folders: Folders, container_name: str
+) -> Iterator[ServiceFactory]:
+    """Start the real service on this test's folders and container; kill it at teardown."""
+    with ExitStack() as stack:
+
+        def start(
+            *, start: bool = True, connection_string: str | None = None, **overrides: Any
+        ) -> ServiceProcess:
+            return stack.enter_context(
+                running_service(
+                    folders,
+                    connection_string or azurite.connection_string(),
+                    container_name,
+                    start=start,
+                    **overrides,
+                )
+            )
+
+        yield start
+

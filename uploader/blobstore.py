@@ -77,9 +77,15 @@ class BlobStore:
         self, staged: StagedFile, name: str, *, on_sent: Callable[[int], None] = lambda n: None
     ) -> UploadReport:
         blob = self.container.get_blob_client(name)
-        if staged.size <= self.settings.azure_max_single_put_size:
-            return await self._put_whole(blob, staged, on_sent)
-        return await self._put_blocks(blob, staged, on_sent)
+        put = self._put_whole if staged.size <= self.settings.azure_max_single_put_size else self._put_blocks
+        try:
+            return await put(blob, staged, on_sent)
+        except ResourceNotFoundError as exc:
+            if getattr(exc, "error_code", None) != "ContainerNotFound":
+                raise
+        log.warning("container %s is gone; creating it again", self.container.container_name)
+        await self.ensure_container()
+        return await put(blob, staged, on_sent)
 
     async def _put_whole(
         self, blob: BlobClient, staged: StagedFile, on_sent: Callable[[int], None]

@@ -78,8 +78,8 @@ _PERMANENT_ERRNOS = {
     errno.EFBIG,
 }
 # "Not now" (throttling, timeouts, outages, leases) and "not you" (credentials or roles that
-# are wrong for every file): neither is a reason to give up on one file.
-_RETRYABLE_STATUSES = {401, 403, 408, 409, 412, 429}
+# are wrong for every file, a container deleted under us): no reason to give up on one file.
+_RETRYABLE_STATUSES = {401, 403, 404, 408, 409, 412, 429}
 
 
 def classify(exc: BaseException) -> Disposition:

@@ -79,10 +79,13 @@ class Service:
             # The API comes first, so /healthz answers while the rest starts.
             try:
                 await root.start(partial(api.serve, api.create_app(self), settings))
-            except OSError as exc:
+            except (OSError, BaseExceptionGroup) as exc:
+                cause = _first_os_error(exc)
+                if cause is None:
+                    raise
                 raise StartupError(
                     f"cannot listen on {settings.host}:{settings.port} (APP_HOST/APP_PORT): "
-                    f"{exc.strerror or exc}"
+                    f"{cause.strerror or cause}"
                 ) from None
             self.store = await open_blob_store(settings, self.lanes)
             try:
@@ -162,3 +165,14 @@ class Service:
             task_status=task_status,
         )
 
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from azure.storage.blob import ContainerClient
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Azurite's well-known development account: public, documented, loopback only.
@@ -101,3 +103,10 @@ def run_azurite(*extra_args: str, scheme: str = "http") -> Iterator[Azurite]:
             proc.wait()
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def blob_contents(container: ContainerClient) -> dict[str, bytes]:
+    """Every blob of the container, by name (empty when the container does not exist)."""
+    if not container.exists():
+        return {}
+    return {b.name: container.download_blob(b.name).readall() for b in container.list_blobs()}

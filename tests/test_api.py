@@ -1,0 +1,125 @@
+"""The HTTP API of the contract, through a real Hypercorn socket."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ServiceFactory
+from tests.support.service import Folders, ServiceProcess
+
+
+@pytest.fixture
+def service(service_factory: ServiceFactory) -> ServiceProcess:
+    return service_factory()
+
+
+def test_healthz_and_readyz(service: ServiceProcess) -> None:
+    assert service.http.get("/healthz").json() == {"ok": True}
+    assert service.http.get("/readyz").json() == {"ready": True}
+
+
+def test_status_before_any_session(service: ServiceProcess) -> None:
+    status = service.status()
+    for field in ("active", "session_name", "date_prefix", "queue_depth", "in_flight",
+                  "files_processed", "files_failed", "bytes_uploaded", "last_error"):
+        assert field in status
+    assert status["active"] is False
+    assert status["session_name"] is None
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("..", "path"),
+        (".", "path"),
+        ("a/b", "may only contain"),
+        ("x" * 256, "limit is 255"),
+        ("naïve", "may only contain"),
+        ("", "must not be empty"),
+        ("with space", "may only contain"),
+        (42, "must be a string"),
+        (["a"], "must be a string"),
+    ],
+)
+def test_bad_session_names_are_refused_and_change_nothing(
+    service: ServiceProcess, folders: Folders, name: object, reason: str
+) -> None:
+    answer = service.http.post("/v1/watch/start", json={"session_name": name})
+    assert answer.status_code == 400
+    assert reason in answer.json()["error"]
+    assert service.status()["active"] is False
+    assert list(folders.incoming.iterdir()) == [] if folders.incoming.exists() else True
+    assert not (folders.processing / "session.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'"run-1"', "JSON object"),
+        (b'{"session_name": "ok", "extra": 1}', "Unknown field 'extra'"),
+        (b'{"name": "ok"}', "Unknown field 'name'"),
+    ],
+)
+def test_malformed_bodies_are_refused(
+    service: ServiceProcess, folders: Folders, body: bytes, reason: str
+) -> None:
+    answer = service.http.post(
+        "/v1/watch/start", content=body, headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 400
+    assert reason in answer.json()["error"]
+    assert service.status()["active"] is False
+    assert not folders.incoming.exists() or list(folders.incoming.iterdir()) == []
+
+
+def test_empty_body_and_null_name_start_an_unnamed_session(service: ServiceProcess) -> None:
+    first = service.http.post("/v1/watch/start")
+    assert first.status_code == 200
+    assert first.json()["session_name"].startswith("00-session-")
+    service.stop_session()
+    second = service.http.post("/v1/watch/start", json={"session_name": None})
+    assert second.status_code == 200
+    assert second.json()["session_name"].startswith("00-session-")
+
+
+def test_second_start_conflicts_and_stop_then_start_works(service: ServiceProcess) -> None:
+    service.start_session("one")
+    answer = service.http.post("/v1/watch/start", json={"session_name": "two"})
+    assert answer.status_code == 409
+    assert "'one' is already active" in answer.json()["error"]
+    assert service.status()["session_name"] == "one"
+    stopped = service.stop_session()
+    assert stopped["active"] is False
+    started = service.start_session("two")
+    assert started["session_name"] == "two" and started["active"] is True
+
+
+def test_stop_without_a_session_is_harmless(service: ServiceProcess) -> None:
+    answer = service.http.post("/v1/watch/stop")
+    assert answer.status_code == 200
+    assert answer.json()["active"] is False
+
+
+def test_session_folders_are_created_on_start(service: ServiceProcess, folders: Folders) -> None:
+    session = service.start_session("made")
+    assert folders.session("made").is_dir()
+    assert (folders.processing / session["date_prefix"] / "made").is_dir()
+    assert (folders.staging / session["date_prefix"] / "made").is_dir()
+
+
+def test_unknown_paths_and_methods_answer_json(service: ServiceProcess) -> None:
+    missing = service.http.get("/nope")
+    assert missing.status_code == 404
+    assert "/nope" in missing.json()["error"]
+    wrong = service.http.get("/v1/watch/start")
+    assert wrong.status_code == 405
+    assert "GET is not allowed" in wrong.json()["error"]
+
+
+def test_oversized_body_is_refused(service: ServiceProcess) -> None:
+    answer = service.http.post("/v1/watch/start", content=b"{" + b" " * 100_000 + b"}")
+    assert answer.status_code == 413
+    assert "larger than" in answer.json()["error"]

@@ -1,0 +1,213 @@
+"""Start-up, shutdown, crashes and restarts of the real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+from azure.storage.blob import ContainerClient
+
+from tests.conftest import ServiceFactory
+from tests.support.azurite import REPO_ROOT, blob_contents
+from tests.support.service import Folders, clean_environment, wait_for, write_file
+from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
+
+MiB = 1024 * 1024
+
+
+def test_sigterm_exits_zero_promptly_without_traceback(service_factory: ServiceFactory) -> None:
+    service = service_factory()
+    service.start_session("bye")
+    started = time.monotonic()
+    assert service.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 5
+    assert "Traceback" not in service.log()
+
+
+def test_sigint_exits_zero(service_factory: ServiceFactory) -> None:
+    service = service_factory()
+    assert service.stop(signal.SIGINT) == 0
+    assert "Traceback" not in service.log()
+
+
+def test_sigkill_during_large_uploads_loses_nothing_and_resumes_the_session(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory(APP_AZURE_MAX_BLOCK_SIZE=str(MiB), APP_AZURE_MAX_CONCURRENCY="2")
+    service.start_session("crash")
+    expected = {
+        f"{today()}/crash/big-{i}.bin": write_file(folders.session("crash") / f"big-{i}.bin", 48 * MiB, seed=i)
+        for i in range(4)
+    }
+    # Kill while the files are in flight: claimed, some bytes sent, none finished.
+    wait_for(lambda: service.status()["bytes_sent"] > 8 * MiB, timeout=60, interval=0.01,
+             what="the uploads to be under way")
+    service.kill()
+    assert service.proc is not None and service.proc.returncode == -signal.SIGKILL
+    in_flight = list((folders.processing / today() / "crash").iterdir())
+    assert in_flight, "expected claimed files left in processing"
+
+    service.restart()
+    assert service.status()["active"] is True
+    assert service.status()["session_name"] == "crash"
+    blobs = wait_for_blobs(container, set(expected), timeout=120)
+    assert blobs == expected
+    wait_until_clean(folders)
+    # The resumed session still watches.
+    later = write_file(folders.session("crash") / "after.bin", 10, seed=5)
+    assert wait_for_blobs(container, {f"{today()}/crash/after.bin"})[f"{today()}/crash/after.bin"] == later
+
+
+def test_a_stopped_session_stays_stopped_after_a_restart(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory()
+    service.start_session("halt")
+    service.stop_session()
+    wait_for(lambda: b'"active": false' in (folders.processing / "session.json").read_bytes(),
+             what="the stopped state to be recorded")
+    service.kill()
+    service.restart()
+    status = service.status()
+    assert status["active"] is False
+    assert status["session_name"] == "halt"
+    write_file(folders.session("halt") / "stays.txt", 10)
+    time.sleep(1)
+    assert (folders.session("halt") / "stays.txt").exists()
+    assert blob_contents(container) == {}
+
+
+def test_an_interrupted_claim_uploads_the_file_once(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    """A crash between link() and unlink() leaves the file in incoming and processing."""
+    service = service_factory(start=False)
+    date = today()
+    (folders.processing / date / "twin").mkdir(parents=True)
+    folders.session("twin").mkdir(parents=True)
+    data = write_file(folders.session("twin") / "t.bin", 5000)
+    os.link(folders.session("twin") / "t.bin", folders.processing / date / "twin" / "t.bin")
+    (folders.processing / "session.json").write_text(
+        f'{{"active": true, "session_name": "twin", "date_prefix": "{date}"}}'
+    )
+    service.start()
+    assert wait_for_blobs(container, {f"{date}/twin/t.bin"}) == {f"{date}/twin/t.bin": data}
+    wait_until_clean(folders)
+    assert service.status()["files_processed"] == 1
+
+
+def test_healthz_stays_fast_while_workers_are_saturated(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory(APP_WORKER_CONCURRENCY="4", APP_AZURE_MAX_BLOCK_SIZE=str(MiB))
+    service.start_session("busy")
+    for i in range(16):
+        write_file(folders.session("busy") / f"load-{i}.bin", 16 * MiB, seed=i)
+    wait_for(lambda: service.status()["in_flight"] >= 4, timeout=30, interval=0.01,
+             what="every worker to be busy")
+    latencies = []
+    with httpx.Client(base_url=service.url, timeout=5) as client:
+        while service.status()["in_flight"] >= 2 and len(latencies) < 400:
+            started = time.perf_counter()
+            assert client.get("/healthz").status_code == 200
+            latencies.append(time.perf_counter() - started)
+    assert len(latencies) >= 20
+    # A generous bound: this checks the loop is never blocked, not how fast the machine is.
+    assert max(latencies) < 1.0, f"slowest /healthz took {max(latencies):.3f} s"
+    assert statistics.median(latencies) < 0.1
+
+
+def test_a_missing_container_is_created(
+    service_factory: ServiceFactory, container: ContainerClient
+) -> None:
+    assert not container.exists()
+    service_factory()
+    assert container.exists()
+
+
+def test_bad_settings_stop_start_up_with_one_line_naming_the_variable(tmp_path) -> None:
+    base = clean_environment() | {
+        "APP_AZURE_AUTH": "key",
+        "APP_AZURE_CONTAINER": "ok-container",
+        "APP_AZURE_CONNECTION_STRING": "UseDevelopmentStorage=true",
+        "APP_NFS_INCOMING_DIR": str(tmp_path / "in"),
+        "APP_NFS_PROCESSING_ROOT": str(tmp_path / "proc"),
+        "APP_LOCAL_STAGING_ROOT": str(tmp_path / "stage"),
+    }
+    cases = {
+        "APP_POLL_INTERVAL_S": "-1",
+        "APP_PORT": "http",
+        "APP_WORKER_CONCURRENCY": "0",
+        "APP_AZURE_CONTAINER": "Bad_Name",
+        "APP_AZURE_AUTH": "magic",
+        "APP_NFS_INCOMING_DIR": "relative/path",
+        "APP_AZURE_MAX_BLOCK_SIZE": "1",
+    }
+    for variable, value in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "uploader"], env=base | {variable: value},
+            capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        )
+        assert result.returncode == 2, (variable, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, (variable, result.stderr)
+        assert variable in lines[0]
+    # A required setting that is missing is named too.
+    env = {k: v for k, v in base.items() if k != "APP_AZURE_CONTAINER"}
+    result = subprocess.run([sys.executable, "-m", "uploader"], env=env, capture_output=True,
+                            text=True, timeout=30, cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "uploader: bad setting: APP_AZURE_CONTAINER is required but not set"
+
+
+def test_overlapping_folders_are_refused(tmp_path) -> None:
+    env = clean_environment() | {
+        "APP_AZURE_AUTH": "key",
+        "APP_AZURE_CONTAINER": "ok-container",
+        "APP_AZURE_CONNECTION_STRING": "UseDevelopmentStorage=true",
+        "APP_NFS_INCOMING_DIR": str(tmp_path / "nfs"),
+        "APP_NFS_PROCESSING_ROOT": str(tmp_path / "nfs" / ".processing"),
+        "APP_LOCAL_STAGING_ROOT": str(tmp_path / "stage"),
+    }
+    result = subprocess.run([sys.executable, "-m", "uploader"], env=env, capture_output=True,
+                            text=True, timeout=30, cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert "APP_NFS_INCOMING_DIR" in result.stderr and "APP_NFS_PROCESSING_ROOT" in result.stderr
+
+
+def test_unreachable_storage_stops_start_up_with_a_clear_line(
+    service_factory: ServiceFactory,
+) -> None:
+    from tests.support.azurite import ACCOUNT_KEY, ACCOUNT_NAME, free_port
+
+    dead = free_port()
+    service = service_factory(
+        start=False,
+        connection_string=(
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{dead}/{ACCOUNT_NAME};"
+        ),
+        APP_AZURE_RETRY_TOTAL="0",
+    )
+    service.start(wait_ready=False)
+    assert service.proc is not None
+    assert service.proc.wait(timeout=30) == 1
+    assert "cannot reach Azure Blob Storage" in service.log()
+    assert "Traceback" not in service.log()
+
+
+def test_port_in_use_stops_start_up_with_a_clear_line(service_factory: ServiceFactory) -> None:
+    first = service_factory()
+    second = service_factory(start=False)
+    second.env["APP_PORT"] = str(first.port)
+    second.port = first.port
+    second.start(wait_ready=False)
+    assert second.proc is not None
+    assert second.proc.wait(timeout=30) == 1
+    assert "cannot listen on 127.0.0.1" in second.log()
+

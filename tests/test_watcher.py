@@ -1,0 +1,291 @@
+"""The watcher's rules, on Trio's virtual clock (autojump_clock): no real sleeping."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from uploader import watcher
+from uploader.fileops import ScanEntry
+from uploader.layout import FileKey, Layout
+from uploader.progress import Progress
+from uploader.watcher import Backoff, StabilityTracker
+from uploader.worker import WorkItem
+
+DATE = "20260101"
+
+
+class InlineLane:
+    """Runs the blocking call on the Trio thread: the virtual clock then sees every step."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.calls: list[float] = []
+        self.fail_first = fail_first
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(trio.current_time())
+        if len(self.calls) <= self.fail_first:
+            raise OSError(errno.EIO, "Input/output error")
+        return fn(*args, **kwargs)
+
+
+def append(path: Path, data: bytes, *, mtime: float) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+    os.utime(path, (mtime, mtime))
+
+
+def entry(rel: str, size: int = 10, mtime_s: float = 0.0) -> ScanEntry:
+    return ScanEntry(rel, size, int(mtime_s * 1e9))
+
+
+# --- StabilityTracker: pure bookkeeping -------------------------------------------------
+
+
+def test_a_file_seen_once_is_not_stable() -> None:
+    tracker = StabilityTracker(min_age_s=5)
+    assert tracker.observe([entry("a", mtime_s=0)], wall_now=100, monotonic_now=0) == []
+
+
+def test_a_file_unchanged_across_two_scans_and_old_enough_is_stable() -> None:
+    tracker = StabilityTracker(min_age_s=5)
+    tracker.observe([entry("a", mtime_s=0)], wall_now=100, monotonic_now=0)
+    assert tracker.observe([entry("a", mtime_s=0)], wall_now=101, monotonic_now=1) == [entry("a", mtime_s=0)]
+
+
+def test_a_changed_size_or_mtime_starts_over() -> None:
+    tracker = StabilityTracker(min_age_s=5)
+    tracker.observe([entry("a", size=1)], wall_now=100, monotonic_now=0)
+    assert tracker.observe([entry("a", size=2)], wall_now=101, monotonic_now=1) == []
+    assert tracker.observe([entry("a", size=2, mtime_s=1)], wall_now=102, monotonic_now=2) == []
+    assert tracker.observe([entry("a", size=2, mtime_s=1)], wall_now=103, monotonic_now=3) != []
+
+
+def test_a_young_file_waits_for_min_age() -> None:
+    tracker = StabilityTracker(min_age_s=5)
+    tracker.observe([entry("a", mtime_s=100)], wall_now=101, monotonic_now=0)
+    assert tracker.observe([entry("a", mtime_s=100)], wall_now=102, monotonic_now=1) == []
+    assert tracker.observe([entry("a", mtime_s=100)], wall_now=105, monotonic_now=4) != []
+
+
+def test_an_mtime_in_the_future_is_stable_after_being_watched_for_min_age() -> None:
+    """An NFS server whose clock runs ahead must not hold files back for ever."""
+    tracker = StabilityTracker(min_age_s=5)
+    future = entry("a", mtime_s=10_000)
+    tracker.observe([future], wall_now=100, monotonic_now=0)
+    assert tracker.observe([future], wall_now=104, monotonic_now=4) == []
+    assert tracker.observe([future], wall_now=105, monotonic_now=5) == [future]
+
+
+def test_a_pending_file_is_not_offered_again_until_released() -> None:
+    tracker = StabilityTracker(min_age_s=0)
+    tracker.observe([entry("a")], wall_now=100, monotonic_now=0)
+    assert tracker.observe([entry("a")], wall_now=100, monotonic_now=1) == [entry("a")]
+    tracker.mark_pending("a")
+    assert tracker.observe([entry("a")], wall_now=100, monotonic_now=2) == []
+    tracker.release("a")
+    assert tracker.observe([entry("a")], wall_now=100, monotonic_now=3) == [entry("a")]
+
+
+def test_a_file_that_left_the_folder_is_forgotten() -> None:
+    tracker = StabilityTracker(min_age_s=0)
+    tracker.observe([entry("a")], wall_now=100, monotonic_now=0)
+    tracker.mark_pending("a")
+    tracker.observe([], wall_now=100, monotonic_now=1)
+    assert tracker.pending == frozenset()
+    # Back again (a new file of that name): it needs two scans like any new file.
+    assert tracker.observe([entry("a")], wall_now=100, monotonic_now=2) == []
+
+
+def test_backoff_doubles_up_to_sixty_seconds_and_resets() -> None:
+    backoff = Backoff()
+    assert [backoff.next_delay() for _ in range(9)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    backoff.reset()
+    assert backoff.next_delay() == 1
+
+
+# --- the watcher loop on a real folder, virtual time -------------------------------------
+
+
+def virtual_wall_clock() -> Callable[[], float]:
+    """Wall time that moves with the virtual clock: files written now are age 0 at time 0."""
+    started = time.time()
+    return lambda: started + trio.current_time()
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout(tmp_path / "incoming", tmp_path / "processing", tmp_path / "staging")
+
+
+async def start_watcher(
+    nursery: trio.Nursery,
+    layout: Layout,
+    lane: InlineLane,
+    *,
+    queue: int = 100,
+    min_age: float = 5.0,
+    poll: float = 1.0,
+    progress: Progress | None = None,
+    extensions: tuple[str, ...] = (),
+    wall_clock: Callable[[], float] | None = None,
+) -> trio.MemoryReceiveChannel[WorkItem]:
+    send, receive = trio.open_memory_channel[WorkItem](queue)
+    await nursery.start(
+        lambda task_status: watcher.run(
+            send,
+            date_prefix=DATE,
+            session="s",
+            layout=layout,
+            nfs=lane,  # type: ignore[arg-type]
+            progress=progress or Progress(),
+            poll_interval_s=poll,
+            min_file_age_s=min_age,
+            extensions=extensions,
+            wall_clock=wall_clock or virtual_wall_clock(),
+            task_status=task_status,
+        )
+    )
+    return receive
+
+
+async def test_a_new_file_is_queued_once_it_is_old_enough(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"x" * 10)
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane(), min_age=5, poll=1)
+        item = await receive.receive()
+        assert item.key == FileKey(DATE, "s", "a.bin")
+        assert item.claimed is False
+        assert 5 <= trio.current_time() < 7
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_growing_file_waits_until_it_stops_changing(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    path = folder / "grow.bin"
+    path.write_bytes(b"")
+    wall = virtual_wall_clock()
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane(), min_age=3, poll=1, wall_clock=wall)
+
+        async def writer() -> None:
+            # Pauses longer than the poll interval: only the age rule holds the file back.
+            for _ in range(10):
+                await trio.sleep(1.5)
+                append(path, b"more", mtime=wall())
+
+        nursery.start_soon(writer)
+        item = await receive.receive()
+        assert trio.current_time() >= 15 + 3  # last write at 15 s, then min_age
+        assert item.expected == (40, os.stat(path).st_mtime_ns)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_queued_file_is_not_queued_twice(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"x")
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane(), min_age=0, poll=1)
+        first = await receive.receive()
+        with trio.move_on_after(30):
+            await receive.receive()
+            pytest.fail("the same file was queued twice")
+        # A worker that could not claim it (say, busy) releases it: it is offered again.
+        assert first.on_claim_settled is not None
+        first.on_claim_settled()
+        again = await receive.receive()
+        assert again.key == first.key
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_name_still_in_flight_waits_for_the_older_file(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    (folder / "same.bin").write_bytes(b"newer")
+    progress = Progress()
+    progress.claimed.add(FileKey(DATE, "s", "same.bin"))
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane(), min_age=0, poll=1, progress=progress)
+        with trio.move_on_after(20):
+            await receive.receive()
+            pytest.fail("queued while an older file of that name was in flight")
+        progress.claimed.clear()
+        assert (await receive.receive()).key.rel == "same.bin"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_full_queue_pauses_scanning(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"{i}.bin").write_bytes(b"x")
+    lane = InlineLane()
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, lane, queue=1, min_age=0, poll=1)
+        await trio.sleep(100)
+        scans_while_full = len(lane.calls)
+        await trio.sleep(100)
+        assert len(lane.calls) == scans_while_full  # blocked on send, not scanning
+        assert receive.statistics().current_buffer_used == 1
+        names = {(await receive.receive()).key.rel for _ in range(3)}
+        assert names == {"0.bin", "1.bin", "2.bin"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_listing_errors_back_off_exponentially_up_to_sixty_seconds(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    layout.incoming_dir("s").mkdir(parents=True)
+    lane = InlineLane(fail_first=9)
+    progress = Progress()
+    async with trio.open_nursery() as nursery:
+        await start_watcher(nursery, layout, lane, poll=1, progress=progress)
+        await trio.sleep(400)
+        nursery.cancel_scope.cancel()
+    gaps = [round(b - a, 3) for a, b in zip(lane.calls, lane.calls[1:], strict=False)]
+    assert gaps[:10] == [1, 2, 4, 8, 16, 32, 60, 60, 60, 1]
+    assert set(gaps[10:]) == {1}
+    assert progress.last_error is not None and "EIO" in progress.last_error
+
+
+async def test_a_deleted_session_folder_is_made_again(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    async with trio.open_nursery() as nursery:
+        await start_watcher(nursery, layout, InlineLane(), poll=1)
+        await trio.sleep(1.5)
+        assert layout.incoming_dir("s").is_dir()
+        nursery.cancel_scope.cancel()
+
+
+async def test_only_matching_extensions_are_queued(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    for name in ("keep.CSV", "skip.txt", "keep.tar.gz"):
+        (folder / name).write_bytes(b"x")
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane(), min_age=0, poll=1,
+                                      extensions=(".csv", ".tar.gz"))
+        names = {(await receive.receive()).key.rel for _ in range(2)}
+        with trio.move_on_after(10):
+            await receive.receive()
+            pytest.fail("a filtered file was queued")
+        assert names == {"keep.CSV", "keep.tar.gz"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelling_the_watcher_closes_its_channel_end(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    layout.incoming_dir("s").mkdir(parents=True)
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane())
+        await trio.sleep(3)
+        nursery.cancel_scope.cancel()
+    with pytest.raises(trio.EndOfChannel):
+        await receive.receive()

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
+from tests.faults.fixtures import faultfs  # noqa: F401 - the FUSE fixture, for every module
 from tests.support.azurite import Azurite, run_azurite
 from tests.support.service import Folders, ServiceProcess, running_service
 

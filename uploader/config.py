@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -99,7 +100,7 @@ class Settings(BaseSettings):
             if not ext:
                 continue
             if "/" in ext or "\0" in ext:
-                raise ValueError(f"{raw!r} is not a file extension")
+                raise ValueError("must be a comma-separated list of extensions such as .csv,.tif")
             extensions.append(ext if ext.startswith(".") else f".{ext}")
         return tuple(extensions)
 
@@ -154,7 +155,26 @@ def load_settings(**overrides: Any) -> Settings:
         raise SettingsError(describe_validation_error(exc)) from None
 
 
+# Values of these are never repeated in an error message, wherever they turn up.
+_SECRET_FIELDS = ("azure_connection_string", "azure_account_key")
+_NOT_ECHOED = {*_SECRET_FIELDS, "azure_account_url"}
+_SECRET_PATTERN = re.compile(r"(AccountKey|SharedAccessSignature|sig)=[^;&\s]+", re.IGNORECASE)
+
+
+def _redact(text: str) -> str:
+    for field in _SECRET_FIELDS:
+        for name in (ENV_PREFIX + field.upper(), ENV_PREFIX.lower() + field):
+            secret = os.environ.get(name)
+            if secret and len(secret) >= 4:
+                text = text.replace(secret, "***")
+    return _SECRET_PATTERN.sub(lambda m: f"{m.group(1)}=***", text)
+
+
 def describe_validation_error(exc: ValidationError) -> str:
+    return _redact(_describe(exc))
+
+
+def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors(include_url=False):
         message = str(error["msg"]).removeprefix("Value error, ")
@@ -164,7 +184,8 @@ def describe_validation_error(exc: ValidationError) -> str:
                 problems.append(f"{variable} is required but not set")
                 continue
             shown = error.get("input")
-            got = "" if isinstance(shown, dict) else f" (got {shown!r})"
+            echo = error["loc"][0] not in _NOT_ECHOED and not isinstance(shown, dict)
+            got = f" (got {shown!r})" if echo else ""
             problems.append(f"{variable}: {message}{got}")
         else:
             problems.append(message)

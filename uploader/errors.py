@@ -123,7 +123,7 @@ def describe(exc: BaseException) -> str:
         return f"Azure answered {status} {code or ''}: {first_line}".replace("  ", " ")
     if isinstance(exc, OSError) and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
-        where = f" on {exc.filename}" if exc.filename else ""
+        where = f" on {exc.filename!r}" if exc.filename else ""  # repr: one line, whatever the name
         return f"{name}{where}: {exc.strerror}"
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -136,5 +136,6 @@ def backoff_delay(
 
     The jitter (50-100% of the step) keeps files that failed together from retrying together.
     """
-    step = min(cap_s, base_s * (2 ** max(0, attempt - 1)))
+    # The exponent is capped: attempts are unbounded while an outage lasts.
+    step = min(cap_s, base_s * 2.0 ** min(max(0, attempt - 1), 64))
     return float(step * (0.5 + 0.5 * (rng or random).random()))

@@ -74,8 +74,11 @@ def decode_state(raw: bytes) -> SessionState:
         raise ValueError(f"stored session_name {name!r} is not a valid name")
     if not (isinstance(date, str) and is_date_prefix(date)):
         raise ValueError(f"stored date_prefix {date!r} is not YYYYMMDD")
+    active = data.get("active", False)
+    if not isinstance(active, bool):
+        raise ValueError(f"stored active {active!r} is not true or false")
     return SessionState(
-        active=bool(data.get("active")),
+        active=active,
         session_name=name,
         date_prefix=date,
         started_at=data.get("started_at"),
@@ -90,7 +93,7 @@ def read_state(path: Path) -> SessionState:
         return SessionState()
     try:
         return decode_state(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         log.error("ignoring unreadable session state %s: %s", path, exc)
         return SessionState()
 

@@ -1,0 +1,316 @@
+"""Unit tests for uploader/config.py: defaults, parsing, and one-line errors naming the variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from uploader.config import MiB, SettingsError, load_settings
+
+ACCOUNT_URL = "https://acct.blob.core.windows.net"
+ACCOUNT_KEY = "c2VjcmV0LWFjY291bnQta2V5LXZhbHVl/Zz+Q=="
+CONNECTION_STRING = (
+    "DefaultEndpointsProtocol=https;AccountName=acct;"
+    "AccountKey=Q29ubmVjdGlvbi1zdHJpbmctc2VjcmV0;EndpointSuffix=core.windows.net"
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No APP_* variable of the outer environment leaks in (pydantic-settings ignores case)."""
+    for name in list(os.environ):
+        if name.upper().startswith("APP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("APP_AZURE_CONTAINER", "uploads")
+    monkeypatch.setenv("APP_AZURE_ACCOUNT_URL", ACCOUNT_URL)
+    return monkeypatch
+
+
+def settings_error(**env: str | None) -> str:
+    """Apply ``env`` (None deletes), load, and return the SettingsError message."""
+    mp = pytest.MonkeyPatch()
+    try:
+        for name, value in env.items():
+            if value is None:
+                mp.delenv(name, raising=False)
+            else:
+                mp.setenv(name, value)
+        with pytest.raises(SettingsError) as info:
+            load_settings()
+    finally:
+        mp.undo()
+    return str(info.value)
+
+
+# --- defaults and parsing ----------------------------------------------------------------
+
+
+def test_defaults_with_only_container_and_account_url() -> None:
+    s = load_settings()
+    assert s.azure_container == "uploads"
+    assert s.azure_account_url == ACCOUNT_URL
+    assert s.azure_auth == "auto"
+    assert s.azure_connection_string is None
+    assert s.azure_account_name is None
+    assert s.azure_account_key is None
+    assert s.nfs_incoming_dir == Path("/mnt/nfs/incoming")
+    assert s.nfs_processing_root == Path("/mnt/nfs/.processing")
+    assert s.local_staging_root == Path("/mnt/staging")
+    assert s.poll_interval_s == 2.0
+    assert s.min_file_age_s == 15.0
+    assert s.file_extensions == ()
+    assert s.max_queue_size == 1000
+    assert s.worker_concurrency == 4
+    assert s.azure_max_block_size == 8 * MiB
+    assert s.azure_max_single_put_size == 8 * MiB
+    assert s.azure_max_concurrency == 4
+    assert s.gc_interval_s == 30.0
+    assert s.host == "0.0.0.0"
+    assert s.port == 8080
+
+
+def test_default_folders_are_separate() -> None:
+    s = load_settings()
+    folders = [s.nfs_incoming_dir, s.nfs_processing_root, s.local_staging_root]
+    for a in folders:
+        for b in folders:
+            if a is not b:
+                assert not a.is_relative_to(b)
+
+
+def test_numbers_are_read_from_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_PORT", "9090")
+    clean_env.setenv("APP_POLL_INTERVAL_S", "0.5")
+    clean_env.setenv("APP_WORKER_CONCURRENCY", "8")
+    s = load_settings()
+    assert (s.port, s.poll_interval_s, s.worker_concurrency) == (9090, 0.5, 8)
+
+
+def test_file_extensions_are_normalised(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_FILE_EXTENSIONS", ".csv, TIF,tar.gz")
+    assert load_settings().file_extensions == (".csv", ".tif", ".tar.gz")
+
+
+@pytest.mark.parametrize("raw", ["", " ", " , ,"])
+def test_empty_file_extensions_mean_all_files(clean_env: pytest.MonkeyPatch, raw: str) -> None:
+    clean_env.setenv("APP_FILE_EXTENSIONS", raw)
+    assert load_settings().file_extensions == ()
+
+
+def test_account_url_trailing_slash_is_dropped(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_AZURE_ACCOUNT_URL", ACCOUNT_URL + "/")
+    assert load_settings().azure_account_url == ACCOUNT_URL
+
+
+def test_folder_paths_are_normalised(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_NFS_INCOMING_DIR", "/data//in/")
+    assert load_settings().nfs_incoming_dir == Path("/data/in")
+
+
+def test_key_auth_with_connection_string_needs_no_account_url(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.delenv("APP_AZURE_ACCOUNT_URL")
+    clean_env.setenv("APP_AZURE_AUTH", "key")
+    clean_env.setenv("APP_AZURE_CONNECTION_STRING", CONNECTION_STRING)
+    s = load_settings()
+    assert s.has_key_credentials
+    assert s.azure_connection_string is not None
+    assert s.azure_connection_string.get_secret_value() == CONNECTION_STRING
+
+
+def test_key_auth_with_account_name_and_key(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_AZURE_AUTH", "key")
+    clean_env.setenv("APP_AZURE_ACCOUNT_NAME", "acct")
+    clean_env.setenv("APP_AZURE_ACCOUNT_KEY", ACCOUNT_KEY)
+    assert load_settings().has_key_credentials
+
+
+def test_settings_repr_hides_secrets(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_AZURE_ACCOUNT_NAME", "acct")
+    clean_env.setenv("APP_AZURE_ACCOUNT_KEY", ACCOUNT_KEY)
+    clean_env.setenv("APP_AZURE_CONNECTION_STRING", CONNECTION_STRING)
+    s = load_settings()
+    assert ACCOUNT_KEY not in repr(s) and ACCOUNT_KEY not in str(s)
+    assert CONNECTION_STRING not in repr(s) and "Q29ubmVjdGlvbi1zdHJpbmctc2VjcmV0" not in repr(s)
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings()
+    with pytest.raises(ValidationError):
+        s.port = 1  # type: ignore[misc]
+
+
+def test_load_settings_accepts_overrides() -> None:
+    assert load_settings(port=1234).port == 1234
+
+
+# --- bad values: one line naming the variable ---------------------------------------------
+
+
+BAD_VALUES = [
+    ("APP_PORT", "0"),
+    ("APP_PORT", "-1"),
+    ("APP_PORT", "65536"),
+    ("APP_PORT", "http"),
+    ("APP_POLL_INTERVAL_S", "0"),
+    ("APP_POLL_INTERVAL_S", "-2"),
+    ("APP_POLL_INTERVAL_S", "soon"),
+    ("APP_MIN_FILE_AGE_S", "-1"),
+    ("APP_MAX_QUEUE_SIZE", "0"),
+    ("APP_MAX_QUEUE_SIZE", "lots"),
+    ("APP_WORKER_CONCURRENCY", "0"),
+    ("APP_WORKER_CONCURRENCY", "2.5"),
+    ("APP_AZURE_MAX_BLOCK_SIZE", "0"),
+    ("APP_AZURE_MAX_BLOCK_SIZE", "1024"),
+    ("APP_AZURE_MAX_SINGLE_PUT_SIZE", "-1"),
+    ("APP_AZURE_MAX_CONCURRENCY", "0"),
+    ("APP_GC_INTERVAL_S", "0"),
+    ("APP_GC_INTERVAL_S", "never"),
+    ("APP_AZURE_CONTAINER", "Bad_Name"),
+    ("APP_AZURE_CONTAINER", "ab"),
+    ("APP_AZURE_CONTAINER", "a--b"),
+    ("APP_AZURE_CONTAINER", "-abc"),
+    ("APP_AZURE_CONTAINER", "abc-"),
+    ("APP_AZURE_CONTAINER", "a" * 64),
+    ("APP_AZURE_AUTH", "magic"),
+    ("APP_AZURE_AUTH", "KEY "),
+    ("APP_NFS_INCOMING_DIR", "relative/in"),
+    ("APP_NFS_PROCESSING_ROOT", "processing"),
+    ("APP_LOCAL_STAGING_ROOT", "./staging"),
+    ("APP_AZURE_ACCOUNT_URL", "acct.blob.core.windows.net"),
+    ("APP_AZURE_ACCOUNT_URL", "ftp://acct.blob.core.windows.net"),
+    ("APP_AZURE_ACCOUNT_URL", "https://"),
+    ("APP_FILE_EXTENSIONS", "csv,a/b"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD_VALUES)
+def test_bad_value_raises_one_line_naming_variable(variable: str, value: str) -> None:
+    message = settings_error(**{variable: value})
+    assert "\n" not in message
+    assert message.startswith(f"{variable}: ")
+
+
+def test_bad_value_message_shows_what_was_given() -> None:
+    message = settings_error(APP_AZURE_CONTAINER="Bad_Name")
+    assert "'Bad_Name'" in message
+
+
+def test_two_bad_values_are_both_named_on_one_line() -> None:
+    message = settings_error(APP_PORT="0", APP_WORKER_CONCURRENCY="0")
+    assert "\n" not in message
+    assert "APP_PORT" in message
+    assert "APP_WORKER_CONCURRENCY" in message
+
+
+def test_missing_container_is_named() -> None:
+    message = settings_error(APP_AZURE_CONTAINER=None)
+    assert message == "APP_AZURE_CONTAINER is required but not set"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("APP_NFS_INCOMING_DIR", "APP_NFS_PROCESSING_ROOT"),
+        ("APP_NFS_INCOMING_DIR", "APP_LOCAL_STAGING_ROOT"),
+        ("APP_NFS_PROCESSING_ROOT", "APP_LOCAL_STAGING_ROOT"),
+    ],
+)
+@pytest.mark.parametrize("relation", ["same", "inside", "contains"])
+def test_overlapping_folders_name_both_variables(first: str, second: str, relation: str) -> None:
+    outer = "/srv/data"
+    values = {
+        "same": (outer, outer),
+        "inside": (outer + "/a", outer),
+        "contains": (outer, outer + "/a"),
+    }[relation]
+    # Keep the third folder out of the way.
+    env = {
+        "APP_NFS_INCOMING_DIR": "/x/in",
+        "APP_NFS_PROCESSING_ROOT": "/x/proc",
+        "APP_LOCAL_STAGING_ROOT": "/x/stage",
+        first: values[0],
+        second: values[1],
+    }
+    message = settings_error(**env)
+    assert "\n" not in message
+    assert first in message and second in message
+
+
+def test_sibling_folders_with_common_prefix_do_not_overlap(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_NFS_INCOMING_DIR", "/srv/in")
+    clean_env.setenv("APP_NFS_PROCESSING_ROOT", "/srv/in2")
+    assert load_settings().nfs_processing_root == Path("/srv/in2")
+
+
+def test_key_auth_without_credentials_is_refused() -> None:
+    message = settings_error(APP_AZURE_AUTH="key")
+    assert "\n" not in message
+    assert "APP_AZURE_AUTH" in message
+
+
+def test_key_auth_with_key_but_no_account_name_is_refused() -> None:
+    message = settings_error(APP_AZURE_AUTH="key", APP_AZURE_ACCOUNT_KEY=ACCOUNT_KEY)
+    assert "APP_AZURE_AUTH" in message
+    assert ACCOUNT_KEY not in message
+
+
+@pytest.mark.parametrize("mode", ["auto", "default"])
+def test_token_auth_without_account_url_is_refused(mode: str) -> None:
+    message = settings_error(APP_AZURE_AUTH=mode, APP_AZURE_ACCOUNT_URL=None)
+    assert "\n" not in message
+    assert "APP_AZURE_ACCOUNT_URL" in message
+
+
+def test_backoff_cap_below_base_is_refused() -> None:
+    message = settings_error(APP_RETRY_BACKOFF_S="10", APP_RETRY_BACKOFF_MAX_S="5")
+    assert "APP_RETRY_BACKOFF_MAX_S" in message
+
+
+# --- secrets never appear in error messages ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"APP_PORT": "0"},
+        {"APP_AZURE_CONTAINER": "Bad_Name"},
+        {"APP_AZURE_CONTAINER": None},
+        {"APP_NFS_INCOMING_DIR": "/srv", "APP_NFS_PROCESSING_ROOT": "/srv/p"},
+        {"APP_AZURE_AUTH": "magic"},
+        {"APP_AZURE_ACCOUNT_URL": None},
+    ],
+    ids=["port", "container", "no-container", "folders", "auth", "no-url"],
+)
+def test_secrets_are_not_in_message_of_unrelated_error(bad: dict[str, str | None]) -> None:
+    message = settings_error(
+        APP_AZURE_ACCOUNT_NAME="acct",
+        APP_AZURE_ACCOUNT_KEY=ACCOUNT_KEY,
+        APP_AZURE_CONNECTION_STRING=CONNECTION_STRING,
+        **bad,
+    )
+    assert ACCOUNT_KEY not in message
+    assert CONNECTION_STRING not in message
+    assert "Q29ubmVjdGlvbi1zdHJpbmctc2VjcmV0" not in message
+
+
+def test_connection_string_in_wrong_variable_is_not_echoed() -> None:
+    message = settings_error(
+        APP_AZURE_CONNECTION_STRING=CONNECTION_STRING,
+        APP_AZURE_ACCOUNT_URL=CONNECTION_STRING,
+    )
+    assert message.startswith("APP_AZURE_ACCOUNT_URL: ")
+    assert "Q29ubmVjdGlvbi1zdHJpbmctc2VjcmV0" not in message
+
+
+def test_account_key_in_wrong_variable_is_not_echoed() -> None:
+    message = settings_error(
+        APP_AZURE_ACCOUNT_KEY=ACCOUNT_KEY,
+        APP_AZURE_CONTAINER=ACCOUNT_KEY,
+    )
+    assert message.startswith("APP_AZURE_CONTAINER: ")
+    assert ACCOUNT_KEY not in message

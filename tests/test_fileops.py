@@ -1,0 +1,489 @@
+"""Unit tests for uploader/fileops.py, on temporary folders only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from uploader.errors import NotARegularFile, SourceChanged, SourceVanished
+from uploader.fileops import (
+    MAX_BLOCKS_PER_BLOB,
+    Claim,
+    StagedFile,
+    claim,
+    list_files,
+    mark_completed,
+    quarantine,
+    read_block,
+    stage_copy,
+    write_atomically,
+)
+from uploader.layout import FileKey, Layout
+
+BLOCK = 64 * 1024
+
+
+def make_file(path: Path, data: bytes = b"hello") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def expected_of(path: Path) -> tuple[int, int]:
+    info = os.lstat(path)
+    return info.st_size, info.st_mtime_ns
+
+
+def pattern(size: int) -> bytes:
+    """Bytes that differ from block to block, so a misplaced block changes its MD5."""
+    return bytes((i * 7 + i // 251) % 256 for i in range(size))
+
+
+def md5(data: bytes) -> bytes:
+    return hashlib.md5(data, usedforsecurity=False).digest()
+
+
+# --- claim -------------------------------------------------------------------------------
+
+
+def test_claim_moves_file_keeping_inode(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "in" / "a.csv", b"data")
+    target = tmp_path / "proc" / "a.csv"
+    target.parent.mkdir()
+    inode = os.lstat(source).st_ino
+
+    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+
+    assert not source.exists()
+    assert target.read_bytes() == b"data"
+    assert os.lstat(target).st_ino == inode
+    assert os.lstat(target).st_nlink == 1
+
+
+def test_claim_without_expected_attributes(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "in" / "a.csv")
+    target = tmp_path / "proc" / "a.csv"
+    assert claim(source, target, None) is Claim.CLAIMED
+    assert target.exists() and not source.exists()
+
+
+def test_claim_creates_missing_target_folders(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "in" / "a.csv")
+    target = tmp_path / "proc" / "20240102" / "s" / "deep" / "er" / "a.csv"
+    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+    assert target.read_bytes() == b"hello"
+
+
+def test_claim_missing_source_is_gone(tmp_path: Path) -> None:
+    target = tmp_path / "proc" / "a.csv"
+    assert claim(tmp_path / "in" / "a.csv", target, None) is Claim.GONE
+    assert not target.exists()
+
+
+def test_claim_symlink_source_is_gone_and_not_followed(tmp_path: Path) -> None:
+    outside = make_file(tmp_path / "outside" / "secret.txt", b"secret")
+    source = tmp_path / "in" / "link.txt"
+    source.parent.mkdir()
+    source.symlink_to(outside)
+    target = tmp_path / "proc" / "link.txt"
+
+    assert claim(source, target, None) is Claim.GONE
+
+    assert not os.path.lexists(target)
+    assert source.is_symlink()
+    assert outside.read_bytes() == b"secret"
+
+
+def test_claim_folder_source_is_gone(tmp_path: Path) -> None:
+    source = tmp_path / "in" / "folder"
+    source.mkdir(parents=True)
+    target = tmp_path / "proc" / "folder"
+    assert claim(source, target, None) is Claim.GONE
+    assert source.is_dir()
+    assert not os.path.lexists(target)
+
+
+def test_claim_busy_when_target_is_another_file(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "in" / "a.csv", b"new")
+    target = make_file(tmp_path / "proc" / "a.csv", b"older, in flight")
+
+    assert claim(source, target, expected_of(source)) is Claim.BUSY
+
+    assert source.read_bytes() == b"new"
+    assert target.read_bytes() == b"older, in flight"
+    assert os.lstat(source).st_ino != os.lstat(target).st_ino
+    assert os.lstat(source).st_nlink == 1
+
+
+@pytest.mark.parametrize("what", ["size", "mtime"])
+def test_claim_changed_when_attributes_differ(tmp_path: Path, what: str) -> None:
+    source = make_file(tmp_path / "in" / "a.csv", b"data")
+    size, mtime_ns = expected_of(source)
+    expected = (size + 1, mtime_ns) if what == "size" else (size, mtime_ns - 1_000_000_000)
+    target = tmp_path / "proc" / "a.csv"
+
+    assert claim(source, target, expected) is Claim.CHANGED
+
+    assert source.read_bytes() == b"data"
+    assert not target.exists()
+
+
+def test_claim_finishes_interrupted_claim(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "in" / "a.csv", b"data")
+    target = tmp_path / "proc" / "a.csv"
+    target.parent.mkdir()
+    os.link(source, target)  # a crash between link() and unlink()
+
+    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+
+    assert not source.exists()
+    assert target.read_bytes() == b"data"
+    assert os.lstat(target).st_nlink == 1
+
+
+# --- stage_copy --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5],
+    ids=["0", "1", "block-1", "block", "block+1", "3block+5"],
+)
+def test_stage_copy_content_and_hashes(tmp_path: Path, size: int) -> None:
+    data = pattern(size)
+    source = make_file(tmp_path / "proc" / "a.bin", data)
+    target = tmp_path / "staging" / "a.bin"
+
+    staged = stage_copy(source, target, BLOCK)
+
+    assert target.read_bytes() == data
+    assert staged.path == target
+    assert staged.size == size
+    assert staged.mtime_ns == os.lstat(source).st_mtime_ns
+    assert staged.md5 == md5(data)
+    assert staged.block_size == BLOCK
+    assert staged.block_md5s == tuple(
+        md5(data[offset : offset + BLOCK]) for offset in range(0, size, BLOCK)
+    )
+    assert [staged.block_length(i) for i in range(len(staged.block_md5s))] == [
+        len(data[offset : offset + BLOCK]) for offset in range(0, size, BLOCK)
+    ]
+
+
+def test_stage_copy_leaves_source_in_place(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "proc" / "a.bin", b"abc")
+    stage_copy(source, tmp_path / "staging" / "a.bin", BLOCK)
+    assert source.read_bytes() == b"abc"
+
+
+def test_stage_copy_overwrites_longer_stale_copy(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "proc" / "a.bin", b"short")
+    target = make_file(tmp_path / "staging" / "a.bin", b"a much longer stale staging copy")
+    staged = stage_copy(source, target, BLOCK)
+    assert target.read_bytes() == b"short"
+    assert staged.md5 == md5(b"short")
+
+
+def test_stage_copy_creates_missing_folders(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "proc" / "a.bin", b"x")
+    target = tmp_path / "staging" / "20240102" / "s" / "sub" / "a.bin"
+    stage_copy(source, target, BLOCK)
+    assert target.read_bytes() == b"x"
+
+
+def test_stage_copy_refuses_symlink(tmp_path: Path) -> None:
+    outside = make_file(tmp_path / "outside.bin", b"secret")
+    source = tmp_path / "proc" / "link.bin"
+    source.parent.mkdir()
+    source.symlink_to(outside)
+    target = tmp_path / "staging" / "link.bin"
+
+    with pytest.raises(NotARegularFile):
+        stage_copy(source, target, BLOCK)
+    assert not target.exists()
+
+
+def test_stage_copy_refuses_folder(tmp_path: Path) -> None:
+    source = tmp_path / "proc" / "folder"
+    source.mkdir(parents=True)
+    with pytest.raises(NotARegularFile):
+        stage_copy(source, tmp_path / "staging" / "folder", BLOCK)
+
+
+def test_stage_copy_missing_source_vanished(tmp_path: Path) -> None:
+    with pytest.raises(SourceVanished):
+        stage_copy(tmp_path / "proc" / "gone.bin", tmp_path / "staging" / "gone.bin", BLOCK)
+
+
+def test_stage_copy_huge_file_gets_bigger_blocks(tmp_path: Path) -> None:
+    size = 64 * 1024 * 1024  # 65,536 blocks of 1 KiB: too many for one blob
+    source = tmp_path / "proc" / "sparse.bin"
+    source.parent.mkdir()
+    source.touch()
+    os.truncate(source, size)
+
+    staged = stage_copy(source, tmp_path / "staging" / "sparse.bin", 1024)
+
+    assert staged.size == size
+    assert staged.block_size > 1024
+    assert staged.block_size * MAX_BLOCKS_PER_BLOB >= size
+    assert len(staged.block_md5s) <= MAX_BLOCKS_PER_BLOB
+    assert len(staged.block_md5s) == -(-size // staged.block_size)
+    whole = hashlib.md5(usedforsecurity=False)
+    zeros = bytes(1024 * 1024)
+    for _ in range(size // len(zeros)):
+        whole.update(zeros)
+    assert staged.md5 == whole.digest()
+    assert staged.block_md5s[0] == md5(bytes(staged.block_size))
+    assert staged.block_md5s[-1] == md5(bytes(staged.block_length(len(staged.block_md5s) - 1)))
+
+
+def test_stage_copy_small_file_keeps_configured_block_size(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "proc" / "a.bin", pattern(5000))
+    assert stage_copy(source, tmp_path / "staging" / "a.bin", 1024).block_size == 1024
+
+
+# --- read_block --------------------------------------------------------------------------
+
+
+def test_read_block_returns_requested_bytes(tmp_path: Path) -> None:
+    data = pattern(3 * BLOCK + 5)
+    path = make_file(tmp_path / "staged.bin", data)
+    assert read_block(path, BLOCK, BLOCK) == data[BLOCK : 2 * BLOCK]
+    assert read_block(path, 3 * BLOCK, 5) == data[3 * BLOCK :]
+
+
+def test_read_block_matches_staged_block_md5s(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "proc" / "a.bin", pattern(2 * BLOCK + 17))
+    staged = stage_copy(source, tmp_path / "staging" / "a.bin", BLOCK)
+    for index, digest in enumerate(staged.block_md5s):
+        block = read_block(staged.path, index * staged.block_size, staged.block_length(index))
+        assert md5(block) == digest
+
+
+def test_read_block_short_file_is_source_changed(tmp_path: Path) -> None:
+    path = make_file(tmp_path / "staged.bin", b"0123456789")
+    with pytest.raises(SourceChanged):
+        read_block(path, 5, 10)
+
+
+# --- mark_completed ----------------------------------------------------------------------
+
+
+def staged_for(tmp_path: Path, data: bytes = b"payload") -> tuple[Path, StagedFile]:
+    processing = make_file(tmp_path / "proc" / "20240102" / "s" / "a.bin", data)
+    staged = stage_copy(processing, tmp_path / "staging" / "a.bin", BLOCK)
+    return processing, staged
+
+
+def test_mark_completed_moves_file(tmp_path: Path) -> None:
+    processing, staged = staged_for(tmp_path)
+    inode = os.lstat(processing).st_ino
+    completed = tmp_path / "proc" / ".completed" / "20240102" / "s" / "a.bin"
+
+    mark_completed(processing, completed, staged)
+
+    assert not processing.exists()
+    assert completed.read_bytes() == b"payload"
+    assert os.lstat(completed).st_ino == inode
+
+
+def test_mark_completed_size_changed(tmp_path: Path) -> None:
+    processing, staged = staged_for(tmp_path)
+    with processing.open("ab") as f:
+        f.write(b"more")
+    os.utime(processing, ns=(staged.mtime_ns, staged.mtime_ns))  # only the size differs
+    completed = tmp_path / "done" / "a.bin"
+
+    with pytest.raises(SourceChanged):
+        mark_completed(processing, completed, staged)
+    assert processing.exists()
+    assert not completed.exists()
+
+
+def test_mark_completed_mtime_changed(tmp_path: Path) -> None:
+    processing, staged = staged_for(tmp_path)
+    later = staged.mtime_ns + 5_000_000_000
+    os.utime(processing, ns=(later, later))
+    completed = tmp_path / "done" / "a.bin"
+
+    with pytest.raises(SourceChanged):
+        mark_completed(processing, completed, staged)
+    assert processing.exists()
+    assert not completed.exists()
+
+
+def test_mark_completed_missing_file_vanished(tmp_path: Path) -> None:
+    processing, staged = staged_for(tmp_path)
+    processing.unlink()
+    with pytest.raises(SourceVanished):
+        mark_completed(processing, tmp_path / "done" / "a.bin", staged)
+
+
+# --- quarantine --------------------------------------------------------------------------
+
+
+LAYOUT_KEY = FileKey("20240102", "s", "sub/a.bin")
+
+
+def layout_in(tmp_path: Path) -> Layout:
+    return Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+
+
+def test_quarantine_moves_file_and_writes_reason(tmp_path: Path) -> None:
+    layout = layout_in(tmp_path)
+    processing = make_file(layout.processing_path(LAYOUT_KEY), b"bad")
+    failed = layout.failed_path(LAYOUT_KEY)
+    reason_path = layout.failed_reason_path(failed)
+
+    where = quarantine(processing, failed, reason_path, {"reason": "EACCES", "attempts": 1})
+
+    assert where == failed
+    assert not processing.exists()
+    assert failed.read_bytes() == b"bad"
+    assert json.loads(reason_path.read_bytes()) == {"reason": "EACCES", "attempts": 1}
+
+
+def test_quarantine_same_name_twice_keeps_both(tmp_path: Path) -> None:
+    layout = layout_in(tmp_path)
+    failed = layout.failed_path(LAYOUT_KEY)
+    reason_path = layout.failed_reason_path(failed)
+
+    first = make_file(layout.processing_path(LAYOUT_KEY), b"first")
+    where_first = quarantine(first, failed, reason_path, {"n": 1})
+    second = make_file(layout.processing_path(LAYOUT_KEY), b"second")
+    where_second = quarantine(second, failed, reason_path, {"n": 2})
+
+    numbered = failed.with_name(failed.name + ".1")
+    assert where_first == failed
+    assert where_second == numbered
+    assert failed.read_bytes() == b"first"
+    assert numbered.read_bytes() == b"second"
+    assert json.loads(reason_path.read_bytes()) == {"n": 1}
+    assert json.loads(layout.failed_reason_path(numbered).read_bytes()) == {"n": 2}
+    assert not second.exists()
+
+
+def test_quarantine_finishes_interrupted_quarantine(tmp_path: Path) -> None:
+    layout = layout_in(tmp_path)
+    processing = make_file(layout.processing_path(LAYOUT_KEY), b"bad")
+    failed = layout.failed_path(LAYOUT_KEY)
+    failed.parent.mkdir(parents=True)
+    os.link(processing, failed)  # a crash after link(), before the reason and unlink()
+
+    where = quarantine(processing, failed, layout.failed_reason_path(failed), {"n": 1})
+
+    assert where == failed
+    assert not processing.exists()
+    assert not failed.with_name(failed.name + ".1").exists()
+    assert json.loads(layout.failed_reason_path(failed).read_bytes()) == {"n": 1}
+
+
+# --- list_files --------------------------------------------------------------------------
+
+
+def rels(root: Path, extensions: tuple[str, ...] = ()) -> list[str]:
+    return sorted(entry.rel for entry in list_files(root, extensions).entries)
+
+
+def test_list_files_recursive_with_slash_separated_rel_paths(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    make_file(root / "top.csv")
+    make_file(root / "a" / "b" / "deep.csv")
+    make_file(root / "a" / "mid.csv")
+    (root / "empty").mkdir()
+    assert rels(root) == ["a/b/deep.csv", "a/mid.csv", "top.csv"]
+
+
+def test_list_files_reports_size_and_mtime(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    path = make_file(root / "a.csv", b"12345")
+    os.utime(path, ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    (entry,) = list_files(root).entries
+    assert (entry.rel, entry.size, entry.mtime_ns) == ("a.csv", 5, os.lstat(path).st_mtime_ns)
+
+
+def test_list_files_skips_symlink_to_file(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    make_file(root / "real.csv")
+    outside = make_file(tmp_path / "outside.csv")
+    (root / "link.csv").symlink_to(outside)
+    assert rels(root) == ["real.csv"]
+
+
+def test_list_files_does_not_follow_symlink_to_folder(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    make_file(root / "real.csv")
+    make_file(tmp_path / "outside" / "secret.csv")
+    (root / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+    assert rels(root) == ["real.csv"]
+
+
+def test_list_files_skips_dangling_symlink(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    root.mkdir()
+    (root / "dangling.csv").symlink_to(tmp_path / "nowhere")
+    scan = list_files(root)
+    assert scan.entries == []
+    assert scan.skipped == []
+
+
+def test_list_files_applies_extensions_case_insensitively(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    for name in ("a.csv", "B.CSV", "c.Tif", "d.txt", "e.tar.gz", "csv", "f.csv.bak"):
+        make_file(root / name)
+    assert rels(root, (".csv", ".tif", ".tar.gz")) == ["B.CSV", "a.csv", "c.Tif", "e.tar.gz"]
+
+
+def test_list_files_extensions_apply_in_subfolders(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    make_file(root / "x.csv" / "inner.txt")  # a folder named like a match is still walked
+    make_file(root / "x.csv" / "inner.csv")
+    assert rels(root, (".csv",)) == ["x.csv/inner.csv"]
+
+
+def test_list_files_empty_root(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    root.mkdir()
+    scan = list_files(root)
+    assert scan.entries == [] and scan.skipped == []
+
+
+def test_list_files_missing_root_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        list_files(tmp_path / "missing")
+
+
+def test_list_files_handles_undecodable_names(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    root.mkdir()
+    (Path(os.fsdecode(os.fsencode(root) + b"/x\xff.csv"))).write_bytes(b"1")
+    assert rels(root) == [os.fsdecode(b"x\xff.csv")]
+
+
+# --- write_atomically --------------------------------------------------------------------
+
+
+def test_write_atomically_creates_file(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "session.json"
+    write_atomically(path, b'{"a": 1}')
+    assert path.read_bytes() == b'{"a": 1}'
+
+
+def test_write_atomically_replaces_content_and_leaves_no_tmp(tmp_path: Path) -> None:
+    path = make_file(tmp_path / "session.json", b"old content that is longer")
+    write_atomically(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["session.json"]
+
+
+def test_write_atomically_overwrites_leftover_tmp(tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    make_file(tmp_path / "session.json.tmp", b"half-written garbage from a crash")
+    write_atomically(path, b"fresh")
+    assert path.read_bytes() == b"fresh"
+    assert not (tmp_path / "session.json.tmp").exists()

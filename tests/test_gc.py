@@ -1,0 +1,80 @@
+"""Unit tests for remove_empty_folders in uploader/gc.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from uploader.gc import remove_empty_folders
+
+
+def test_removes_nested_empty_folders(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "d").mkdir()
+    assert remove_empty_folders(tmp_path) == 4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keeps_top_by_default(tmp_path: Path) -> None:
+    top = tmp_path / "top"
+    (top / "empty").mkdir(parents=True)
+    remove_empty_folders(top)
+    assert top.is_dir()
+    assert list(top.iterdir()) == []
+
+
+def test_empty_top_alone_is_kept_and_counts_nothing(tmp_path: Path) -> None:
+    top = tmp_path / "top"
+    top.mkdir()
+    assert remove_empty_folders(top) == 0
+    assert top.is_dir()
+
+
+def test_keeps_folders_that_hold_files(tmp_path: Path) -> None:
+    (tmp_path / "full" / "deeper").mkdir(parents=True)
+    (tmp_path / "full" / "deeper" / "file.csv").write_bytes(b"x")
+    (tmp_path / "full" / "empty").mkdir()
+    assert remove_empty_folders(tmp_path) == 1
+    assert (tmp_path / "full" / "deeper" / "file.csv").read_bytes() == b"x"
+    assert not (tmp_path / "full" / "empty").exists()
+
+
+def test_keeps_folder_whose_only_entry_is_a_symlink(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    top = tmp_path / "top"
+    (top / "holder").mkdir(parents=True)
+    (top / "holder" / "link").symlink_to(outside, target_is_directory=True)
+    assert remove_empty_folders(top) == 0
+    assert (top / "holder" / "link").is_symlink()
+
+
+def test_does_not_follow_symlink_to_empty_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "empty").mkdir(parents=True)
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "link").symlink_to(outside, target_is_directory=True)
+    remove_empty_folders(top, keep_top=False)
+    assert (outside / "empty").is_dir()
+    assert (top / "link").is_symlink()
+
+
+def test_keep_top_false_removes_empty_top(tmp_path: Path) -> None:
+    top = tmp_path / "20240102"
+    (top / "session" / "sub").mkdir(parents=True)
+    assert remove_empty_folders(top, keep_top=False) == 3
+    assert not top.exists()
+
+
+def test_keep_top_false_keeps_non_empty_top(tmp_path: Path) -> None:
+    top = tmp_path / "20240102"
+    (top / "session").mkdir(parents=True)
+    (top / "session" / "file.csv").write_bytes(b"x")
+    (top / "other").mkdir()
+    assert remove_empty_folders(top, keep_top=False) == 1
+    assert (top / "session" / "file.csv").exists()
+
+
+def test_missing_top_removes_nothing(tmp_path: Path) -> None:
+    assert remove_empty_folders(tmp_path / "missing") == 0
+    assert remove_empty_folders(tmp_path / "missing", keep_top=False) == 0

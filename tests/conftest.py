@@ -8,11 +8,14 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
-from tests.faults.fixtures import faultfs  # noqa: F401 - the FUSE fixture, for every module
+from tests.faults.faultfs import FaultFS
+from tests.faults.proxy import FaultProxy
 from tests.support.azurite import Azurite, run_azurite
 from tests.support.service import Folders, ServiceProcess, running_service
 
 ServiceFactory = Callable[..., ServiceProcess]
+# The FUSE fixture (`faultfs`), for every module.
+pytest_plugins = ["tests.faults.fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +40,20 @@ def container(azurite: Azurite, container_name: str) -> Iterator[ContainerClient
 @pytest.fixture
 def folders(tmp_path: Any) -> Folders:
     return Folders(tmp_path / "svc")
+
+
+@pytest.fixture
+def fuse_folders(faultfs: FaultFS, tmp_path: Any) -> Folders:
+    """Folders whose NFS share is a faultfs mount (the service sees the mount)."""
+    return Folders(tmp_path / "svc", mounted_nfs=faultfs.mountpoint, backing_nfs=faultfs.source)
+
+
+@pytest.fixture
+def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
+    """A fault proxy in front of Azurite; ``azurite.connection_string(port=proxy.port)`` uses it."""
+    with FaultProxy.start(azurite.host, azurite.port) as fault_proxy:
+        yield fault_proxy
+        assert fault_proxy.stats().internal_errors == 0
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 import trio
 
 from tests.faults.faultfs import FaultFS, FaultFSError, fuse_available, is_mounted
-from tests.faults.fixtures import faultfs  # noqa: F401
 
 pytestmark = pytest.mark.fuse
 

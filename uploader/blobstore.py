@@ -29,11 +29,12 @@ from azure.storage.blob import BlobBlock, BlobClient, ContainerClient, ContentSe
 
 from uploader.auth import Connection, connections_to_try
 from uploader.config import Settings
-from uploader.errors import IntegrityError, StartupError, describe
+from uploader.errors import IntegrityError, StartupError, describe, first_leaf
 from uploader.fileops import StagedFile, read_block
 from uploader.lanes import Lanes
 
 log = logging.getLogger(__name__)
+PROBE_BLOB = ".uploader-probe"
 
 
 def block_id(index: int, md5: bytes) -> str:
@@ -141,9 +142,13 @@ class BlobStore:
         for index in missing:
             todo_send.send_nowait(index)
         todo_send.close()
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(self.settings.azure_max_concurrency, len(missing))):
-                nursery.start_soon(send_blocks, todo_receive.clone())
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(self.settings.azure_max_concurrency, len(missing))):
+                    nursery.start_soon(send_blocks, todo_receive.clone())
+        except ExceptionGroup as group:
+            # The first block to fail cancelled the others: that failure is the file's.
+            raise first_leaf(group) from None
         todo_receive.close()
 
         await azure.run(
@@ -159,6 +164,19 @@ class BlobStore:
                 f"{bytes(stored_md5 or b'').hex()}, expected {staged.size} and {staged.md5.hex()}"
             )
         return UploadReport(sent, resumed, len(ids))
+
+    async def probe(self) -> bool:
+        """Whether storage takes a write now: stages one block of a probe blob.
+
+        An uncommitted block is invisible in listings and expires on its own after 7 days.
+        """
+        blob = self.container.get_blob_client(PROBE_BLOB)
+        try:
+            await self.lanes.azure.run(blob.stage_block, "probe", b"probe", validate_content=True)
+        except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
+            log.info("storage probe failed: %s", describe(exc))
+            return False
+        return True
 
     def close(self) -> None:
         self.connection.close()

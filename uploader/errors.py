@@ -109,6 +109,12 @@ def classify(exc: BaseException) -> Disposition:
     return Disposition.RETRYABLE
 
 
+def first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:
+    """The first exception inside a (possibly nested) exception group."""
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 def is_benign_race(exc: OSError) -> bool:
     """ENOENT or ESTALE while listing or claiming: the entry went away under us."""
     return exc.errno in (errno.ENOENT, errno.ESTALE)
@@ -118,6 +124,7 @@ def describe(exc: BaseException) -> str:
     """One line for status and logs."""
     if isinstance(exc, HttpResponseError):
         code = getattr(exc, "error_code", None)
+        code = getattr(code, "value", code)  # the SDK hands over an enum member at times
         status = exc.status_code
         first_line = str(exc.message or exc).splitlines()[0] if (exc.message or str(exc)) else ""
         return f"Azure answered {status} {code or ''}: {first_line}".replace("  ", " ")

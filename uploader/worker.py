@@ -2,14 +2,16 @@
 
 A file that fails stays claimed, on NFS, and is tried again later in this process with
 capped exponential backoff. It is quarantined when its failure is permanent, or after
-``max_attempts`` failures while other files were completing in between (so an outage of
-NFS or storage, which fails every file, never quarantines anything).
+``max_attempts`` failures when the side that fails it works for others: other files have
+completed since its first failure, or a probe of that side (a write to storage, a listing
+on NFS) succeeds. An outage of NFS or storage, which fails everyone, quarantines nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from opentelemetry import trace
 from uploader import fileops
 from uploader.blobstore import BlobStore
 from uploader.config import Settings
-from uploader.errors import Disposition, backoff_delay, classify, describe
+from uploader.errors import Disposition, SourceChanged, backoff_delay, classify, describe
 from uploader.fileops import Claim, StagedFile
 from uploader.lanes import Lanes
 from uploader.layout import FileKey, Layout, blob_name, printable
@@ -41,7 +43,7 @@ class WorkItem:
     # Tells the watcher this file is no longer waiting for a claim.
     on_claim_settled: Callable[[], None] | None = None
     attempts: int = 0
-    successes_at_last_failure: int = -1
+    successes_at_first_failure: int | None = None
     staged: StagedFile | None = None
 
 
@@ -191,13 +193,15 @@ class Pipeline:
             await self._drop_staging(key)
             return
         item.attempts += 1
-        others_completed = progress.successes > item.successes_at_last_failure >= 0
-        item.successes_at_last_failure = progress.successes
+        if item.successes_at_first_failure is None:
+            item.successes_at_first_failure = progress.successes
+        others_completed = progress.successes > item.successes_at_first_failure
         progress.files_failed += 1
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")
         give_up = disposition is Disposition.PERMANENT or (
-            item.attempts >= self.settings.max_attempts and others_completed
+            item.attempts >= self.settings.max_attempts
+            and (others_completed or await self._works_for_others(exc))
         )
         if give_up:
             log.error("quarantining %s after %d attempts: %s", key, item.attempts, reason)
@@ -211,6 +215,18 @@ class Pipeline:
         progress.retry_waiting += 1
         assert self._nursery is not None
         self._nursery.start_soon(self._retry_later, item, delay)
+
+    async def _works_for_others(self, exc: Exception) -> bool:
+        """Probe the side that failed this file: is it the file, or is everything failing?"""
+        with trio.move_on_after(self.settings.nfs_op_timeout_s):
+            if isinstance(exc, OSError | SourceChanged):
+                try:
+                    await self.lanes.nfs.run(os.listdir, self.layout.processing_root)
+                except OSError:
+                    return False
+                return True
+            return await self.store.probe()
+        return False
 
     async def _retry_later(self, item: WorkItem, delay: float) -> None:
         try:

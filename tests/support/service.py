@@ -44,11 +44,21 @@ def clean_environment() -> dict[str, str]:
 
 @dataclass
 class Folders:
+    """The service's folders. Tests read and write NFS through ``nfs``; the service is given
+    ``service_nfs``, which differs when the share is a fault-injecting FUSE mount whose
+    backing folder (``nfs``) plays the NFS server's own disk."""
+
     root: Path
+    mounted_nfs: Path | None = None
+    backing_nfs: Path | None = None
 
     @property
     def nfs(self) -> Path:
-        return self.root / "nfs"
+        return self.backing_nfs or self.root / "nfs"
+
+    @property
+    def service_nfs(self) -> Path:
+        return self.mounted_nfs or self.nfs
 
     @property
     def incoming(self) -> Path:
@@ -181,8 +191,8 @@ def service_environment(
             "APP_AZURE_AUTH": "key",
             "APP_AZURE_CONNECTION_STRING": connection_string,
             "APP_AZURE_CONTAINER": container,
-            "APP_NFS_INCOMING_DIR": str(folders.incoming),
-            "APP_NFS_PROCESSING_ROOT": str(folders.processing),
+            "APP_NFS_INCOMING_DIR": str(folders.service_nfs / "incoming"),
+            "APP_NFS_PROCESSING_ROOT": str(folders.service_nfs / ".processing"),
             "APP_LOCAL_STAGING_ROOT": str(folders.staging),
             "APP_HOST": "127.0.0.1",
             "APP_PORT": str(port),

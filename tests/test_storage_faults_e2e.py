@@ -1,0 +1,191 @@
+"""Storage faults, injected by a real proxy in front of Azurite, against the real process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from azure.storage.blob import ContainerClient
+
+from tests.conftest import ServiceFactory
+from tests.faults.proxy import PUT_BLOCK, PUT_BLOCK_LIST, FaultProxy
+from tests.support.azurite import Azurite, blob_contents
+from tests.support.service import Folders, ServiceProcess, wait_for, write_file
+from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
+
+MiB = 1024 * 1024
+
+
+def through_proxy(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy, **overrides: object
+) -> ServiceProcess:
+    return service_factory(connection_string=azurite.connection_string(port=proxy.port), **overrides)
+
+
+def drop(folders: Folders, session: str, sizes: dict[str, int]) -> dict[str, bytes]:
+    return {
+        f"{today()}/{session}/{name}": write_file(folders.session(session) / name, size, seed=i)
+        for i, (name, size) in enumerate(sizes.items())
+    }
+
+
+def test_files_stay_on_nfs_until_storage_takes_them(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    service = through_proxy(service_factory, azurite, proxy)
+    service.start_session("hold")
+    outage = proxy.error(503, method="PUT", times=None)
+    expected = drop(folders, "hold", {"a.bin": 1000, "b.bin": 3 * MiB, "c.bin": 20 * MiB})
+    wait_for(lambda: service.status()["files_failed"] >= 6, timeout=60, what="failed attempts")
+    # Nothing was deleted: every file is still on NFS, claimed, byte for byte.
+    claimed = folders.processing / today() / "hold"
+    for blob, data in expected.items():
+        assert (claimed / blob.rsplit("/", 1)[1]).read_bytes() == data
+    status = service.status()
+    assert status["files_processed"] == 0
+    assert status["files_quarantined"] == 0  # an outage fails everything: nobody is to blame
+    assert status["retry_waiting"] + status["in_flight"] + status["queue_depth"] == 3
+    assert "503" in status["last_error"] and "ServerBusy" in status["last_error"]
+    proxy.remove(outage)
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    # GC took the empty folders too.
+    wait_for(lambda: not claimed.exists() and not (folders.staging / today()).exists(),
+             timeout=10, what="empty folders to go")
+    status = service.status()
+    assert status["files_processed"] == 3 and status["files_retried"] >= 6
+
+
+def test_connection_resets_in_the_middle_of_blocks(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    service = through_proxy(service_factory, azurite, proxy, APP_AZURE_MAX_BLOCK_SIZE=str(MiB),
+                            APP_AZURE_RETRY_TOTAL="0")
+    service.start_session("reset")
+    proxy.reset_mid_body(300_000, method="PUT", target=PUT_BLOCK, times=5)
+    expected = drop(folders, "reset", {"big.bin": 12 * MiB + 7})
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    assert proxy.stats().faults["reset_mid_body"] == 5
+    status = service.status()
+    assert status["files_processed"] == 1
+    assert status["files_failed"] >= 1 and status["files_quarantined"] == 0
+    # Blocks that had made it before a reset were not sent again.
+    assert status["bytes_resumed"] > 0
+
+
+def test_a_failed_commit_is_retried(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    service = through_proxy(service_factory, azurite, proxy, APP_AZURE_MAX_BLOCK_SIZE=str(MiB),
+                            APP_AZURE_MAX_SINGLE_PUT_SIZE=str(MiB), APP_AZURE_RETRY_TOTAL="0")
+    service.start_session("commit")
+    proxy.error(500, method="PUT", target=PUT_BLOCK_LIST, times=2)
+    expected = drop(folders, "commit", {"blocks.bin": 5 * MiB})
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    status = service.status()
+    assert status["files_failed"] == 2 and status["files_processed"] == 1
+    # The retries found every block already staged and sent none again.
+    assert status["bytes_resumed"] == 5 * MiB
+    assert status["bytes_sent"] == 5 * MiB
+
+
+def test_a_lost_response_is_retried_and_the_blob_overwritten(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    service = through_proxy(service_factory, azurite, proxy, APP_AZURE_RETRY_TOTAL="0")
+    service.start_session("lost")
+    # The Put Blob reaches storage, but the answer never comes back.
+    proxy.reset_mid_body(10 * MiB, method="PUT", target="lost/small.bin", times=1)
+    expected = drop(folders, "lost", {"small.bin": 200_000})
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    assert service.status()["files_failed"] == 1
+    assert service.status()["files_processed"] == 1
+
+
+def test_a_stalled_storage_request_times_out_and_is_retried(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    service = through_proxy(
+        service_factory, azurite, proxy,
+        APP_AZURE_READ_TIMEOUT_S="1", APP_AZURE_CONNECT_TIMEOUT_S="1", APP_AZURE_RETRY_TOTAL="0",
+    )
+    service.start_session("stall")
+    stall = proxy.stall(method="PUT", target="stall/", times=2)
+    expected = drop(folders, "stall", {"s1.bin": 1000, "s2.bin": 2000})
+    proxy.wait_stalled(stall, count=2, timeout=30)
+    started = time.perf_counter()
+    assert service.http.get("/healthz").status_code == 200
+    assert time.perf_counter() - started < 1
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    proxy.release_all()
+    assert service.status()["files_failed"] >= 2
+
+
+def test_added_latency_only_slows_things_down(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    service = through_proxy(service_factory, azurite, proxy, APP_AZURE_MAX_BLOCK_SIZE=str(MiB))
+    proxy.latency(0.1)
+    service.start_session("slow")
+    expected = drop(folders, "slow", {f"f{i}.bin": 300_000 * i for i in range(6)})
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    assert service.status()["files_failed"] == 0
+
+
+def test_a_file_that_always_fails_is_quarantined_and_the_others_go_on(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    service = through_proxy(service_factory, azurite, proxy, APP_MAX_ATTEMPTS="3",
+                            APP_AZURE_RETRY_TOTAL="0")
+    service.start_session("q")
+    proxy.error(500, method="PUT", target="q/doomed.bin", times=None, code="InternalError")
+    bad = write_file(folders.session("q") / "doomed.bin", 5000, seed=1)
+    good = drop(folders, "q", {f"ok-{i}.bin": 10_000 + i for i in range(5)})
+    wait_for(lambda: service.status()["files_quarantined"] == 1, timeout=60, what="the quarantine")
+    assert wait_for_blobs(container, set(good)) == good
+    assert f"{today()}/q/doomed.bin" not in blob_contents(container)
+    failed = folders.processing / ".failed" / "files" / today() / "q" / "doomed.bin"
+    reason_file = folders.processing / ".failed" / "reasons" / today() / "q" / "doomed.bin.json"
+    assert failed.read_bytes() == bad
+    reason = json.loads(reason_file.read_text())
+    assert reason["attempts"] == 3
+    assert "500" in reason["reason"] and "InternalError" in reason["reason"]
+    assert reason["blob_name"] == f"{today()}/q/doomed.bin"
+    status = service.status()
+    assert status["quarantined"][0]["file"] == "doomed.bin"
+    assert status["quarantined"][0]["path"] == str(
+        folders.service_nfs / ".processing" / ".failed" / "files" / today() / "q" / "doomed.bin"
+    )
+    assert status["files_processed"] == 5
+    # Nothing else is left behind, and the service still takes new files.
+    wait_for(lambda: folders.files_on_nfs() == sorted([failed, reason_file]),
+             what="only the quarantined file and its reason on NFS")
+    later = drop(folders, "q", {"later.bin": 100})
+    assert wait_for_blobs(container, set(later))[f"{today()}/q/later.bin"] == later[f"{today()}/q/later.bin"]
+
+
+def test_a_deleted_container_is_created_again(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory()
+    service.start_session("gone")
+    first = drop(folders, "gone", {"first.bin": 100})
+    wait_for_blobs(container, set(first))
+    container.delete_container()
+    wait_for(lambda: not container.exists(), what="the container to go")
+    second = write_file(folders.session("gone") / "second.bin", 100, seed=9)
+    blobs = wait_for_blobs(container, {f"{today()}/gone/second.bin"})
+    assert blobs[f"{today()}/gone/second.bin"] == second
+    assert service.status()["files_quarantined"] == 0

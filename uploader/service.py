@@ -23,7 +23,7 @@ from uploader.errors import StartupError, describe
 from uploader.lanes import Lanes, ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
-from uploader.recovery import recover
+from uploader.recovery import Recovered, recover
 from uploader.session import SessionControl
 from uploader.telemetry import Metrics
 from uploader.worker import Pipeline, WorkItem
@@ -101,12 +101,7 @@ class Service:
     async def _start_pipeline(self, root: trio.Nursery) -> None:
         settings, layout, lanes = self.settings, self.layout, self.lanes
         assert self.store is not None
-        try:
-            recovered = await recover(layout, lanes.nfs)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot read {layout.processing_root} (APP_NFS_PROCESSING_ROOT): {describe(exc)}"
-            ) from None
+        recovered = await self._recover()
         send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)
         completed_send, completed_receive = trio.open_memory_channel[Path](COMPLETED_BACKLOG)
         self._send, self._queue = send, receive
@@ -139,6 +134,19 @@ class Service:
             await control.resume(recovered.state)
         else:
             control.state = recovered.state
+
+    async def _recover(self) -> Recovered:
+        """Recovery must finish before the service is ready; a failing share delays it."""
+        delay = 1.0
+        while True:
+            try:
+                return await recover(self.layout, self.lanes.nfs)
+            except OSError as exc:
+                message = f"cannot read {self.layout.processing_root} for recovery: {describe(exc)}"
+                log.error("%s; retrying in %.0f s", message, delay)
+                self.progress.note_error(message)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
     async def _feed_recovered(
         self, send: trio.MemorySendChannel[WorkItem], unfinished: list[FileKey]

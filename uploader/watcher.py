@@ -91,7 +91,7 @@ class StabilityTracker:
 
 
 class Backoff:
-    """Exponential backoff for a failing scan: 1 s, 2 s, 4 s ... capped at ``cap_s``."""
+    """Exponential backoff for a failing scan: base, 2x base, 4x base ... capped at ``cap_s``."""
 
     def __init__(self, base_s: float = 1.0, cap_s: float = MAX_BACKOFF_S) -> None:
         self.base_s = base_s
@@ -123,7 +123,7 @@ async def run(
     """Poll ``incoming/<session>/`` until cancelled; the channel end is closed on exit."""
     folder = layout.incoming_dir(session)
     tracker = StabilityTracker(min_file_age_s)
-    backoff = Backoff()
+    backoff = Backoff(base_s=poll_interval_s)
     reported: set[str] = set()
     task_status.started()
     async with send:

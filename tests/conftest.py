@@ -64,7 +64,11 @@ def service_factory(
     with ExitStack() as stack:
 
         def start(
-            *, start: bool = True, connection_string: str | None = None, **overrides: Any
+            *,
+            start: bool = True,
+            connection_string: str | None = None,
+            folders: Folders = folders,
+            **overrides: Any,
         ) -> ServiceProcess:
             return stack.enter_context(
                 running_service(

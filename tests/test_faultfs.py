@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +71,37 @@ def errno_of(fn: Callable[[], object]) -> int | None:
     return None
 
 
+@contextmanager
+def child(fs: FaultFS, code: str) -> Iterator[subprocess.Popen[str]]:
+    """A Python child running code; released and reaped at the end whatever happens.
+
+    A child stuck in a hung request can only be reaped once the hang ends, so
+    release everything before killing it.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with suppress(FaultFSError):
+                fs.release_all()
+            proc.kill()
+        proc.communicate(timeout=TIMEOUT_S)
+
+
+def hang_rule(fs: FaultFS, rule_id: int) -> dict[str, Any]:
+    """The hang rule as stats() describes it (it must still be there)."""
+    [rule] = [r for r in fs.stats()["rules"] if r["id"] == rule_id]
+    return rule
+
+
 @pytest.fixture
-def fs(faultfs: FaultFS) -> FaultFS:  # noqa: F811 - the imported fixture
+def fs(faultfs: FaultFS) -> FaultFS:
     return faultfs
 
 
@@ -333,6 +365,97 @@ async def test_hung_lookup_from_trio_with_a_deadline(fs: FaultFS) -> None:
         assert result == []
         fs.release_all()
     assert result == [True]
+
+
+# -- hang: callers that die (hard NFS mounts wait killably) --------------------
+
+
+@pytest.mark.parametrize(
+    ("op", "glob", "code"),
+    [
+        ("read", "f", "open({path!r}, 'rb').read()"),
+        ("open", "f", "open({path!r}, 'rb')"),
+        ("readdir", "d", "import os; os.listdir({dir!r})"),
+    ],
+    ids=["read", "open", "readdir"],
+)
+def test_sigkill_ends_a_process_in_a_hung_request(
+    fs: FaultFS, op: str, glob: str, code: str
+) -> None:
+    (fs.source / "d").mkdir()
+    (fs.source / "d" / "x").touch()
+    (fs.source / "f").write_bytes(b"payload")
+    rule = fs.hang(op, glob)
+    path, folder = str(fs.mountpoint / "f"), str(fs.mountpoint / "d")
+
+    with child(fs, code.format(path=path, dir=folder)) as proc:
+        fs.wait_hung(1)
+        proc.send_signal(signal.SIGKILL)
+        # Without the caller check the kernel would keep the child, a zombie
+        # with a thread in D state, until the hang is released.
+        assert proc.wait(timeout=TIMEOUT_S) == -signal.SIGKILL
+
+    stats = fs.stats()
+    assert (stats["hung"], stats["abandoned"]) == (0, 1)
+    assert hang_rule(fs, rule)["hung"] == 0
+    # The rule still holds for everyone else.
+    blocked = Background(
+        lambda: (
+            (fs.mountpoint / "f").read_bytes()
+            + b"".join(n.encode() for n in os.listdir(fs.mountpoint / "d"))
+        )
+    )
+    fs.wait_hung(1)
+    assert blocked.still_blocked()
+    fs.release(rule)
+    assert blocked.result() == b"payloadx"
+
+
+def test_exit_from_the_main_thread_ends_a_process_with_a_thread_in_a_hung_read(
+    fs: FaultFS,
+) -> None:
+    (fs.source / "f").write_bytes(b"payload")
+    rule = fs.hang("read", "f")
+    code = (
+        "import os, sys, threading\n"
+        f"threading.Thread(target=lambda: open({str(fs.mountpoint / 'f')!r}, 'rb').read()).start()\n"
+        "sys.stdin.readline()\n"
+        "os._exit(3)\n"
+    )
+    with child(fs, code) as proc:
+        fs.wait_hung(1)
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=TIMEOUT_S) == 3
+
+    assert fs.stats()["abandoned"] == 1
+    assert hang_rule(fs, rule)["hung"] == 0
+
+
+def test_a_hung_request_of_a_live_process_stays_hung(fs: FaultFS) -> None:
+    (fs.source / "f").write_bytes(b"payload")
+    rule = fs.hang("read", "f")
+    # The file is opened by the main thread and read by another one, which
+    # then ends: the hang must follow the process, not the thread.
+    code = (
+        "import sys, threading\n"
+        f"f = open({str(fs.mountpoint / 'f')!r}, 'rb')\n"
+        "t = threading.Thread(target=lambda: sys.stdout.write(f.read().decode()))\n"
+        "t.start()\n"
+        "t.join()\n"
+    )
+    with child(fs, code) as proc:
+        fs.wait_hung(1)
+        time.sleep(1.0)
+        assert proc.poll() is None
+        stats = fs.stats()
+        assert (stats["hung"], stats["abandoned"]) == (1, 0)
+
+        assert fs.release(rule) == 1
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+        assert (proc.returncode, out) == (0, "payload")
+    assert fs.stats()["abandoned"] == 0
 
 
 # -- slow reads -----------------------------------------------------------------

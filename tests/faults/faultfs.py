@@ -35,6 +35,16 @@ Kernel behaviour worth knowing when writing tests against this:
   kernel too, as on a hard-mounted NFS share; other directories are unaffected.
 - After the server dies the mount stays, and every access fails with ENOTCONN
   (os.path.ismount() then says False); FaultFS.unmount() clears it.
+- The kernel waits for a FUSE request the server has read *uninterruptibly*, so
+  a process with a thread in a hung request could not even die of SIGKILL. A
+  hard NFS mount waits killably, so hung requests mimic that: every
+  _HANG_POLL_S the server checks whether the calling process is dying (its
+  thread-group leader is a zombie or gone, or a thread of it has SIGKILL
+  pending, as after kill -9 or exit_group/os._exit) and if so answers the
+  request with EINTR at once, counted as "abandoned" in stats(). A live
+  caller's request stays hung until released. read/write/readdir/flush/fsync
+  carry no caller, so for those the process that opened the handle counts (a
+  process that inherited the handle from a dead opener gets EINTR too).
 """
 
 from __future__ import annotations
@@ -88,6 +98,9 @@ FAULTABLE_OPS: frozenset[str] = frozenset(OPS) - {"release", "releasedir", "forg
 
 _AT_FDCWD = -100
 _DEFAULT_MAX_TASKS = 512
+# How often a hung request checks whether its caller is dying.
+_HANG_POLL_S = 0.05
+_SIGKILL_MASK = 1 << (signal.SIGKILL - 1)  # in the SigPnd/ShdPnd bitmaps of /proc/*/status
 
 
 def parse_errno(value: str | int) -> int:
@@ -98,6 +111,100 @@ def parse_errno(value: str | int) -> int:
     if not isinstance(code, int) or not value.upper().startswith("E"):
         raise ValueError(f"unknown errno name {value!r}")
     return code
+
+
+# ---------------------------------------------------------------------------
+# Callers of FUSE requests (server side)
+# ---------------------------------------------------------------------------
+
+
+def _proc_status(path: str) -> dict[str, str] | None:
+    """The fields of a /proc/.../status file; None when the process or thread is gone."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def _start_time(pid: int) -> int | None:
+    """When pid started (clock ticks after boot), to tell a reused pid apart; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (in parentheses) may hold spaces; starttime is field 22, state field 3.
+    try:
+        return int(text[text.rindex(")") + 2 :].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def _sigkill_pending(status: dict[str, str]) -> bool:
+    for key in ("SigPnd", "ShdPnd"):
+        with suppress(ValueError):
+            if int(status.get(key, "0"), 16) & _SIGKILL_MASK:
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The process (thread group) a FUSE request came from."""
+
+    tgid: int
+    tid: int
+    start: int | None  # the tgid's start time, to notice pid reuse
+
+    @classmethod
+    def of_thread(cls, tid: int) -> Caller | None:
+        """The process of thread tid (a FUSE ctx.pid is a thread id); None if unknown."""
+        if tid <= 0:
+            return None  # a request the kernel made on its own behalf
+        status = _proc_status(f"/proc/{tid}/status")
+        if status is None:
+            return None
+        try:
+            tgid = int(status["Tgid"])
+        except (KeyError, ValueError):
+            return None
+        return cls(tgid, tid, _start_time(tgid))
+
+    def dying(self) -> bool:
+        """Whether the process has begun exiting (or is gone), as exit_group/SIGKILL do.
+
+        exit_group (and a fatal SIGKILL) queues SIGKILL for every thread, and a
+        thread stuck in a FUSE request cannot dequeue it; the leader, once out,
+        stays a zombie while other threads live.
+        """
+        if self.start is not None and _start_time(self.tgid) != self.start:
+            return True  # gone, or the pid now belongs to another process
+        leader = _proc_status(f"/proc/{self.tgid}/status")
+        if leader is None:
+            return True
+        if leader.get("State", "").startswith(("Z", "X")) or _sigkill_pending(leader):
+            return True
+        try:
+            tids = os.listdir(f"/proc/{self.tgid}/task")
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        for tid in tids:
+            if tid == str(self.tgid):
+                continue
+            status = _proc_status(f"/proc/{self.tgid}/task/{tid}/status")
+            if status is not None and _sigkill_pending(status):
+                return True
+        return False
+
+
+def _no_caller() -> Caller | None:
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -143,6 +250,7 @@ class FaultInjector:
         self.calls: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.hung = 0
+        self.abandoned = 0  # hung requests answered with EINTR because the caller died
         self.closing = False
         self._next_id = 1
 
@@ -211,13 +319,21 @@ class FaultInjector:
             "calls": dict(self.calls),
             "faults": dict(self.faults),
             "hung": self.hung,
+            "abandoned": self.abandoned,
             "rules": [r.describe() for r in (*self.rules, *self.slow)],
         }
 
-    async def gate(self, op: str, rel_paths: Callable[[], list[str]]) -> None:
+    async def gate(
+        self,
+        op: str,
+        rel_paths: Callable[[], list[str]],
+        caller: Callable[[], Caller | None] = _no_caller,
+    ) -> None:
         """Count a request and apply the first matching fail/hang rule to it.
 
-        rel_paths is a thunk so a rule-free mount never pays for building paths.
+        rel_paths is a thunk so a rule-free mount never pays for building paths;
+        caller likewise, and is only asked when the request hangs. A hung request
+        whose caller is dying is answered with EINTR, like a killable NFS wait.
         """
         self.calls[op] += 1
         if not self.rules:
@@ -238,11 +354,24 @@ class FaultInjector:
             rule.hung += 1
             self.hung += 1
             try:
-                await rule.event.wait()
+                await self._hang(rule, caller())
             finally:
                 rule.hung -= 1
                 self.hung -= 1
             return
+
+    async def _hang(self, rule: Rule, caller: Caller | None) -> None:
+        """Wait for the rule's release, or raise EINTR once the caller is dying."""
+        if caller is None:  # nobody to watch (a kernel-internal request)
+            await rule.event.wait()
+            return
+        while not rule.event.is_set():
+            with trio.move_on_after(_HANG_POLL_S):
+                await rule.event.wait()
+            if not rule.event.is_set() and caller.dying():
+                self.abandoned += 1
+                log.info("caller %s of a hung request is dying: EINTR", caller)
+                raise pyfuse3.FUSEError(errno_mod.EINTR)
 
     def read_delay(self, rel_paths: Callable[[], list[str]]) -> float:
         if not self.slow:
@@ -292,6 +421,7 @@ def _under(path: str, prefix: str) -> bool:
 class _DirHandle:
     inode: int
     path: str
+    caller: Caller | None = None  # who opened it (readdir has no caller of its own)
     names: list[str] | None = None
 
 
@@ -327,6 +457,8 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
         self._lookups: Counter[int] = Counter()
         self._fd_inode: dict[int, int] = {}
         self._inode_fds: dict[int, set[int]] = {}
+        # Who opened each file handle: read/write/flush/fsync have no ctx.
+        self._fd_caller: dict[int, Caller | None] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
 
@@ -439,9 +571,27 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
             return os.fstat(next(iter(fds)))
         return os.lstat(self._path(inode))
 
-    def _track_fd(self, fd: int, inode: int) -> None:
+    def _track_fd(self, fd: int, inode: int, ctx: Any) -> None:
         self._fd_inode[fd] = inode
         self._inode_fds.setdefault(inode, set()).add(fd)
+        # Resolved now: the opening thread may be gone by the time a read hangs.
+        self._fd_caller[fd] = self._opener(ctx)
+
+    @staticmethod
+    def _opener(ctx: Any) -> Caller | None:
+        return Caller.of_thread(int(getattr(ctx, "pid", 0) or 0))
+
+    @staticmethod
+    def _caller(ctx: Any) -> Callable[[], Caller | None]:
+        """The caller of a request with a ctx, resolved only if the request hangs."""
+        pid = int(getattr(ctx, "pid", 0) or 0)
+        return functools.partial(Caller.of_thread, pid) if pid > 0 else _no_caller
+
+    def _fh_caller(self, fh: int) -> Callable[[], Caller | None]:
+        return lambda: self._fd_caller.get(fh)
+
+    def _dir_caller(self, handle: _DirHandle) -> Callable[[], Caller | None]:
+        return lambda: handle.caller
 
     def _file_info(self, fd: int) -> pyfuse3.FileInfo:
         # direct_io: every read(2)/write(2) reaches us, so a fault injected "once"
@@ -463,7 +613,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
             path = parent if parent == self.source else os.path.dirname(parent)
         else:
             path = os.path.join(parent, text)
-        await self.faults.gate("lookup", self._rels([path]))
+        await self.faults.gate("lookup", self._rels([path]), self._caller(ctx))
         st = os.lstat(path)
         self._remember(st.st_ino, path)
         return self._attrs(st)
@@ -480,14 +630,14 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
 
     @_handler
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        await self.faults.gate("getattr", self._inode_rels(inode))
+        await self.faults.gate("getattr", self._inode_rels(inode), self._caller(ctx))
         return self._attrs(self._stat_inode(inode))
 
     @_handler
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        await self.faults.gate("setattr", self._inode_rels(inode))
+        await self.faults.gate("setattr", self._inode_rels(inode), self._caller(ctx))
         target: int | str = fh if fh is not None else self._path(inode)
         if fields.update_size:
             os.truncate(target, attr.st_size)
@@ -512,7 +662,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
 
     @_handler
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        await self.faults.gate("readlink", self._inode_rels(inode))
+        await self.faults.gate("readlink", self._inode_rels(inode), self._caller(ctx))
         return os.fsencode(os.readlink(self._path(inode)))
 
     @_handler
@@ -520,7 +670,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        await self.faults.gate("mknod", self._rels([path]))
+        await self.faults.gate("mknod", self._rels([path]), self._caller(ctx))
         os.mknod(path, mode & ~ctx.umask, rdev)
         st = os.lstat(path)
         self._remember(st.st_ino, path)
@@ -531,7 +681,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        await self.faults.gate("mkdir", self._rels([path]))
+        await self.faults.gate("mkdir", self._rels([path]), self._caller(ctx))
         os.mkdir(path, mode & ~ctx.umask)
         st = os.lstat(path)
         self._remember(st.st_ino, path)
@@ -540,7 +690,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         path = self._child(parent_inode, name)
-        await self.faults.gate("unlink", self._rels([path]))
+        await self.faults.gate("unlink", self._rels([path]), self._caller(ctx))
         inode = os.lstat(path).st_ino
         os.unlink(path)
         self._drop_path(path, inode)
@@ -548,7 +698,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         path = self._child(parent_inode, name)
-        await self.faults.gate("rmdir", self._rels([path]))
+        await self.faults.gate("rmdir", self._rels([path]), self._caller(ctx))
         inode = os.lstat(path).st_ino
         os.rmdir(path)
         self._drop_path(path, inode)
@@ -558,7 +708,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
         self, parent_inode: int, name: bytes, target: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        await self.faults.gate("symlink", self._rels([path]))
+        await self.faults.gate("symlink", self._rels([path]), self._caller(ctx))
         os.symlink(os.fsdecode(target), path)
         st = os.lstat(path)
         self._remember(st.st_ino, path)
@@ -576,7 +726,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
     ) -> None:
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
-        await self.faults.gate("rename", self._rels([old, new]))
+        await self.faults.gate("rename", self._rels([old, new]), self._caller(ctx))
         moved = os.lstat(old)
         try:
             replaced: os.stat_result | None = os.lstat(new)
@@ -593,7 +743,9 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
         new = self._child(new_parent_inode, new_name)
-        await self.faults.gate("link", lambda: [*self._inode_rels(inode)(), self._rel(new)])
+        await self.faults.gate(
+            "link", lambda: [*self._inode_rels(inode)(), self._rel(new)], self._caller(ctx)
+        )
         # os.link refuses to replace an existing name (EEXIST), which is the
         # no-clobber guarantee the service builds on.
         os.link(self._path(inode), new, follow_symlinks=False)
@@ -603,9 +755,9 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        await self.faults.gate("open", self._inode_rels(inode))
+        await self.faults.gate("open", self._inode_rels(inode), self._caller(ctx))
         fd = os.open(self._path(inode), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
-        self._track_fd(fd, inode)
+        self._track_fd(fd, inode, ctx)
         return self._file_info(fd)
 
     @_handler
@@ -613,7 +765,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name)
-        await self.faults.gate("create", self._rels([path]))
+        await self.faults.gate("create", self._rels([path]), self._caller(ctx))
         fd = os.open(path, (flags | os.O_CREAT) & ~os.O_NOCTTY, mode & ~ctx.umask)
         try:
             st = os.fstat(fd)
@@ -621,7 +773,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
             os.close(fd)
             raise
         self._remember(st.st_ino, path)
-        self._track_fd(fd, st.st_ino)
+        self._track_fd(fd, st.st_ino, ctx)
         return self._file_info(fd), self._attrs(st)
 
     def _fh_rels(self, fh: int) -> Callable[[], list[str]]:
@@ -630,7 +782,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         rels = self._fh_rels(fh)
-        await self.faults.gate("read", rels)
+        await self.faults.gate("read", rels, self._fh_caller(fh))
         delay = self.faults.read_delay(rels)
         if delay:
             await trio.sleep(delay)
@@ -638,7 +790,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        await self.faults.gate("write", self._fh_rels(fh))
+        await self.faults.gate("write", self._fh_rels(fh), self._fh_caller(fh))
         if self.direct_io:
             return os.pwrite(fh, buf, off)
         # Through the page cache the kernel requires all of buf to be written.
@@ -650,14 +802,14 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
 
     @_handler
     async def flush(self, fh: int) -> None:
-        await self.faults.gate("flush", self._fh_rels(fh))
+        await self.faults.gate("flush", self._fh_rels(fh), self._fh_caller(fh))
         # Closing a duplicate reports deferred write errors (as NFS does on
         # close) without closing the handle itself.
         os.close(os.dup(fh))
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.faults.gate("fsync", self._fh_rels(fh))
+        await self.faults.gate("fsync", self._fh_rels(fh), self._fh_caller(fh))
         if datasync:
             os.fdatasync(fh)
         else:
@@ -666,6 +818,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
     @_handler
     async def release(self, fh: int) -> None:
         self.faults.calls["release"] += 1
+        self._fd_caller.pop(fh, None)
         inode = self._fd_inode.pop(fh, None)
         if inode is not None:
             fds = self._inode_fds.get(inode, set())
@@ -680,19 +833,20 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
 
     @_handler
     async def opendir(self, inode: int, ctx: Any) -> int:
-        await self.faults.gate("opendir", self._inode_rels(inode))
+        await self.faults.gate("opendir", self._inode_rels(inode), self._caller(ctx))
         path = self._path(inode)
         if not stat_mod.S_ISDIR(os.lstat(path).st_mode):
             raise pyfuse3.FUSEError(errno_mod.ENOTDIR)
         fh = self._next_dir_fh
         self._next_dir_fh += 1
-        self._dirs[fh] = _DirHandle(inode, path)
+        self._dirs[fh] = _DirHandle(inode, path, self._opener(ctx))
         return fh
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         handle = self._dirs[fh]
-        await self.faults.gate("readdir", self._inode_rels(handle.inode))
+        rels, caller = self._inode_rels(handle.inode), self._dir_caller(handle)
+        await self.faults.gate("readdir", rels, caller)
         # A listing is a snapshot taken at offset 0, so offsets (indexes into
         # it) stay stable while entries come and go, and rewinddir refreshes it.
         if start_id == 0 or handle.names is None:
@@ -717,7 +871,8 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         handle = self._dirs[fh]
-        await self.faults.gate("fsyncdir", self._inode_rels(handle.inode))
+        rels, caller = self._inode_rels(handle.inode), self._dir_caller(handle)
+        await self.faults.gate("fsyncdir", rels, caller)
         fd = os.open(self._path(handle.inode), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -726,7 +881,7 @@ class FaultOperations(_OperationsBase):  # type: ignore[misc]
 
     @_handler
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        await self.faults.gate("statfs", lambda: ["."])
+        await self.faults.gate("statfs", lambda: ["."], self._caller(ctx))
         st = os.statvfs(self.source)
         out = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
@@ -1082,7 +1237,11 @@ class FaultFS:
         ))
 
     def hang(self, op: str, glob: str) -> int:
-        """Block op on matching paths until release(rule_id); returns rule_id."""
+        """Block op on matching paths until release(rule_id); returns rule_id.
+
+        As on a hard NFS mount, a blocked caller can still be killed: a request
+        whose process is dying is answered with EINTR (see stats()["abandoned"]).
+        """
         return int(self._request({"cmd": "hang", "op": op, "glob": glob}))
 
     def release(self, rule_id: int) -> int:
@@ -1105,7 +1264,10 @@ class FaultFS:
         self._request({"cmd": "clear"})
 
     def stats(self) -> dict[str, Any]:
-        """{"calls": {op: n}, "faults": {op: n}, "hung": n, "rules": [...]}."""
+        """{"calls": {op: n}, "faults": {op: n}, "hung": n, "abandoned": n, "rules": [...]}.
+
+        abandoned counts hung requests answered with EINTR because their caller died.
+        """
         result: dict[str, Any] = self._request({"cmd": "stats"})
         return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -177,12 +178,10 @@ class ServiceProcess:
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            try:
+            # A thread stuck in a hung FUSE request can hold the exit until the share is
+            # released, which the faultfs fixture does at its own teardown.
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                # A thread stuck in a hung FUSE request holds the exit until the share is
-                # released, which the faultfs fixture does at its own teardown.
-                pass
         if self._client is not None:
             self._client.close()
 

@@ -1,0 +1,172 @@
+"""NFS faults, injected by a real FUSE filesystem mounted as the share, against the real process.
+
+The service sees the share through the faultfs mount; the test drops and inspects files in
+the backing folder, as another NFS client would, so the faults only hit the service.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from azure.storage.blob import ContainerClient
+
+from tests.conftest import ServiceFactory
+from tests.faults.faultfs import FaultFS
+from tests.support.service import Folders, ServiceProcess, wait_for, write_file
+from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
+
+pytestmark = pytest.mark.fuse
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def folders(fuse_folders: Folders) -> Folders:
+    """Every test here runs on the fault-injecting share."""
+    return fuse_folders
+
+
+@pytest.fixture
+def service(service_factory: ServiceFactory) -> Iterator[ServiceProcess]:
+    service = service_factory(APP_NFS_CALL_STUCK_S="1", APP_NFS_OP_TIMEOUT_S="2")
+    yield service
+
+
+def drop(folders: Folders, session: str, sizes: dict[str, int]) -> dict[str, bytes]:
+    return {
+        f"{today()}/{session}/{name}": write_file(folders.session(session) / name, size, seed=i)
+        for i, (name, size) in enumerate(sizes.items())
+    }
+
+
+def processing_glob(session: str, name: str) -> str:
+    return f".processing/*/{session}/{name}"
+
+
+@pytest.mark.parametrize(
+    ("op", "where", "error", "times"),
+    [
+        ("open", "processing", "ESTALE", 4),  # the kernel retries one ESTALE by itself
+        ("read", "processing", "EIO", 3),
+        ("readdir", "incoming", "EIO", 3),
+        ("link", "processing", "EACCES", 2),
+        ("unlink", "incoming", "EIO", 2),
+        ("rename", "processing", "ESTALE", 4),
+        ("getattr", "processing", "EIO", 3),
+    ],
+)
+def test_a_transient_nfs_error_ends_with_every_file_intact(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient,
+    op: str, where: str, error: str, times: int,
+) -> None:
+    service.start_session("nfs")
+    glob = "incoming/nfs" if op == "readdir" else (
+        "incoming/nfs/*" if where == "incoming" else processing_glob("nfs", "*")
+    )
+    faultfs.fail(op, glob, error, times=times)
+    expected = drop(folders, "nfs", {"a.bin": 3 * MiB, "b.bin": 12 * MiB + 5, "c.txt": 10})
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    assert faultfs.stats()["faults"].get(op, 0) == times
+    status = service.status()
+    assert status["files_processed"] == 3
+    assert status["files_quarantined"] == 0
+    assert status["last_error"] is not None
+    assert error in service.log()  # each failure was logged, naming its cause
+
+
+def test_slow_reads_only_slow_things_down(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    service.start_session("slow")
+    faultfs.slow_reads(processing_glob("slow", "*"), 0.02)
+    expected = drop(folders, "slow", {"a.bin": 2 * MiB, "b.bin": 100})
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    assert service.status()["files_failed"] == 0
+
+
+def test_a_file_that_cannot_be_read_is_quarantined_and_the_others_go_on(
+    service_factory: ServiceFactory, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory(APP_MAX_ATTEMPTS="3")
+    service.start_session("bad")
+    faultfs.fail("read", processing_glob("bad", "broken.bin"), "EIO", times=None)
+    broken = write_file(folders.session("bad") / "broken.bin", 4096, seed=3)
+    good = drop(folders, "bad", {"fine-1.bin": 100, "fine-2.bin": 2 * MiB})
+    wait_for(lambda: service.status()["files_quarantined"] == 1, timeout=60, what="the quarantine")
+    assert wait_for_blobs(container, set(good)) == good
+    failed = folders.processing / ".failed" / "files" / today() / "bad" / "broken.bin"
+    assert failed.read_bytes() == broken
+    reason = service.status()["quarantined"][0]
+    assert "EIO" in str(reason["reason"]) and reason["attempts"] == 3
+
+
+def test_a_hung_share_blocks_neither_probes_nor_status_nor_stop(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    service.start_session("hang")
+    hang = faultfs.hang("read", processing_glob("hang", "stuck.bin"))
+    stuck = write_file(folders.session("hang") / "stuck.bin", 2 * MiB, seed=1)
+    faultfs.wait_hung(1, timeout_s=30)
+    others = drop(folders, "hang", {"free-1.bin": 1000, "free-2.bin": 3 * MiB})
+    # Other files go up while one NFS call hangs.
+    assert wait_for_blobs(container, set(others)) == others
+    wait_for(lambda: service.status()["nfs_calls"]["stuck"] >= 1, timeout=10,
+             what="status to report the stuck NFS call")
+    latencies = []
+    with httpx.Client(base_url=service.url, timeout=5) as client:
+        for _ in range(200):
+            started = time.perf_counter()
+            assert client.get("/healthz").status_code == 200
+            latencies.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        assert client.get("/v1/status").status_code == 200
+        assert time.perf_counter() - started < 0.5
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    assert p99 < 0.05, f"/healthz p99 {p99 * 1000:.1f} ms while NFS hangs"
+    # Stop answers at once, though the worker on the hung file cannot move.
+    started = time.perf_counter()
+    assert service.stop_session()["active"] is False
+    assert time.perf_counter() - started < 2
+    faultfs.release(hang)
+    blob = f"{today()}/hang/stuck.bin"
+    assert wait_for_blobs(container, {blob})[blob] == stuck
+    wait_until_clean(folders)
+
+
+def test_sigterm_exits_promptly_while_nfs_calls_hang(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders
+) -> None:
+    service.start_session("term")
+    faultfs.hang("read", processing_glob("term", "*"))
+    drop(folders, "term", {"x.bin": MiB})
+    faultfs.wait_hung(1, timeout_s=30)
+    faultfs.hang("readdir", "incoming/term")
+    faultfs.wait_hung(2, timeout_s=30)
+    started = time.monotonic()
+    assert service.stop(signal.SIGTERM, timeout=10) == 0
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in service.log()
+    faultfs.release_all()
+
+
+def test_a_hung_share_at_start_answers_503_then_works(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    hang = faultfs.hang("mkdir", "incoming/later")
+    started = time.perf_counter()
+    answer = service.http.post("/v1/watch/start", json={"session_name": "later"})
+    assert answer.status_code == 503
+    assert "did not answer" in answer.json()["error"]
+    assert time.perf_counter() - started < 5
+    assert service.status()["active"] is False
+    faultfs.release(hang)
+    wait_for(lambda: service.http.post("/v1/watch/start", json={"session_name": "later"}).status_code == 200,
+             timeout=10, what="start to work again")
+    data = write_file(folders.session("later") / "f.bin", 100)
+    assert wait_for_blobs(container, {f"{today()}/later/f.bin"})[f"{today()}/later/f.bin"] == data

@@ -1,11 +1,20 @@
-"""Which credential the blob client uses (APP_AZURE_AUTH), and the client built with it."""
+"""Which credential the blob client uses (APP_AZURE_AUTH), and the client built with it.
+
+- ``auto``: DefaultAzureCredential, then, when storage or the credential refuses it, the
+  connection string or the account key (when one is configured).
+- ``default``: DefaultAzureCredential only.
+- ``key``: the connection string or the account key only; no token credential is ever built.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from azure.core.pipeline.transport import RequestsTransport
+from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobServiceClient, ExponentialRetry
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
@@ -36,6 +45,11 @@ class _PooledTransport(RequestsTransport):  # type: ignore[misc]
             session.mount(prefix, adapter)
 
 
+# What the blob client asks a token credential for (its default audience).
+STORAGE_SCOPE = "https://storage.azure.com/.default"
+DEFAULT_CREDENTIAL = "DefaultAzureCredential"
+
+
 @dataclass
 class Connection:
     """A blob service client and what it needs closed with it."""
@@ -44,11 +58,34 @@ class Connection:
     description: str  # which credential, for logs: never the secret itself
     credential: Any = None
 
+    def check_credential(self) -> None:
+        """Get a token once, right now (nothing to do for key credentials); blocking.
+
+        The storage SDK's retry policy runs before its credential policy, so a credential
+        that cannot get a token would be retried like a network error, APP_AZURE_RETRY_TOTAL
+        times with backoff, before start-up could report it: start-up asks once, directly.
+        """
+        if self.credential is not None:
+            self.credential.get_token(STORAGE_SCOPE)
+
+    def in_use(self) -> str:
+        """The description, naming the credential of a chain that got the token."""
+        chosen = getattr(self.credential, "_successful_credential", None)  # set by the chain
+        return f"{self.description} ({type(chosen).__name__})" if chosen is not None else self.description
+
     def close(self) -> None:
         self.client.close()
         close = getattr(self.credential, "close", None)
         if close is not None:
             close()
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A connection that cannot be used here at all, and why: start-up moves on to the next."""
+
+    description: str
+    reason: str
 
 
 def client_options(settings: Settings, pool_size: int) -> dict[str, Any]:
@@ -89,11 +126,58 @@ def connect_with_key(settings: Settings, pool_size: int) -> Connection:
     return Connection(client, "the account key (APP_AZURE_ACCOUNT_NAME/APP_AZURE_ACCOUNT_KEY)")
 
 
-def connections_to_try(settings: Settings, pool_size: int) -> list[Connection]:
-    """The clients to try at start-up, in order (the first that works is kept)."""
-    if settings.azure_auth == "key":
-        return [connect_with_key(settings, pool_size)]
-    raise StartupError(
-        f"APP_AZURE_AUTH={settings.azure_auth} is not available yet; set APP_AZURE_AUTH=key "
-        "with a connection string or an account key"
-    )
+def connect_with_default_credential(settings: Settings, pool_size: int) -> Connection:
+    # On failure the chain logs a warning of its own, on several lines: start-up and the
+    # workers report the same failure themselves, in one line (errors.describe).
+    logging.getLogger("azure.identity._credentials.chained").setLevel(logging.ERROR)
+    try:
+        credential = DefaultAzureCredential()
+    except ValueError as exc:  # AZURE_TOKEN_CREDENTIALS names no credential, for one
+        raise StartupError(f"cannot build {DEFAULT_CREDENTIAL}: {exc}") from None
+    assert settings.azure_account_url  # required for auto and default (config.py)
+    try:
+        client = BlobServiceClient(
+            settings.azure_account_url,
+            credential=credential,
+            **client_options(settings, pool_size),
+        )
+    except BaseException:
+        credential.close()
+        raise
+    return Connection(client, DEFAULT_CREDENTIAL, credential)
+
+
+def connections_to_try(settings: Settings, pool_size: int) -> Iterator[Connection | Unusable]:
+    """The clients to try at start-up, in order (the first that works is kept).
+
+    Lazy: each is built only when the one before it failed, and ``key`` never builds a
+    token credential.
+    """
+    if settings.azure_auth in ("auto", "default"):
+        assert settings.azure_account_url  # required for auto and default (config.py)
+        if settings.azure_account_url.lower().startswith("https://"):
+            yield connect_with_default_credential(settings, pool_size)
+        else:
+            # The SDK refuses a token credential with a plain http URL ("Token credential is
+            # only supported with HTTPS."), as Azure and Azurite refuse bearer tokens over http.
+            yield Unusable(
+                DEFAULT_CREDENTIAL,
+                f"{DEFAULT_CREDENTIAL} needs an https:// APP_AZURE_ACCOUNT_URL: "
+                "a token is never sent over plain http",
+            )
+    if settings.azure_auth == "key" or (
+        settings.azure_auth == "auto" and settings.has_key_credentials
+    ):
+        yield connect_with_key(settings, pool_size)
+
+
+def no_fallback_note(settings: Settings) -> str | None:
+    """Why nothing was tried after DefaultAzureCredential, for the start-up error."""
+    if settings.azure_auth == "default":
+        return f"APP_AZURE_AUTH=default uses {DEFAULT_CREDENTIAL} only, with no fallback"
+    if settings.azure_auth == "auto" and not settings.has_key_credentials:
+        return (
+            "no key to fall back on (APP_AZURE_CONNECTION_STRING, or APP_AZURE_ACCOUNT_NAME "
+            "with APP_AZURE_ACCOUNT_KEY)"
+        )
+    return None

@@ -27,7 +27,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobBlock, BlobClient, ContainerClient, ContentSettings
 
-from uploader.auth import Connection, connections_to_try
+from uploader.auth import Connection, Unusable, connections_to_try, no_fallback_note
 from uploader.config import Settings
 from uploader.errors import IntegrityError, StartupError, describe, first_leaf
 from uploader.fileops import StagedFile, read_block
@@ -91,7 +91,7 @@ class BlobStore:
     async def _put_whole(
         self, blob: BlobClient, staged: StagedFile, on_sent: Callable[[int], None]
     ) -> UploadReport:
-        data = await self.lanes.staging.run(read_block, staged.path, 0, staged.size)
+        data = await self.lanes.staging.run(read_block, staged.path, 0, staged.size, staged.md5)
         answer = await self.lanes.azure.run(
             blob.upload_blob,
             data,
@@ -131,7 +131,9 @@ class BlobStore:
             nonlocal sent
             async for index in todo:
                 length = staged.block_length(index)
-                data = await staging.run(read_block, staged.path, index * staged.block_size, length)
+                data = await staging.run(
+                    read_block, staged.path, index * staged.block_size, length, staged.block_md5s[index]
+                )
                 await azure.run(
                     blob.stage_block, ids[index], data, length=length, validate_content=True
                 )
@@ -183,24 +185,61 @@ class BlobStore:
 
 
 async def open_blob_store(settings: Settings, lanes: Lanes) -> BlobStore:
-    """Connect with the first credential that works; fail start-up with one clear line."""
+    """Connect with the first credential that works; fail start-up with one clear line.
+
+    Each connection is checked by reading the container's properties (creating it when it is
+    missing), a token credential by getting a token first. Only an authentication failure
+    (the credential gets no token, or storage answers 401 or 403) moves on to the next
+    connection (APP_AZURE_AUTH=auto: DefaultAzureCredential, then the key settings); any
+    other failure stops start-up at once.
+    """
     pool_size = int(lanes.azure.limiter.total_tokens)
-    failures = []
-    for connection in connections_to_try(settings, pool_size):
+    connections = connections_to_try(settings, pool_size)
+    failures: list[str] = []
+    where = settings.azure_account_url or "storage"
+    while True:
+        # Building a client or a credential may read files: not on the event loop.
+        connection = await lanes.azure.run(next, connections, None)
+        if connection is None:
+            break
+        if failures:
+            log.warning("%s; trying %s", failures[-1], connection.description)
+        if isinstance(connection, Unusable):
+            failures.append(connection.reason)
+            continue
         store = BlobStore(connection, settings.azure_container, settings, lanes)
+        where = store.url.split("?")[0]  # never a SAS token
         try:
+            await lanes.azure.run(connection.check_credential)
             await store.ensure_container()
-        except ClientAuthenticationError as exc:
-            failures.append(f"{connection.description} was refused: {describe(exc)}")
+        except HttpResponseError as exc:  # ClientAuthenticationError is one
+            store.close()
+            if not (isinstance(exc, ClientAuthenticationError) or exc.status_code in (401, 403)):
+                raise StartupError(
+                    f"cannot use {where} with {connection.in_use()}: {describe(exc)}"
+                ) from None
+            if exc.response is None:  # the credential got no token
+                reason = describe(exc)
+                if not reason.startswith(connection.description):
+                    reason = f"{connection.description} got no token: {reason}"
+                failures.append(reason)
+            else:
+                failures.append(f"storage refused {connection.in_use()}: {describe(exc)}")
+            continue
         except (ServiceRequestError, ServiceResponseError) as exc:
             store.close()
-            raise StartupError(f"cannot reach Azure Blob Storage at {store.url}: {describe(exc)}") from None
-        except HttpResponseError as exc:
-            failures.append(f"{connection.description} failed: {describe(exc)}")
-        else:
-            log.info("connected to %s with %s", store.url, connection.description)
-            return store
-        store.close()
+            earlier = f" (before that: {'; then '.join(failures)})" if failures else ""
+            raise StartupError(
+                f"cannot reach Azure Blob Storage at {where}: {describe(exc)}{earlier}"
+            ) from None
+        except BaseException:
+            store.close()
+            raise
+        log.info("connected to %s with %s", where, connection.in_use())
+        return store
+    note = no_fallback_note(settings)
     raise StartupError(
-        f"cannot use container {settings.azure_container!r}: " + "; ".join(failures)
+        f"cannot authenticate to {where}: "
+        + "; then ".join(failures)
+        + (f"; {note}" if note else "")
     )

@@ -1,10 +1,13 @@
 """Every failure of a file's pipeline is classified here, and only here.
 
-- BENIGN: a race that needs no action (the file went away or was taken by someone else).
-- RETRYABLE: transient (a network blip, a busy or failing service, a stale NFS handle);
-  the file is tried again later, in this process.
-- PERMANENT: retrying cannot help (the file cannot be read, the storage service refuses it
-  for good); the file is quarantined at once.
+- Benign races (an entry that vanishes while a folder is listed, a file someone else
+  claimed first) are not failures at all: ``is_benign_race`` tells them apart.
+- RETRYABLE: transient, or possibly so (a network blip, a busy or failing service, a stale
+  NFS handle, a permission an NFS server refuses for a while); the file is tried again
+  later, in this process, and quarantined only once retries have run out while other files
+  succeed (see worker.py).
+- PERMANENT: retrying cannot help (what was claimed is not a regular file, the storage
+  service refuses the request as malformed); the file is quarantined at once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from azure.core.exceptions import (
 
 
 class Disposition(enum.Enum):
-    BENIGN = "benign"
     RETRYABLE = "retryable"
     PERMANENT = "permanent"
 
@@ -40,7 +42,8 @@ class IntegrityError(Exception):
 
 
 class SourceVanished(Exception):
-    """The claimed file disappeared from NFS before it was uploaded."""
+    """NFS says the claimed file is gone. NFS can say so wrongly for a moment, so this is
+    retried; a file still missing when retries run out is dropped (see worker.py)."""
 
 
 class NotARegularFile(Exception):
@@ -67,14 +70,12 @@ _RETRYABLE_ERRNOS = {
     errno.ENOLCK,
     errno.EREMOTEIO,
 }
+# Structural: the path is not a plain file we can open. EACCES and EPERM are not here:
+# an NFS server (or its Kerberos tickets) can refuse for a while and then allow again.
 _PERMANENT_ERRNOS = {
-    errno.EACCES,
-    errno.EPERM,
     errno.EISDIR,
-    errno.ENOTDIR,
     errno.ELOOP,
     errno.ENAMETOOLONG,
-    errno.EINVAL,
     errno.EFBIG,
 }
 # "Not now" (throttling, timeouts, outages, leases) and "not you" (credentials or roles that
@@ -83,11 +84,9 @@ _RETRYABLE_STATUSES = {401, 403, 404, 408, 409, 412, 429}
 
 
 def classify(exc: BaseException) -> Disposition:
-    if isinstance(exc, SourceVanished):
-        return Disposition.BENIGN
     if isinstance(exc, NotARegularFile):
         return Disposition.PERMANENT
-    if isinstance(exc, SourceChanged | IntegrityError):
+    if isinstance(exc, SourceChanged | IntegrityError | SourceVanished):
         return Disposition.RETRYABLE
     if isinstance(exc, ClientAuthenticationError):
         # Expired or rotated credentials are the service's problem, not the file's.
@@ -122,12 +121,47 @@ def is_benign_race(exc: OSError) -> bool:
 
 def describe(exc: BaseException) -> str:
     """One line for status and logs."""
+
+    def one_line(text: str) -> str:
+        return " ".join(text.split())
+
+    if isinstance(exc, ClientAuthenticationError) and exc.response is None:
+        # A credential failed to get a token. A chain such as DefaultAzureCredential reports
+        #   DefaultAzureCredential failed to retrieve a token from the included credentials.
+        #   Attempted credentials:
+        #   \tEnvironmentCredential: <reason, maybe on several lines>
+        #   \tAzureCliCredential: <reason>
+        #   To mitigate this issue, please refer to the troubleshooting guidelines here at <url>.
+        # which becomes "DefaultAzureCredential failed to retrieve a token from the included
+        # credentials (EnvironmentCredential: <reason>; AzureCliCredential: <reason>)".
+        message = str(exc.message or exc)
+        advice = "To mitigate this issue, please refer to the troubleshooting guidelines here at "
+        while (start := message.find(advice)) >= 0:  # the advice and its link, every time
+            end = start + len(advice)
+            while end < len(message) and not message[end].isspace():
+                end += 1
+            message = message[:start] + message[end:]
+        head, found, attempts = message.partition("\nAttempted credentials:")
+        if not found:
+            return one_line(message) or type(exc).__name__
+        tried = "; ".join(filter(None, (one_line(a) for a in attempts.split("\n\t"))))
+        return f"{one_line(head).removesuffix('.')} ({tried})"
     if isinstance(exc, HttpResponseError):
         code = getattr(exc, "error_code", None)
         code = getattr(code, "value", code)  # the SDK hands over an enum member at times
         status = exc.status_code
         first_line = str(exc.message or exc).splitlines()[0] if (exc.message or str(exc)) else ""
-        return f"Azure answered {status} {code or ''}: {first_line}".replace("  ", " ")
+        text = f"Azure answered {status} {code or ''}: {first_line}".replace("  ", " ")
+        detail = getattr(exc, "additional_info", None)
+        if (
+            isinstance(exc, ClientAuthenticationError)
+            and isinstance(detail, dict)
+            and detail.get("authenticationerrordetail")
+        ):
+            # Why storage refused the credential ("Invalid token audience.") is not on the
+            # first line of the message: the SDK keeps it apart.
+            text += f" ({one_line(str(detail['authenticationerrordetail']))})"
+        return text
     if isinstance(exc, OSError) and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
         where = f" on {exc.filename!r}" if exc.filename else ""  # repr: one line, whatever the name

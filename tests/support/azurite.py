@@ -71,8 +71,26 @@ class Azurite:
 
 
 @contextmanager
-def run_azurite(*extra_args: str, scheme: str = "http") -> Iterator[Azurite]:
-    """Start azurite-blob in memory on a free loopback port; stop it on exit."""
+def run_azurite(
+    *extra_args: str,
+    scheme: str = "http",
+    cert: Path | None = None,
+    key: Path | None = None,
+    oauth: str | None = None,
+) -> Iterator[Azurite]:
+    """Start azurite-blob in memory on a free loopback port; stop it on exit.
+
+    With ``cert`` and ``key`` (PEM files) it serves HTTPS; ``oauth="basic"`` makes it accept
+    bearer tokens (over HTTPS only), checking their lifetime, issuer and audience but not
+    their signature.
+    """
+    if (cert is None) != (key is None):
+        raise ValueError("cert and key go together")
+    if cert is not None and key is not None:
+        extra_args = (*extra_args, "--cert", str(cert), "--key", str(key))
+        scheme = "https"
+    if oauth is not None:
+        extra_args = (*extra_args, "--oauth", oauth)
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="azurite-"))
     log = open(workdir / "azurite.log", "wb")  # noqa: SIM115 - closed below

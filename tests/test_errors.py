@@ -25,7 +25,7 @@ from uploader.errors import (
     is_benign_race,
 )
 
-BENIGN, RETRYABLE, PERMANENT = Disposition.BENIGN, Disposition.RETRYABLE, Disposition.PERMANENT
+RETRYABLE, PERMANENT = Disposition.RETRYABLE, Disposition.PERMANENT
 
 
 def http_error(status: int | None, message: str = "The server said no.") -> HttpResponseError:
@@ -52,12 +52,14 @@ def os_error(code: int, filename: str | None = None) -> OSError:
         pytest.param(os_error(errno.EIO), RETRYABLE, id="EIO"),
         pytest.param(os_error(errno.ENOSPC), RETRYABLE, id="ENOSPC"),
         pytest.param(os_error(errno.ETIMEDOUT), RETRYABLE, id="ETIMEDOUT"),
-        pytest.param(os_error(errno.EACCES), PERMANENT, id="EACCES"),
-        pytest.param(os_error(errno.EISDIR), PERMANENT, id="EISDIR"),
-        pytest.param(os_error(errno.EPERM), PERMANENT, id="EPERM"),
+        # An NFS server can refuse for a while (tickets, exports being changed): not for good.
+        pytest.param(os_error(errno.EACCES), RETRYABLE, id="EACCES"),
+        pytest.param(os_error(errno.EPERM), RETRYABLE, id="EPERM"),
         pytest.param(
-            PermissionError(errno.EACCES, "Permission denied"), PERMANENT, id="PermissionError"
+            PermissionError(errno.EACCES, "Permission denied"), RETRYABLE, id="PermissionError"
         ),
+        pytest.param(os_error(errno.EISDIR), PERMANENT, id="EISDIR"),
+        pytest.param(os_error(errno.ELOOP), PERMANENT, id="ELOOP"),
         pytest.param(
             IsADirectoryError(errno.EISDIR, "Is a directory"), PERMANENT, id="IsADirectoryError"
         ),
@@ -88,8 +90,9 @@ def test_classify_transport_errors_are_retryable(cls: type[Exception]) -> None:
     assert classify(cls("connection reset")) is RETRYABLE
 
 
-def test_classify_source_vanished_is_benign() -> None:
-    assert classify(SourceVanished("gone")) is BENIGN
+def test_classify_source_vanished_is_retryable() -> None:
+    """NFS can say 'gone' wrongly for a moment; the worker drops a file only once it is sure."""
+    assert classify(SourceVanished("gone")) is RETRYABLE
 
 
 @pytest.mark.parametrize("exc", [SourceChanged("still written"), IntegrityError("md5 differs")])

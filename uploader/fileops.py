@@ -21,7 +21,14 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from uploader.errors import NotARegularFile, SourceChanged, SourceVanished, describe, is_benign_race
+from uploader.errors import (
+    IntegrityError,
+    NotARegularFile,
+    SourceChanged,
+    SourceVanished,
+    describe,
+    is_benign_race,
+)
 
 T = TypeVar("T")
 COPY_CHUNK = 1024 * 1024
@@ -61,28 +68,26 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
     while folders:
         path, prefix = folders.pop()
         try:
-            iterator = os.scandir(path)
-        except OSError as exc:
+            with os.scandir(path) as iterator:
+                for entry in iterator:
+                    rel = prefix + entry.name
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError as exc:
+                        if not is_benign_race(exc):
+                            skipped.append(describe(exc))
+                        continue
+                    if stat.S_ISDIR(info.st_mode):
+                        folders.append((entry.path, rel + "/"))
+                    elif stat.S_ISREG(info.st_mode):
+                        if extensions and not entry.name.lower().endswith(extensions):
+                            continue
+                        entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns))
+        except OSError as exc:  # opening or reading the folder itself
             if prefix == "":
                 raise
             if not is_benign_race(exc):
                 skipped.append(describe(exc))
-            continue
-        with iterator:
-            for entry in iterator:
-                rel = prefix + entry.name
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError as exc:
-                    if not is_benign_race(exc):
-                        skipped.append(describe(exc))
-                    continue
-                if stat.S_ISDIR(info.st_mode):
-                    folders.append((entry.path, rel + "/"))
-                elif stat.S_ISREG(info.st_mode):
-                    if extensions and not entry.name.lower().endswith(extensions):
-                        continue
-                    entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns))
     return Scan(entries, skipped)
 
 
@@ -196,12 +201,19 @@ def stage_copy(source: Path, target: Path, block_size: int) -> StagedFile:
     return StagedFile(target, size, before.st_mtime_ns, whole.digest(), block_size, tuple(blocks))
 
 
-def read_block(path: Path, offset: int, length: int) -> bytes:
+def read_block(path: Path, offset: int, length: int, md5: bytes) -> bytes:
+    """Read a block of a staging copy, checked against the MD5 taken when it was copied.
+
+    The block id and the blob's stored MD5 come from the copy; this check ties them to the
+    bytes actually sent, whatever happened to the staging file in between.
+    """
     with open(path, "rb") as staged:
         staged.seek(offset)
         data = staged.read(length)
     if len(data) != length:
         raise SourceChanged(f"staging copy {path} is shorter than expected")
+    if hashlib.md5(data, usedforsecurity=False).digest() != md5:
+        raise IntegrityError(f"staging copy {path} changed at offset {offset}")
     return data
 
 
@@ -210,6 +222,13 @@ def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> Non
     try:
         now = os.lstat(processing)
     except FileNotFoundError:
+        # An earlier attempt may have moved it already, its answer lost on the way back.
+        try:
+            done = os.lstat(completed)
+        except FileNotFoundError:
+            raise SourceVanished(f"{processing} is gone") from None
+        if (done.st_size, done.st_mtime_ns) == (staged.size, staged.mtime_ns):
+            return
         raise SourceVanished(f"{processing} is gone") from None
     if (now.st_size, now.st_mtime_ns) != (staged.size, staged.mtime_ns):
         raise SourceChanged(f"{processing} changed after it was uploaded")

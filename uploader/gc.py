@@ -2,13 +2,16 @@
 
 Workers hand each completed file over at once, so NFS empties as fast as uploads finish;
 a sweep every ``gc_interval_s`` (and one at start-up) catches whatever a crash or a
-failing share left behind.
+failing share left behind. The sweep also re-queues a claimed file that no worker owns
+(say, recovery could not see it through a failing share): found unowned by two sweeps in
+a row, it is queued again, so no claimed file waits for the next restart.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -18,6 +21,7 @@ from uploader.fileops import list_files, remove_quietly
 from uploader.lanes import Lanes
 from uploader.layout import FileKey, Layout, is_date_prefix
 from uploader.progress import Progress
+from uploader.worker import WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,13 @@ def _keys_below(root: Path) -> list[tuple[FileKey, Path]]:
     return found
 
 
-def sweep(layout: Layout, progress: Progress) -> dict[str, int]:
+@dataclass
+class Sweep:
+    counts: dict[str, int]
+    unowned: set[FileKey]  # claimed files (in processing) that no worker or queue holds
+
+
+def sweep(layout: Layout, progress: Progress) -> Sweep:
     """Blocking: one full pass (run it in a thread started by Trio)."""
 
     def claimed(key: FileKey) -> bool:
@@ -76,11 +86,12 @@ def sweep(layout: Layout, progress: Progress) -> dict[str, int]:
         if not claimed(key):
             remove_quietly(path)
             counts["staging"] += 1
+    unowned = {key for key, _ in _keys_below(layout.processing_root) if not claimed(key)}
     for top in (layout.completed_root, layout.staging_root, layout.failed_files_root, layout.failed_reasons_root):
         counts["folders"] += remove_empty_folders(top)
     for date in _dated_folders(layout.processing_root):
         counts["folders"] += remove_empty_folders(date, keep_top=False)
-    return counts
+    return Sweep(counts, unowned)
 
 
 def _dated_folders(root: Path) -> list[Path]:
@@ -92,6 +103,7 @@ def _dated_folders(root: Path) -> list[Path]:
 
 async def run(
     completed: trio.MemoryReceiveChannel[Path],
+    requeue: trio.MemorySendChannel[WorkItem],
     *,
     layout: Layout,
     lanes: Lanes,
@@ -102,16 +114,24 @@ async def run(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_delete_completed, completed, lanes)
         task_status.started()
-        while True:
-            try:
-                counts = await lanes.nfs.run(sweep, layout, progress)
-            except OSError as exc:
-                log.warning("GC sweep failed: %s", describe(exc))
-            else:
-                if any(counts.values()):
-                    log.info("GC removed %(completed)d completed files, %(staging)d staging copies "
-                             "and %(folders)d empty folders", counts)
-            await trio.sleep(interval_s)
+        suspects: set[FileKey] = set()
+        async with requeue:
+            while True:
+                try:
+                    result = await lanes.nfs.run(sweep, layout, progress)
+                except OSError as exc:
+                    log.warning("GC sweep failed: %s", describe(exc))
+                else:
+                    if any(result.counts.values()):
+                        log.info("GC removed %(completed)d completed files, %(staging)d staging "
+                                 "copies and %(folders)d empty folders", result.counts)
+                    for key in sorted(suspects & result.unowned):
+                        if not progress.is_claimed(key):
+                            log.warning("queueing %s again: claimed, but no worker had it", key)
+                            progress.claimed.add(key)
+                            await requeue.send(WorkItem(key, claimed=True))
+                    suspects = result.unowned - suspects
+                await trio.sleep(interval_s)
 
 
 async def _delete_completed(completed: trio.MemoryReceiveChannel[Path], lanes: Lanes) -> None:

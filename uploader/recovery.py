@@ -4,6 +4,9 @@ Every unfinished file of every session folder under the processing root is queue
 (its blob is overwritten), and the session that was active resumes. A claim that stopped
 between ``link()`` and ``unlink()`` left the same file in incoming too: that name is
 removed from incoming, so the file goes up once.
+
+Recovery reads what it can: a folder the share will not list now is left to GC, which
+queues claimed files that nobody owns (see gc.py), so a flaky share cannot hold start-up.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from uploader.errors import describe
 from uploader.fileops import list_files, same_file
 from uploader.lanes import ThreadLane
 from uploader.layout import FileKey, Layout, is_date_prefix, is_session_name
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 class Recovered:
     state: SessionState
     unfinished: list[FileKey]
+    unreadable: list[str]  # what could not be read this time, one line each
 
 
 def _subfolders(path: Path) -> list[str]:
@@ -46,34 +51,49 @@ def _drop_incoming_twin(layout: Layout, key: FileKey) -> None:
         log.info("finished an interrupted claim of %s", key)
 
 
-def find_unfinished(layout: Layout) -> list[FileKey]:
-    """Blocking: list the claimed files of every session (run it in a thread)."""
-    unfinished = []
+def find_unfinished(layout: Layout) -> tuple[list[FileKey], list[str]]:
+    """Blocking: the claimed files of every session (run it in a thread).
+
+    Raises OSError only when the processing root itself cannot be listed.
+    """
+    unfinished: list[FileKey] = []
+    unreadable: list[str] = []
     for date in _subfolders(layout.processing_root):
         if not is_date_prefix(date):
             continue
-        for session in _subfolders(layout.processing_root / date):
+        try:
+            sessions = _subfolders(layout.processing_root / date)
+        except OSError as exc:
+            unreadable.append(describe(exc))
+            continue
+        for session in sessions:
             if not is_session_name(session):
                 log.warning("ignoring %s: not a session folder", layout.processing_root / date / session)
                 continue
-            scan = list_files(layout.processing_dir(date, session))
-            for problem in scan.skipped:
-                log.error("recovery could not read an entry of %s/%s: %s", date, session, problem)
+            try:
+                scan = list_files(layout.processing_dir(date, session))
+            except OSError as exc:
+                unreadable.append(describe(exc))
+                continue
+            unreadable.extend(scan.skipped)
             for entry in scan.entries:
                 key = FileKey(date, session, entry.rel)
-                _drop_incoming_twin(layout, key)
+                try:
+                    _drop_incoming_twin(layout, key)
+                except OSError as exc:
+                    # The claim finishes when the watcher offers the twin again.
+                    log.warning("cannot check %s for an interrupted claim: %s", key, describe(exc))
                 unfinished.append(key)
-    return unfinished
+    return unfinished, unreadable
 
 
 async def recover(layout: Layout, nfs: ThreadLane) -> Recovered:
     state = await nfs.run(read_state, layout.state_file)
-    unfinished = await nfs.run(find_unfinished, layout)
+    unfinished, unreadable = await nfs.run(find_unfinished, layout)
     if unfinished:
         log.info("recovery found %d unfinished files", len(unfinished))
+    for problem in unreadable:
+        log.warning("recovery could not read %s; GC queues what it finds there later", problem)
     if state.active:
         log.info("session %s was active before the restart", state.session_name)
-    return Recovered(state, unfinished)
-
-
-
+    return Recovered(state, unfinished, unreadable)

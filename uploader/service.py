@@ -102,6 +102,8 @@ class Service:
         settings, layout, lanes = self.settings, self.layout, self.lanes
         assert self.store is not None
         recovered = await self._recover()
+        # Claimed before GC's first sweep, which would otherwise see them as unowned.
+        self.progress.claimed.update(recovered.unfinished)
         send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)
         completed_send, completed_receive = trio.open_memory_channel[Path](COMPLETED_BACKLOG)
         self._send, self._queue = send, receive
@@ -120,6 +122,7 @@ class Service:
             partial(
                 gc.run,
                 completed_receive,
+                send.clone(),
                 layout=layout,
                 lanes=lanes,
                 progress=self.progress,
@@ -128,7 +131,6 @@ class Service:
         )
         control = SessionControl(layout, lanes.nfs, self._watch, nfs_timeout_s=settings.nfs_op_timeout_s)
         self.sessions = await root.start(control.run)
-        self.progress.claimed.update(recovered.unfinished)
         root.start_soon(self._feed_recovered, send.clone(), recovered.unfinished)
         if recovered.state.active:
             await control.resume(recovered.state)
@@ -137,7 +139,7 @@ class Service:
 
     async def _recover(self) -> Recovered:
         """Recovery must finish before the service is ready; a failing share delays it."""
-        delay = 1.0
+        delay = 0.5
         while True:
             try:
                 return await recover(self.layout, self.lanes.nfs)
@@ -146,7 +148,7 @@ class Service:
                 log.error("%s; retrying in %.0f s", message, delay)
                 self.progress.note_error(message)
             await trio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            delay = min(delay * 2, 5.0)  # nothing works until recovery is done: keep trying
 
     async def _feed_recovered(
         self, send: trio.MemorySendChannel[WorkItem], unfinished: list[FileKey]

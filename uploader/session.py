@@ -6,6 +6,7 @@ scope of its own; stopping cancels only that scope, so workers drain what is que
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -90,6 +91,14 @@ def read_state(path: Path) -> SessionState:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
+        # Whether a session resumes hangs on this: believe "no such file" only if the
+        # folder's listing agrees (an NFS lookup can miss for a moment).
+        try:
+            listed = path.name in os.listdir(path.parent)
+        except FileNotFoundError:
+            listed = False  # a first start: nothing there yet
+        if listed:
+            raise OSError(errno.EIO, "listed but cannot be opened", str(path)) from None
         return SessionState()
     try:
         return decode_state(raw)

@@ -69,6 +69,8 @@ class Pipeline:
         self._retry_send = retry_send
         self._completed_send = completed_send
         self._nursery: trio.Nursery | None = None
+        # Keys a worker is on right now: one file is never worked on twice at once.
+        self._active: set[FileKey] = set()
 
     async def run(
         self,
@@ -94,6 +96,10 @@ class Pipeline:
             outcome = await self._claim(item)
             if outcome is not Claim.CLAIMED:
                 return
+        if key in self._active:
+            log.info("%s is already being uploaded", key)
+            return
+        self._active.add(key)
         self.progress.in_flight += 1
         self.metrics.in_flight.add(1)
         attributes = {"session": key.session, "file": printable(key.rel), "date_prefix": key.date_prefix}
@@ -108,6 +114,7 @@ class Pipeline:
                 span.set_attribute("outcome", "uploaded")
                 span.set_attribute("size", size)
             finally:
+                self._active.discard(key)
                 self.progress.in_flight -= 1
                 self.metrics.in_flight.add(-1)
 
@@ -130,6 +137,9 @@ class Pipeline:
             if item.on_claim_settled is not None:
                 item.on_claim_settled()
         if outcome is Claim.CLAIMED:
+            if key in self.progress.claimed:
+                # The claim finished one that an interrupted claim began; its owner uploads it.
+                return Claim.GONE
             item.claimed = True
             self.progress.claimed.add(key)
         elif outcome is Claim.GONE:
@@ -186,12 +196,6 @@ class Pipeline:
         key, progress = item.key, self.progress
         disposition = classify(exc)
         reason = describe(exc)
-        if disposition is Disposition.BENIGN:
-            log.warning("dropping %s: %s", key, reason)
-            progress.claimed.discard(key)
-            progress.files_skipped += 1
-            await self._drop_staging(key)
-            return
         item.attempts += 1
         if item.successes_at_first_failure is None:
             item.successes_at_first_failure = progress.successes
@@ -256,6 +260,15 @@ class Pipeline:
                 layout.failed_reason_path(failed),
                 record,
             )
+        except FileNotFoundError:
+            if await self.lanes.nfs.run(os.path.lexists, layout.processing_path(key)):
+                return False
+            # Retries ran out and the file is still not there: someone removed it from NFS.
+            log.error("%s is gone from NFS; nothing left to upload", key)
+            self.progress.claimed.discard(key)
+            self.progress.files_skipped += 1
+            await self._drop_staging(key)
+            return True
         except OSError as exc:
             log.error("cannot quarantine %s: %s", key, describe(exc))
             return False

@@ -154,8 +154,8 @@ class ServiceProcess:
         self.proc.kill()
         self.proc.wait()
 
-    def restart(self) -> ServiceProcess:
-        return self.start()
+    def restart(self, timeout: float = 30.0) -> ServiceProcess:
+        return self.start(timeout=timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -12,7 +12,7 @@ import trio
 from uploader.config import SettingsError, load_settings
 from uploader.errors import StartupError
 from uploader.service import Service
-from uploader.telemetry import setup_logging
+from uploader.telemetry import setup_logging, setup_telemetry
 
 log = logging.getLogger("uploader")
 
@@ -46,25 +46,25 @@ def main() -> None:
         print(f"uploader: bad setting: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     setup_logging()
-    service = Service(settings)
+    telemetry = setup_telemetry()
+    service = Service(settings, telemetry)
+    code = 0
     try:
         trio.run(serve, service)
+        log.info("stopped")
     except BaseException as exc:
         failures = _startup_errors(exc)
         if failures:
             log.critical("cannot start: %s", failures[0])
             print(f"uploader: cannot start: {failures[0]}", file=sys.stderr, flush=True)
-            logging.shutdown()
-            os._exit(1)
-        if isinstance(exc, KeyboardInterrupt):
-            logging.shutdown()
-            os._exit(0)
-        raise
-    log.info("stopped")
+            code = 1
+        elif not isinstance(exc, KeyboardInterrupt):
+            log.critical("stopped by an unexpected error", exc_info=exc)
+            code = 70  # EX_SOFTWARE
+    telemetry.shutdown()
     logging.shutdown()
     # Threads abandoned on a hung NFS call must not hold up the exit.
-    os._exit(0)
-
+    os._exit(code)
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 START_FIELDS = {"session_name"}
 
 
@@ -94,6 +96,11 @@ def create_app(service: Service) -> QuartTrio:
     async def status() -> Any:
         return service.status()
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        text = service.telemetry.prometheus_text() if service.telemetry else ""
+        return Response(text, content_type=PROMETHEUS_TEXT)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
@@ -110,6 +117,10 @@ def create_app(service: Service) -> QuartTrio:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return error(500, f"Internal error: {type(exc).__name__}.")
 
+    # A server span per request; the probes and the scrape would only add noise.
+    app.asgi_app = OpenTelemetryMiddleware(  # type: ignore[method-assign,assignment]
+        app.asgi_app, excluded_urls="healthz,readyz,metrics", exclude_spans=["receive", "send"]
+    )
     return app
 
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
+from opentelemetry import trace
 
 T = TypeVar("T")
+_tracer = trace.get_tracer(__name__)
 
 
 class ThreadLane:
@@ -37,6 +39,12 @@ class ThreadLane:
             with self._lock:
                 self._started[call_id] = time.monotonic()
             try:
+                # Trio runs this in a copy of the caller's context: inside a file's span, the
+                # call gets a child span of its own, in the thread; a bare call gets none.
+                if trace.get_current_span().get_span_context().is_valid:
+                    name = f"{self.name} {getattr(fn, '__name__', 'call')}"
+                    with _tracer.start_as_current_span(name):
+                        return fn(*args, **kwargs)
                 return fn(*args, **kwargs)
             finally:
                 with self._lock:

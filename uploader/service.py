@@ -25,7 +25,7 @@ from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
 from uploader.recovery import Recovered, recover
 from uploader.session import SessionControl
-from uploader.telemetry import Metrics
+from uploader.telemetry import Metrics, Telemetry
 from uploader.worker import Pipeline, WorkItem
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,15 @@ def make_lanes(settings: Settings) -> Lanes:
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
+        self.telemetry = telemetry
         self.layout = Layout(
             settings.nfs_incoming_dir, settings.nfs_processing_root, settings.local_staging_root
         )
         self.lanes = make_lanes(settings)
         self.progress = Progress()
-        self.metrics = Metrics.create()
+        self.metrics = Metrics.create(queue_depth=self.queue_depth)
         self.ready = False
         self.sessions: SessionControl | None = None
         self.store: BlobStore | None = None

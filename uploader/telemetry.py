@@ -1,18 +1,52 @@
-"""Logs (one JSON object per line), traces and metrics."""
+"""Logs, traces and metrics: configured only through the standard ``OTEL_*`` variables.
+
+- Logs: one JSON object per line on stderr, with ``trace_id`` and ``span_id`` inside a span;
+  exported over OTLP through the logging bridge when an endpoint is set.
+- Traces: a server span per API request (not the probes) and a span per file with child
+  spans for each step; exported over OTLP/HTTP when an endpoint is set.
+- Metrics: exported over OTLP/HTTP when an endpoint is set, and always scrapeable at
+  ``GET /metrics`` in Prometheus text format.
+
+With no endpoint set, nothing is exported and nothing complains.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import os
 import sys
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from opentelemetry import metrics, trace
+from opentelemetry import _logs, metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Histogram,
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    MetricReader,
+    MetricsData,
+    NumberDataPoint,
+    PeriodicExportingMetricReader,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-_STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-NOISY_LOGGERS = ("azure", "urllib3", "hypercorn.access", "hypercorn.error", "quart.serving")
+_STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+NOISY_LOGGERS = ("azure", "urllib3", "hypercorn.access", "quart.serving")
+SHUTDOWN_BUDGET_S = 3.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,6 +81,79 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _endpoint_set(signal: str) -> bool:
+    """Whether OTLP export of ``signal`` (traces, metrics, logs) is configured and wanted."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    )
+
+
+@dataclass
+class Telemetry:
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    logger_provider: LoggerProvider
+    scrape_reader: InMemoryMetricReader
+    exporting: dict[str, bool] = field(default_factory=dict)
+
+    def prometheus_text(self) -> str:
+        return render_prometheus(self.scrape_reader.get_metrics_data())
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters, giving up after a few seconds (a dead collector
+        must not hold up the exit)."""
+
+        def stop() -> None:
+            for provider in (self.tracer_provider, self.meter_provider, self.logger_provider):
+                with contextlib.suppress(Exception):  # best effort on the way out
+                    provider.shutdown()
+
+        stopper = threading.Thread(target=stop, name="telemetry-shutdown", daemon=True)
+        stopper.start()
+        stopper.join(SHUTDOWN_BUDGET_S)
+
+
+def setup_telemetry() -> Telemetry:
+    """Install the SDK providers globally; OTLP exporters only where an endpoint is set."""
+    # Service name and attributes come from OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES.
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "uploader")})
+    exporting = {signal: _endpoint_set(signal) for signal in ("traces", "metrics", "logs")}
+
+    tracer_provider = TracerProvider(resource=resource)
+    if exporting["traces"]:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(tracer_provider)
+
+    scrape_reader = InMemoryMetricReader()
+    readers: list[MetricReader] = [scrape_reader]
+    if exporting["metrics"]:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    metrics.set_meter_provider(meter_provider)
+
+    logger_provider = LoggerProvider(resource=resource)
+    if exporting["logs"]:
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+        from opentelemetry.instrumentation.logging.handler import LoggingHandler
+
+        logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
+        bridge = LoggingHandler(level=logging.INFO, logger_provider=logger_provider)
+        # The exporter's own complaints go to stderr only, never back into the export.
+        bridge.addFilter(lambda record: not record.name.startswith("opentelemetry"))
+        logging.getLogger().addHandler(bridge)
+    _logs.set_logger_provider(logger_provider)
+    return Telemetry(tracer_provider, meter_provider, logger_provider, scrape_reader, exporting)
+
+
 @dataclass(frozen=True)
 class Metrics:
     files_processed: metrics.Counter
@@ -54,12 +161,22 @@ class Metrics:
     files_quarantined: metrics.Counter
     upload_duration: metrics.Histogram
     file_size: metrics.Histogram
-    bytes_sent: metrics.Counter
+    bytes_uploaded: metrics.Counter
     in_flight: metrics.UpDownCounter
 
     @classmethod
-    def create(cls, meter: metrics.Meter | None = None) -> Metrics:
+    def create(
+        cls, meter: metrics.Meter | None = None, *, queue_depth: Callable[[], int] = lambda: 0
+    ) -> Metrics:
         meter = meter or metrics.get_meter("uploader")
+
+        def observe_queue(options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(queue_depth())
+
+        meter.create_observable_up_down_counter(
+            "queue.depth", callbacks=[observe_queue], unit="{file}",
+            description="Stable files waiting for a worker",
+        )
         return cls(
             files_processed=meter.create_counter(
                 "files.processed", unit="{file}", description="Files uploaded, verified and completed"
@@ -76,10 +193,74 @@ class Metrics:
             file_size=meter.create_histogram(
                 "file.size", unit="By", description="Size of each completed file"
             ),
-            bytes_sent=meter.create_counter(
-                "bytes.uploaded", unit="By", description="Bytes sent to blob storage"
+            bytes_uploaded=meter.create_counter(
+                "bytes.uploaded", unit="By", description="Bytes of completed files"
             ),
             in_flight=meter.create_up_down_counter(
                 "files.in_flight", unit="{file}", description="Files inside a worker"
             ),
         )
+
+
+# --- Prometheus text exposition ----------------------------------------------------------
+
+_UNIT_SUFFIXES = {"s": "seconds", "By": "bytes", "ms": "milliseconds"}
+
+
+def prometheus_name(name: str, unit: str) -> str:
+    base = "".join(c if c.isalnum() else "_" for c in name)
+    suffix = _UNIT_SUFFIXES.get(unit)
+    if suffix and suffix not in base.split("_"):
+        base = f"{base}_{suffix}"
+    return base
+
+
+def _labels(attributes: Any, extra: dict[str, str] | None = None) -> str:
+    pairs = {**{str(k): str(v) for k, v in dict(attributes or {}).items()}, **(extra or {})}
+    if not pairs:
+        return ""
+    escaped = (
+        f'{"".join(c if c.isalnum() else "_" for c in key)}="'
+        + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        + '"'
+        for key, value in sorted(pairs.items())
+    )
+    return "{" + ",".join(escaped) + "}"
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def render_prometheus(data: MetricsData | None) -> str:
+    lines: list[str] = []
+    for resource_metrics in data.resource_metrics if data else []:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                name = prometheus_name(metric.name, metric.unit or "")
+                points = metric.data
+                if isinstance(points, Sum) and points.is_monotonic:
+                    kind, name = "counter", f"{name}_total"
+                elif isinstance(points, Sum | Gauge):
+                    kind = "gauge"
+                elif isinstance(points, Histogram):
+                    kind = "histogram"
+                else:  # exponential histograms are not used here
+                    continue
+                lines.append(f"# HELP {name} {metric.description}")
+                lines.append(f"# TYPE {name} {kind}")
+                for point in points.data_points:
+                    if isinstance(point, HistogramDataPoint):
+                        cumulative = 0
+                        bounds = [*point.explicit_bounds, math.inf]
+                        for bound, count in zip(bounds, point.bucket_counts, strict=True):
+                            cumulative += count
+                            label = _labels(point.attributes, {"le": _number(float(bound))})
+                            lines.append(f"{name}_bucket{label} {cumulative}")
+                        lines.append(f"{name}_sum{_labels(point.attributes)} {_number(point.sum)}")
+                        lines.append(f"{name}_count{_labels(point.attributes)} {point.count}")
+                    elif isinstance(point, NumberDataPoint):
+                        lines.append(f"{name}{_labels(point.attributes)} {_number(point.value)}")
+    return "\n".join(lines) + "\n"

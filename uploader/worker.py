@@ -92,23 +92,30 @@ class Pipeline:
 
     async def process(self, item: WorkItem) -> None:
         key = item.key
-        if not item.claimed:
-            outcome = await self._claim(item)
-            if outcome is not Claim.CLAIMED:
-                return
-        if key in self._active:
-            log.info("%s is already being uploaded", key)
-            return
-        self._active.add(key)
-        self.progress.in_flight += 1
-        self.metrics.in_flight.add(1)
-        attributes = {"session": key.session, "file": printable(key.rel), "date_prefix": key.date_prefix}
+        attributes: dict[str, str | int] = {
+            "session": key.session,
+            "file": printable(key.rel),
+            "date_prefix": key.date_prefix,
+            "attempt": item.attempts + 1,
+        }
         with tracer.start_as_current_span("file", attributes=attributes) as span:
+            if not item.claimed:
+                outcome = await self._claim(item)
+                if outcome is not Claim.CLAIMED:
+                    span.set_attribute("outcome", f"not claimed: {outcome.value}")
+                    return
+            if key in self._active:
+                span.set_attribute("outcome", "already being uploaded")
+                return
+            self._active.add(key)
+            self.progress.in_flight += 1
+            self.metrics.in_flight.add(1)
             try:
                 size = await self._upload(item)
             except Exception as exc:
                 span.set_attribute("outcome", "failed")
                 span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR, describe(exc))
                 await self._failed(item, exc)
             else:
                 span.set_attribute("outcome", "uploaded")
@@ -121,7 +128,7 @@ class Pipeline:
     async def _claim(self, item: WorkItem) -> Claim:
         key = item.key
         try:
-            with tracer.start_as_current_span("claim", attributes={"file": printable(key.rel)}):
+            with tracer.start_as_current_span("claim"):
                 outcome = await self.lanes.nfs.run(
                     fileops.claim,
                     self.layout.incoming_path(key),
@@ -164,11 +171,11 @@ class Pipeline:
 
         def sent(n: int) -> None:
             self.progress.bytes_sent += n
-            self.metrics.bytes_sent.add(n)
 
         started = trio.current_time()
-        with tracer.start_as_current_span("upload", attributes={"size": staged.size}):
+        with tracer.start_as_current_span("upload", attributes={"size": staged.size}) as span:
             report = await self.store.upload(staged, blob_name(key), on_sent=sent)
+            span.set_attribute("bytes_resumed", report.bytes_resumed)
         self.metrics.upload_duration.record(trio.current_time() - started)
         with tracer.start_as_current_span("complete"):
             await self.lanes.nfs.run(
@@ -186,6 +193,7 @@ class Pipeline:
         progress.bytes_resumed += report.bytes_resumed
         self.metrics.files_processed.add(1)
         self.metrics.file_size.record(staged.size)
+        self.metrics.bytes_uploaded.add(staged.size)
         log.info(
             "uploaded %s (%d bytes, %d resumed)", key, staged.size, report.bytes_resumed,
             extra={"session": key.session, "file": printable(key.rel)},

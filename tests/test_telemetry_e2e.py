@@ -1,0 +1,176 @@
+"""Traces, metrics and logs, as a real OTLP/HTTP receiver on loopback gets them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from azure.storage.blob import ContainerClient
+
+from tests.conftest import ServiceFactory
+from tests.faults.proxy import FaultProxy
+from tests.support.azurite import Azurite
+from tests.support.otlp import OtlpReceiver, SpanRecord
+from tests.support.service import Folders, ServiceProcess, wait_for, write_file
+from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
+
+MiB = 1024 * 1024
+SERVER = 2  # SpanKind.SERVER in the OTLP protobuf
+SIZES = {"a.bin": 1000, "b.bin": 3 * MiB, "big.bin": 10 * MiB, "fails-once.bin": 2000}
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def observed(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy, receiver: OtlpReceiver,
+    folders: Folders, container: ContainerClient,
+) -> ServiceProcess:
+    """A known workload: four files, one of which fails once before it goes up."""
+    service = service_factory(
+        connection_string=azurite.connection_string(port=proxy.port),
+        APP_AZURE_MAX_SINGLE_PUT_SIZE=str(4 * MiB),
+        APP_AZURE_MAX_BLOCK_SIZE=str(MiB),
+        APP_AZURE_RETRY_TOTAL="0",
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_SERVICE_NAME="uploader-under-test",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        OTEL_BLRP_SCHEDULE_DELAY="100",
+        OTEL_METRIC_EXPORT_INTERVAL="300",
+    )
+    for _ in range(3):
+        assert service.http.get("/healthz").status_code == 200
+    proxy.error(500, method="PUT", target="tele/fails-once.bin", times=1)
+    service.start_session("tele")
+    expected = {
+        f"{today()}/tele/{name}": write_file(folders.session("tele") / name, size, seed=i)
+        for i, (name, size) in enumerate(SIZES.items())
+    }
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    return service
+
+
+def spans_named(receiver: OtlpReceiver, name: str) -> list[SpanRecord]:
+    with receiver.lock:
+        return [s for s in receiver.spans if s.name == name]
+
+
+def test_one_file_is_one_trace_covering_its_whole_pipeline(
+    observed: ServiceProcess, receiver: OtlpReceiver
+) -> None:
+    def big_file_span() -> SpanRecord | None:
+        done = [s for s in spans_named(receiver, "file")
+                if s.attributes.get("file") == "big.bin" and s.attributes.get("outcome") == "uploaded"]
+        return done[0] if done else None
+
+    file_span = wait_for(big_file_span, timeout=20, what="the big file's span")
+    assert file_span.attributes["session"] == "tele"
+    assert file_span.attributes["size"] == SIZES["big.bin"]
+    assert file_span.resource["service.name"] == "uploader-under-test"
+
+    def children_of(span: SpanRecord) -> dict[str, SpanRecord]:
+        with receiver.lock:
+            return {s.name: s for s in receiver.spans if s.parent_span_id == span.span_id}
+
+    steps = wait_for(lambda: (c := children_of(file_span)) and {"claim", "stage", "upload", "complete"} <= set(c) and c,
+                     timeout=20, what="the step spans")
+    # The span context crosses into the worker threads: their calls are children of the steps.
+    assert "nfs stage_copy" in children_of(steps["stage"])
+    assert "nfs claim" in children_of(steps["claim"])
+    in_upload = children_of(steps["upload"])
+    assert "azure stage_block" in in_upload and "azure commit_block_list" in in_upload
+    assert all(s.trace_id == file_span.trace_id for s in steps.values())
+
+
+def test_the_failed_attempt_is_a_span_of_its_own(observed: ServiceProcess, receiver: OtlpReceiver) -> None:
+    def outcomes() -> list[str]:
+        return sorted(str(s.attributes.get("outcome")) for s in spans_named(receiver, "file")
+                      if s.attributes.get("file") == "fails-once.bin")
+
+    assert wait_for(lambda: outcomes() == ["failed", "uploaded"], timeout=20, what="both attempts")
+
+
+def test_api_requests_get_server_spans_but_probes_do_not(
+    observed: ServiceProcess, receiver: OtlpReceiver
+) -> None:
+    def server_paths() -> set[str]:
+        with receiver.lock:
+            return {
+                str(s.attributes.get("url.path") or s.attributes.get("http.target"))
+                for s in receiver.spans if s.kind == SERVER
+            }
+
+    assert "/v1/watch/start" in wait_for(server_paths, timeout=20, what="server spans")
+    assert "/healthz" not in server_paths()
+
+
+def test_the_five_metrics_have_the_workloads_values(
+    observed: ServiceProcess, receiver: OtlpReceiver
+) -> None:
+    wait_for(lambda: receiver.total("files.processed") == 4, timeout=20, what="files.processed")
+    assert receiver.total("files.failed") == 1
+    assert receiver.total("upload.duration") == 4  # histogram: one sample per upload
+    assert receiver.total("file.size") == 4
+    with receiver.lock:
+        assert receiver.metrics["file.size"][0]["sum"] == sum(SIZES.values())
+        assert receiver.metrics["queue.depth"][0]["value"] == 0
+        assert receiver.metrics["bytes.uploaded"][0]["value"] == sum(SIZES.values())
+        assert "files.in_flight" in receiver.metrics
+
+
+def test_metrics_are_scrapeable_in_prometheus_format(observed: ServiceProcess) -> None:
+    answer = observed.http.get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = set(answer.text.splitlines())
+    assert "# TYPE files_processed_total counter" in lines
+    assert "files_processed_total 4" in lines
+    assert "# TYPE upload_duration_seconds histogram" in lines
+    assert "upload_duration_seconds_count 4" in lines
+    assert f"file_size_bytes_sum {sum(SIZES.values())}" in lines
+    assert "queue_depth 0" in lines
+    assert 'files_failed_total{disposition="retryable"} 1' in lines
+
+
+def test_logs_are_json_lines_that_carry_the_trace(
+    observed: ServiceProcess, receiver: OtlpReceiver
+) -> None:
+    lines = [json.loads(line) for line in observed.log().splitlines() if line.startswith("{")]
+    uploaded = [e for e in lines if e["message"].endswith("/tele/big.bin (10485760 bytes, 0 resumed)")]
+    assert len(uploaded) == 1
+    entry = uploaded[0]
+    assert entry["session"] == "tele" and entry["file"] == "big.bin"
+    wait_for(
+        lambda: entry["trace_id"] in {
+            s.trace_id for s in spans_named(receiver, "file") if s.attributes.get("file") == "big.bin"
+        },
+        timeout=20, what="the log's trace among the file's spans",
+    )
+
+    def exported() -> list[object]:
+        with receiver.lock:
+            return [r for r in receiver.logs if str(r.body).startswith("uploaded") and "big.bin" in str(r.body)]
+
+    record = wait_for(exported, timeout=20, what="the OTLP log record")[0]
+    assert record.trace_id == entry["trace_id"]  # type: ignore[attr-defined]
+
+
+def test_without_an_endpoint_nothing_is_exported_and_nothing_complains(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory()
+    service.start_session("quiet")
+    write_file(folders.session("quiet") / "q.bin", 100)
+    wait_for_blobs(container, {f"{today()}/quiet/q.bin"})
+    assert "files_processed_total 1" in service.http.get("/metrics").text
+    service.stop()
+    noisy = [line for line in service.log().splitlines()
+             if '"level": "warning"' in line or '"level": "error"' in line or "opentelemetry" in line]
+    assert noisy == []

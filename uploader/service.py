@@ -24,7 +24,7 @@ from uploader.lanes import Lanes, ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
 from uploader.recovery import Recovered, recover
-from uploader.session import SessionControl
+from uploader.session import SessionControl, SessionState
 from uploader.telemetry import Metrics, Telemetry
 from uploader.worker import Pipeline, WorkItem
 
@@ -61,10 +61,11 @@ class Service:
         self._send: trio.MemorySendChannel[WorkItem] | None = None
 
     def queue_depth(self) -> int:
+        # Also read by the metrics exporter's thread: a length read, safe under the GIL.
         return 0 if self._queue is None else self._queue.statistics().current_buffer_used
 
     def status(self) -> dict[str, object]:
-        session = self.sessions.state.public() if self.sessions else {"active": False}
+        session = (self.sessions.state if self.sessions else SessionState()).public()
         return {
             **session,
             "ready": self.ready,

@@ -88,7 +88,13 @@ class Pipeline:
     async def _work(self, receive: trio.MemoryReceiveChannel[WorkItem]) -> None:
         async with receive:
             async for item in receive:
-                await self.process(item)
+                try:
+                    await self.process(item)
+                except Exception as exc:
+                    # A bug must not take the other files down with it: the file stays where
+                    # it is (incoming or claimed, where GC finds it) and the worker goes on.
+                    log.exception("unexpected error on %s", item.key)
+                    self.progress.note_error(f"{item.key}: {describe(exc)}")
 
     async def process(self, item: WorkItem) -> None:
         key = item.key
@@ -181,10 +187,10 @@ class Pipeline:
             await self.lanes.nfs.run(
                 fileops.mark_completed, processing, layout.completed_path(key), staged
             )
-        # The completed file is GC's now; a full channel only means the periodic sweep does it.
+        # Done: what follows is cleanup, which GC's sweep repeats should it fail here.
         with contextlib.suppress(trio.WouldBlock):
             self._completed_send.send_nowait(layout.completed_path(key))
-        await self.lanes.staging.run(fileops.remove_quietly, staged.path)
+        await self._drop_staging(key)
         progress = self.progress
         progress.claimed.discard(key)
         progress.files_processed += 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from uploader.config import MiB, SettingsError, load_settings
+from uploader.config import MiB, SettingsError, blob_endpoint, load_settings
 
 ACCOUNT_URL = "https://acct.blob.core.windows.net"
 ACCOUNT_KEY = "c2VjcmV0LWFjY291bnQta2V5LXZhbHVl/Zz+Q=="
@@ -260,6 +260,30 @@ def test_key_auth_with_key_but_no_account_name_is_refused() -> None:
 
 
 @pytest.mark.parametrize("mode", ["auto", "default"])
+def test_token_auth_takes_the_account_url_from_the_connection_string(mode: str) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APP_AZURE_AUTH", mode)
+        mp.delenv("APP_AZURE_ACCOUNT_URL", raising=False)
+        mp.setenv("APP_AZURE_CONNECTION_STRING", CONNECTION_STRING)
+        assert load_settings().token_account_url == "https://acct.blob.core.windows.net"
+
+
+@pytest.mark.parametrize(
+    ("connection_string", "url"),
+    [
+        ("BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1/;AccountName=x;AccountKey=eQ==",
+         "http://127.0.0.1:10000/devstoreaccount1"),
+        ("UseDevelopmentStorage=true", "http://127.0.0.1:10000/devstoreaccount1"),
+        ("DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=eQ==;EndpointSuffix=core.chinacloudapi.cn",
+         "https://acct.blob.core.chinacloudapi.cn"),
+        ("SharedAccessSignature=sv=x", None),
+    ],
+)
+def test_blob_endpoint_of_a_connection_string(connection_string: str, url: str | None) -> None:
+    assert blob_endpoint(connection_string) == url
+
+
+@pytest.mark.parametrize("mode", ["auto", "default"])
 def test_token_auth_without_account_url_is_refused(mode: str) -> None:
     message = settings_error(APP_AZURE_AUTH=mode, APP_AZURE_ACCOUNT_URL=None)
     assert "\n" not in message
@@ -282,9 +306,9 @@ def test_backoff_cap_below_base_is_refused() -> None:
         {"APP_AZURE_CONTAINER": None},
         {"APP_NFS_INCOMING_DIR": "/srv", "APP_NFS_PROCESSING_ROOT": "/srv/p"},
         {"APP_AZURE_AUTH": "magic"},
-        {"APP_AZURE_ACCOUNT_URL": None},
+        {"APP_MAX_QUEUE_SIZE": "-1"},
     ],
-    ids=["port", "container", "no-container", "folders", "auth", "no-url"],
+    ids=["port", "container", "no-container", "folders", "auth", "queue"],
 )
 def test_secrets_are_not_in_message_of_unrelated_error(bad: dict[str, str | None]) -> None:
     message = settings_error(

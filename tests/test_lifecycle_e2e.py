@@ -211,3 +211,14 @@ def test_port_in_use_stops_start_up_with_a_clear_line(service_factory: ServiceFa
     assert second.proc.wait(timeout=30) == 1
     assert "cannot listen on 127.0.0.1" in second.log()
 
+
+
+def test_default_auth_with_only_a_connection_string_to_plain_http_uses_the_key(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    """APP_AZURE_AUTH left at auto: no token goes over http, so the key is used at once."""
+    service = service_factory(APP_AZURE_AUTH=None)
+    assert "DefaultAzureCredential needs an https://" in service.log()
+    service.start_session("auto")
+    data = write_file(folders.session("auto") / "a.txt", 10)
+    assert wait_for_blobs(container, {f"{today()}/auto/a.txt"})[f"{today()}/auto/a.txt"] == data

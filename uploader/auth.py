@@ -134,10 +134,10 @@ def connect_with_default_credential(settings: Settings, pool_size: int) -> Conne
         credential = DefaultAzureCredential()
     except ValueError as exc:  # AZURE_TOKEN_CREDENTIALS names no credential, for one
         raise StartupError(f"cannot build {DEFAULT_CREDENTIAL}: {exc}") from None
-    assert settings.azure_account_url  # required for auto and default (config.py)
+    assert settings.token_account_url  # required for auto and default (config.py)
     try:
         client = BlobServiceClient(
-            settings.azure_account_url,
+            settings.token_account_url,
             credential=credential,
             **client_options(settings, pool_size),
         )
@@ -154,8 +154,9 @@ def connections_to_try(settings: Settings, pool_size: int) -> Iterator[Connectio
     token credential.
     """
     if settings.azure_auth in ("auto", "default"):
-        assert settings.azure_account_url  # required for auto and default (config.py)
-        if settings.azure_account_url.lower().startswith("https://"):
+        url = settings.token_account_url
+        assert url  # required for auto and default (config.py)
+        if url.lower().startswith("https://"):
             yield connect_with_default_credential(settings, pool_size)
         else:
             # The SDK refuses a token credential with a plain http URL ("Token credential is

@@ -132,11 +132,24 @@ class Settings(BaseSettings):
                 "APP_AZURE_AUTH=key needs APP_AZURE_CONNECTION_STRING, or APP_AZURE_ACCOUNT_URL "
                 "with APP_AZURE_ACCOUNT_NAME and APP_AZURE_ACCOUNT_KEY"
             )
-        if self.azure_auth != "key" and self.azure_account_url is None:
-            raise ValueError(f"APP_AZURE_AUTH={self.azure_auth} needs APP_AZURE_ACCOUNT_URL")
+        if self.azure_auth != "key" and self.token_account_url is None:
+            raise ValueError(
+                f"APP_AZURE_AUTH={self.azure_auth} needs APP_AZURE_ACCOUNT_URL "
+                "(or a connection string that names the blob endpoint)"
+            )
         if self.retry_backoff_max_s < self.retry_backoff_s:
             raise ValueError("APP_RETRY_BACKOFF_MAX_S must not be smaller than APP_RETRY_BACKOFF_S")
         return self
+
+    @property
+    def token_account_url(self) -> str | None:
+        """The account URL a token credential talks to: the setting, else the connection
+        string's blob endpoint."""
+        if self.azure_account_url is not None:
+            return self.azure_account_url
+        if self.azure_connection_string is None:
+            return None
+        return blob_endpoint(self.azure_connection_string.get_secret_value())
 
     @property
     def has_key_credentials(self) -> bool:
@@ -145,6 +158,25 @@ class Settings(BaseSettings):
         return bool(
             self.azure_account_url and self.azure_account_name and self.azure_account_key
         )
+
+
+def blob_endpoint(connection_string: str) -> str | None:
+    """The blob endpoint a connection string names, or None."""
+    fields = {}
+    for part in connection_string.split(";"):
+        name, _, value = part.partition("=")
+        if name.strip():
+            fields[name.strip().lower()] = value.strip()
+    if fields.get("blobendpoint"):
+        return fields["blobendpoint"].rstrip("/")
+    if fields.get("usedevelopmentstorage", "").lower() == "true":
+        return "http://127.0.0.1:10000/devstoreaccount1"
+    account = fields.get("accountname")
+    if not account:
+        return None
+    protocol = fields.get("defaultendpointsprotocol", "https")
+    suffix = fields.get("endpointsuffix", "core.windows.net")
+    return f"{protocol}://{account}.blob.{suffix}"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -1,7 +1,9 @@
 """Blob storage: the container check at start-up, and verified, resumable uploads.
 
 Every byte is checked by the storage service itself: a small file goes up in one Put Blob
-with its Content-MD5, a large one as blocks that each carry their own Content-MD5. Azure
+with its Content-MD5, a large one as blocks that each carry their own Content-MD5, all taken
+while the file was copied to staging (so each byte is hashed once, and what is sent is
+checked against what was read from NFS). Azure
 does not check a whole-blob MD5 when blocks are committed, so the per-block check is what
 proves the bytes; the blob's size and stored MD5 are read back before a file counts as done.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import trio
 from azure.core.exceptions import (
@@ -34,7 +37,22 @@ from uploader.fileops import StagedFile, read_block
 from uploader.lanes import Lanes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PROBE_BLOB = ".uploader-probe"
+
+
+def _md5_checked(request: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Make a request that carries a Content-MD5; storage refusing it means the bytes read
+    from staging are not the bytes that were hashed while copying."""
+    try:
+        return request(*args, **kwargs)
+    except HttpResponseError as exc:
+        message = str(exc.message or "").lower()
+        if exc.status_code == 400 and (
+            getattr(exc, "error_code", None) == "Md5Mismatch" or "md5" in message
+        ):
+            raise IntegrityError(f"storage found the bytes do not match their MD5: {describe(exc)}") from None
+        raise
 
 
 def block_id(index: int, md5: bytes) -> str:
@@ -91,15 +109,16 @@ class BlobStore:
     async def _put_whole(
         self, blob: BlobClient, staged: StagedFile, on_sent: Callable[[int], None]
     ) -> UploadReport:
-        data = await self.lanes.staging.run(read_block, staged.path, 0, staged.size, staged.md5)
+        data = await self.lanes.staging.run(read_block, staged.path, 0, staged.size)
         answer = await self.lanes.azure.run(
+            _md5_checked,
             blob.upload_blob,
             data,
             blob_type="BlockBlob",
             length=len(data),
             overwrite=True,
-            validate_content=True,
             max_concurrency=1,
+            transactional_content_md5=bytearray(staged.md5),
             content_settings=ContentSettings(content_md5=bytearray(staged.md5)),
         )
         on_sent(len(data))
@@ -131,11 +150,14 @@ class BlobStore:
             nonlocal sent
             async for index in todo:
                 length = staged.block_length(index)
-                data = await staging.run(
-                    read_block, staged.path, index * staged.block_size, length, staged.block_md5s[index]
-                )
+                data = await staging.run(read_block, staged.path, index * staged.block_size, length)
                 await azure.run(
-                    blob.stage_block, ids[index], data, length=length, validate_content=True
+                    _md5_checked,
+                    blob.stage_block,
+                    ids[index],
+                    data,
+                    length=length,
+                    transactional_content_md5=bytearray(staged.block_md5s[index]),
                 )
                 sent += length
                 on_sent(length)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from uploader.errors import (
-    IntegrityError,
     NotARegularFile,
     SourceChanged,
     SourceVanished,
@@ -201,19 +200,14 @@ def stage_copy(source: Path, target: Path, block_size: int) -> StagedFile:
     return StagedFile(target, size, before.st_mtime_ns, whole.digest(), block_size, tuple(blocks))
 
 
-def read_block(path: Path, offset: int, length: int, md5: bytes) -> bytes:
-    """Read a block of a staging copy, checked against the MD5 taken when it was copied.
-
-    The block id and the blob's stored MD5 come from the copy; this check ties them to the
-    bytes actually sent, whatever happened to the staging file in between.
-    """
+def read_block(path: Path, offset: int, length: int) -> bytes:
+    """Read a block of a staging copy. Its bytes are not hashed again here: they go up with
+    the MD5 taken while copying, and storage refuses them if they differ."""
     with open(path, "rb") as staged:
         staged.seek(offset)
         data = staged.read(length)
     if len(data) != length:
         raise SourceChanged(f"staging copy {path} is shorter than expected")
-    if hashlib.md5(data, usedforsecurity=False).digest() != md5:
-        raise IntegrityError(f"staging copy {path} changed at offset {offset}")
     return data
 
 

@@ -1,0 +1,108 @@
+"""The blob store against a real Azurite, in-process: verified, resumable uploads."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import ContainerClient
+
+from tests.support.azurite import Azurite
+from tests.support.service import random_bytes
+from uploader.blobstore import BlobStore, block_id, open_blob_store
+from uploader.config import Settings
+from uploader.errors import IntegrityError
+from uploader.fileops import StagedFile, stage_copy
+from uploader.service import make_lanes
+
+KiB = 1024
+
+
+@pytest.fixture
+async def store(azurite: Azurite, container_name: str, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    settings = Settings(
+        azure_auth="key",
+        azure_connection_string=azurite.connection_string(),
+        azure_container=container_name,
+        azure_max_block_size=64 * KiB,
+        azure_max_single_put_size=100 * KiB,
+        azure_retry_total=0,
+        nfs_incoming_dir=tmp_path / "in",
+        nfs_processing_root=tmp_path / "proc",
+        local_staging_root=tmp_path / "stage",
+    )
+    store = await open_blob_store(settings, make_lanes(settings))
+    yield store
+    store.close()
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def staged_file(tmp_path: Path, data: bytes, name: str = "f.bin") -> StagedFile:
+    source = tmp_path / "proc" / name
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(data)
+    return stage_copy(source, tmp_path / "stage" / name, 64 * KiB)
+
+
+@pytest.mark.parametrize("size", [0, 1, 100 * KiB, 100 * KiB + 1, 64 * KiB * 5 + 3])
+async def test_uploads_are_byte_identical_with_their_md5_stored(
+    store: BlobStore, container: ContainerClient, tmp_path: Path, size: int
+) -> None:
+    data = random_bytes(size, seed=size)
+    staged = staged_file(tmp_path, data)
+    report = await store.upload(staged, "d/s/f.bin")
+    blob = container.get_blob_client("d/s/f.bin")
+    assert blob.download_blob().readall() == data
+    stored = blob.get_blob_properties().content_settings.content_md5
+    assert bytes(stored) == hashlib.md5(data).digest()
+    assert report.bytes_sent == size and report.bytes_resumed == 0
+
+
+async def test_a_staging_copy_changed_after_hashing_is_refused_by_storage(
+    store: BlobStore, container: ContainerClient, tmp_path: Path
+) -> None:
+    for size in (50 * KiB, 300 * KiB):  # one Put Blob; blocks
+        staged = staged_file(tmp_path, random_bytes(size, seed=1), name=f"{size}.bin")
+        overwrite(staged.path, size // 2, b"\x00corrupt\x00")
+        with pytest.raises(IntegrityError):
+            await store.upload(staged, f"d/s/{size}.bin")
+        assert not container.get_blob_client(f"d/s/{size}.bin").exists()
+
+
+async def test_blocks_already_staged_are_not_sent_again(
+    store: BlobStore, container: ContainerClient, tmp_path: Path
+) -> None:
+    data = random_bytes(64 * KiB * 6, seed=2)
+    staged = staged_file(tmp_path, data)
+    blob = container.get_blob_client("d/s/f.bin")
+    for index in (0, 1, 2, 4):  # as a run that was killed half way left them
+        chunk = data[index * 64 * KiB : (index + 1) * 64 * KiB]
+        blob.stage_block(block_id(index, staged.block_md5s[index]), chunk)
+    report = await store.upload(staged, "d/s/f.bin")
+    assert report.bytes_resumed == 4 * 64 * KiB
+    assert report.bytes_sent == 2 * 64 * KiB
+    assert blob.download_blob().readall() == data
+
+
+async def test_a_staged_block_of_the_wrong_size_is_sent_again(
+    store: BlobStore, container: ContainerClient, tmp_path: Path
+) -> None:
+    data = random_bytes(64 * KiB * 3, seed=3)
+    staged = staged_file(tmp_path, data)
+    blob = container.get_blob_client("d/s/f.bin")
+    blob.stage_block(block_id(0, staged.block_md5s[0]), data[: 64 * KiB - 1])
+    report = await store.upload(staged, "d/s/f.bin")
+    assert report.bytes_resumed == 0
+    assert blob.download_blob().readall() == data
+
+
+async def test_the_probe_writes_nothing_visible(store: BlobStore, container: ContainerClient) -> None:
+    assert await store.probe() is True
+    assert list(container.list_blobs()) == []

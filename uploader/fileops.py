@@ -21,6 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from opentelemetry import trace
+
 from uploader.errors import (
     NotARegularFile,
     SourceChanged,
@@ -30,6 +32,7 @@ from uploader.errors import (
 )
 
 T = TypeVar("T")
+_tracer = trace.get_tracer(__name__)
 COPY_CHUNK = 1024 * 1024
 MAX_BLOCKS_PER_BLOB = 50_000  # Azure's limit for a block blob
 
@@ -227,6 +230,44 @@ def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> Non
     if (now.st_size, now.st_mtime_ns) != (staged.size, staged.mtime_ns):
         raise SourceChanged(f"{processing} changed after it was uploaded")
     in_folder(completed, lambda: os.rename(processing, completed))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What ``claim_and_stage`` did: the claim's outcome and, once claimed, the staged copy
+    or what stopped it (the file is claimed either way)."""
+
+    outcome: Claim
+    staged: StagedFile | None = None
+    stage_error: Exception | None = None
+
+
+def claim_and_stage(
+    source: Path, target: Path, staging: Path, expected: tuple[int, int] | None, block_size: int
+) -> Claimed:
+    """Claim a file and copy it to staging, in one trip to a worker thread (each trip costs
+    a thread wake-up and a wake-up of the event loop: per small file, that adds up)."""
+    outcome = claim(source, target, expected)
+    if outcome is not Claim.CLAIMED:
+        return Claimed(outcome)
+    with _tracer.start_as_current_span("stage"):
+        try:
+            return Claimed(outcome, stage_copy(target, staging, block_size))
+        except Exception as exc:
+            return Claimed(outcome, stage_error=exc)
+
+
+def finish(processing: Path, completed: Path, staged: StagedFile) -> list[str]:
+    """Mark a verified file completed and delete it and its staging copy; returns the
+    cleanup that failed (GC's sweep repeats it), one line each."""
+    mark_completed(processing, completed, staged)
+    problems = []
+    for path in (completed, staged.path):
+        try:
+            remove_quietly(path)
+        except OSError as exc:
+            problems.append(describe(exc))
+    return problems
 
 
 def remove_quietly(path: Path) -> None:

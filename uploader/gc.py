@@ -1,8 +1,8 @@
 """GC: deletes completed files, orphaned staging copies and empty folders.
 
-Workers hand each completed file over at once, so NFS empties as fast as uploads finish;
-a sweep every ``gc_interval_s`` (and one at start-up) catches whatever a crash or a
-failing share left behind. The sweep also re-queues a claimed file that no worker owns
+Workers delete each file they complete at once, so NFS empties as fast as uploads finish;
+a sweep every ``gc_interval_s`` (and one at start-up) deletes whatever a crash or a failing
+share left behind. The sweep also re-queues a claimed file that no worker owns
 (say, recovery could not see it through a failing share): found unowned by two sweeps in
 a row, it is queued again, so no claimed file waits for the next restart.
 """
@@ -102,7 +102,6 @@ def _dated_folders(root: Path) -> list[Path]:
 
 
 async def run(
-    completed: trio.MemoryReceiveChannel[Path],
     requeue: trio.MemorySendChannel[WorkItem],
     *,
     layout: Layout,
@@ -111,34 +110,22 @@ async def run(
     interval_s: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_delete_completed, completed, lanes)
-        task_status.started()
-        suspects: set[FileKey] = set()
-        async with requeue:
-            while True:
-                try:
-                    result = await lanes.nfs.run(sweep, layout, progress)
-                except OSError as exc:
-                    log.warning("GC sweep failed: %s", describe(exc))
-                else:
-                    if any(result.counts.values()):
-                        log.info("GC removed %(completed)d completed files, %(staging)d staging "
-                                 "copies and %(folders)d empty folders", result.counts)
-                    for key in sorted(suspects & result.unowned):
-                        if not progress.is_claimed(key):
-                            log.warning("queueing %s again: claimed, but no worker had it", key)
-                            progress.claimed.add(key)
-                            await requeue.send(WorkItem(key, claimed=True))
-                    suspects = result.unowned - suspects
-                await trio.sleep(interval_s)
-
-
-async def _delete_completed(completed: trio.MemoryReceiveChannel[Path], lanes: Lanes) -> None:
-    async with completed:
-        async for path in completed:
+    task_status.started()
+    suspects: set[FileKey] = set()
+    async with requeue:
+        while True:
             try:
-                await lanes.nfs.run(remove_quietly, path)
+                result = await lanes.nfs.run(sweep, layout, progress)
             except OSError as exc:
-                # The sweep deletes it later.
-                log.warning("cannot delete completed %s yet: %s", path, describe(exc))
+                log.warning("GC sweep failed: %s", describe(exc))
+            else:
+                if any(result.counts.values()):
+                    log.info("GC removed %(completed)d completed files, %(staging)d staging "
+                             "copies and %(folders)d empty folders", result.counts)
+                for key in sorted(suspects & result.unowned):
+                    if not progress.is_claimed(key):
+                        log.warning("queueing %s again: claimed, but no worker had it", key)
+                        progress.claimed.add(key)
+                        await requeue.send(WorkItem(key, claimed=True))
+                suspects = result.unowned - suspects
+            await trio.sleep(interval_s)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from pathlib import Path
 
 import trio
 
@@ -29,7 +28,6 @@ from uploader.telemetry import Metrics, Telemetry
 from uploader.worker import Pipeline, WorkItem
 
 log = logging.getLogger(__name__)
-COMPLETED_BACKLOG = 10_000
 
 
 def make_lanes(settings: Settings) -> Lanes:
@@ -107,7 +105,6 @@ class Service:
         # Claimed before GC's first sweep, which would otherwise see them as unowned.
         self.progress.claimed.update(recovered.unfinished)
         send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)
-        completed_send, completed_receive = trio.open_memory_channel[Path](COMPLETED_BACKLOG)
         self._send, self._queue = send, receive
         pipeline = Pipeline(
             settings=settings,
@@ -117,13 +114,11 @@ class Service:
             progress=self.progress,
             metrics=self.metrics,
             retry_send=send.clone(),
-            completed_send=completed_send,
         )
         await root.start(pipeline.run, receive)
         await root.start(
             partial(
                 gc.run,
-                completed_receive,
                 send.clone(),
                 layout=layout,
                 lanes=lanes,

@@ -1,7 +1,8 @@
 """Logs, traces and metrics: configured only through the standard ``OTEL_*`` variables.
 
-- Logs: one JSON object per line on stderr, with ``trace_id`` and ``span_id`` inside a span;
-  exported over OTLP through the logging bridge when an endpoint is set.
+- Logs: one JSON object per line on stderr, with ``trace_id`` and ``span_id`` inside a span
+  (when traces are exported); exported over OTLP through the logging bridge when an
+  endpoint is set.
 - Traces: a server span per API request (not the probes) and a span per file with child
   spans for each step; exported over OTLP/HTTP when an endpoint is set.
 - Metrics: exported over OTLP/HTTP when an endpoint is set, and always scrapeable at
@@ -129,7 +130,9 @@ def setup_telemetry() -> Telemetry:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(tracer_provider)
+        trace.set_tracer_provider(tracer_provider)
+    # Otherwise the API's no-op tracer stays: spans nobody receives would cost every file
+    # a dozen span objects (and logs carry no trace ids, which would lead nowhere).
 
     scrape_reader = InMemoryMetricReader()
     readers: list[MetricReader] = [scrape_reader]

@@ -9,12 +9,10 @@ on NFS) succeeds. An outage of NFS or storage, which fails everyone, quarantines
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 from opentelemetry import trace
@@ -23,7 +21,7 @@ from uploader import fileops
 from uploader.blobstore import BlobStore
 from uploader.config import Settings
 from uploader.errors import Disposition, SourceChanged, backoff_delay, classify, describe
-from uploader.fileops import Claim, StagedFile
+from uploader.fileops import Claim, Claimed, StagedFile
 from uploader.lanes import Lanes
 from uploader.layout import FileKey, Layout, blob_name, printable
 from uploader.progress import Progress, utc_now_iso
@@ -58,7 +56,6 @@ class Pipeline:
         progress: Progress,
         metrics: Metrics,
         retry_send: trio.MemorySendChannel[WorkItem],
-        completed_send: trio.MemorySendChannel[Path],
     ) -> None:
         self.settings = settings
         self.layout = layout
@@ -67,7 +64,6 @@ class Pipeline:
         self.progress = progress
         self.metrics = metrics
         self._retry_send = retry_send
-        self._completed_send = completed_send
         self._nursery: trio.Nursery | None = None
         # Keys a worker is on right now: one file is never worked on twice at once.
         self._active: set[FileKey] = set()
@@ -105,11 +101,13 @@ class Pipeline:
             "attempt": item.attempts + 1,
         }
         with tracer.start_as_current_span("file", attributes=attributes) as span:
+            stage_error: Exception | None = None
             if not item.claimed:
-                outcome = await self._claim(item)
-                if outcome is not Claim.CLAIMED:
-                    span.set_attribute("outcome", f"not claimed: {outcome.value}")
+                claimed = await self._claim(item)
+                if claimed.outcome is not Claim.CLAIMED:
+                    span.set_attribute("outcome", f"not claimed: {claimed.outcome.value}")
                     return
+                item.staged, stage_error = claimed.staged, claimed.stage_error
             if key in self._active:
                 span.set_attribute("outcome", "already being uploaded")
                 return
@@ -117,6 +115,8 @@ class Pipeline:
             self.progress.in_flight += 1
             self.metrics.in_flight.add(1)
             try:
+                if stage_error is not None:
+                    raise stage_error
                 size = await self._upload(item)
             except Exception as exc:
                 span.set_attribute("outcome", "failed")
@@ -131,35 +131,48 @@ class Pipeline:
                 self.progress.in_flight -= 1
                 self.metrics.in_flight.add(-1)
 
-    async def _claim(self, item: WorkItem) -> Claim:
-        key = item.key
+    async def _claim(self, item: WorkItem) -> Claimed:
+        """Claim the file and, when it is ours now, stage it in the same trip to a thread."""
+        key, layout = item.key, self.layout
+        # A file whose name is already claimed here can only be the other half of an
+        # interrupted claim: finish the claim, but its owner stages and uploads it.
+        owned = key in self.progress.claimed
         try:
             with tracer.start_as_current_span("claim"):
-                outcome = await self.lanes.nfs.run(
-                    fileops.claim,
-                    self.layout.incoming_path(key),
-                    self.layout.processing_path(key),
-                    item.expected,
-                )
+                if owned:
+                    claimed = Claimed(
+                        await self.lanes.nfs.run(
+                            fileops.claim, layout.incoming_path(key), layout.processing_path(key),
+                            item.expected,
+                        )
+                    )
+                else:
+                    claimed = await self.lanes.nfs.run(
+                        fileops.claim_and_stage,
+                        layout.incoming_path(key),
+                        layout.processing_path(key),
+                        layout.staging_path(key),
+                        item.expected,
+                        self.settings.azure_max_block_size,
+                    )
         except OSError as exc:
             # Still in incoming: the watcher offers it again on a later scan.
             self.progress.note_error(f"claim {key}: {describe(exc)}")
             log.warning("cannot claim %s: %s", key, describe(exc))
-            return Claim.GONE
+            return Claimed(Claim.GONE)
         finally:
             if item.on_claim_settled is not None:
                 item.on_claim_settled()
-        if outcome is Claim.CLAIMED:
-            if key in self.progress.claimed:
-                # The claim finished one that an interrupted claim began; its owner uploads it.
-                return Claim.GONE
+        if claimed.outcome is Claim.CLAIMED:
+            if owned:
+                return Claimed(Claim.GONE)
             item.claimed = True
             self.progress.claimed.add(key)
-        elif outcome is Claim.GONE:
+        elif claimed.outcome is Claim.GONE:
             self.progress.files_skipped += 1
         else:
-            log.info("not claiming %s yet: %s", key, outcome.value)
-        return outcome
+            log.info("not claiming %s yet: %s", key, claimed.outcome.value)
+        return claimed
 
     async def _upload(self, item: WorkItem) -> int:
         key, layout = item.key, self.layout
@@ -184,13 +197,11 @@ class Pipeline:
             span.set_attribute("bytes_resumed", report.bytes_resumed)
         self.metrics.upload_duration.record(trio.current_time() - started)
         with tracer.start_as_current_span("complete"):
-            await self.lanes.nfs.run(
-                fileops.mark_completed, processing, layout.completed_path(key), staged
+            problems = await self.lanes.nfs.run(
+                fileops.finish, processing, layout.completed_path(key), staged
             )
-        # Done: what follows is cleanup, which GC's sweep repeats should it fail here.
-        with contextlib.suppress(trio.WouldBlock):
-            self._completed_send.send_nowait(layout.completed_path(key))
-        await self._drop_staging(key)
+        for problem in problems:
+            log.warning("cleanup after %s failed (GC retries it): %s", key, problem)
         progress = self.progress
         progress.claimed.discard(key)
         progress.files_processed += 1

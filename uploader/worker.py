@@ -1,4 +1,4 @@
-"""The workers: receive → claim → stage → upload → mark completed.
+"""The workers: receive → claim → stage → upload → mark completed, as a pipeline.
 
 A file that fails stays claimed, on NFS, and is tried again later in this process with
 capped exponential backoff. It is quarantined when its failure is permanent, or after
@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 from opentelemetry import trace
 
 from uploader import fileops
-from uploader.blobstore import BlobStore
+from uploader.blobstore import BlobStore, UploadReport
 from uploader.config import Settings
-from uploader.errors import Disposition, SourceChanged, backoff_delay, classify, describe
+from uploader.errors import (
+    Disposition,
+    IntegrityError,
+    SourceChanged,
+    backoff_delay,
+    classify,
+    describe,
+)
 from uploader.fileops import Claim, Claimed, StagedFile
 from uploader.lanes import Lanes
 from uploader.layout import FileKey, Layout, blob_name, printable
@@ -43,9 +50,30 @@ class WorkItem:
     attempts: int = 0
     successes_at_first_failure: int | None = None
     staged: StagedFile | None = None
+    report: UploadReport | None = None
+    # This attempt's span, carried from stage to stage.
+    span: trace.Span | None = None
+    in_pipeline: bool = False
+
+
+def _attributes(item: WorkItem) -> dict[str, str | int]:
+    return {
+        "session": item.key.session,
+        "file": printable(item.key.rel),
+        "date_prefix": item.key.date_prefix,
+        "attempt": item.attempts + 1,
+    }
 
 
 class Pipeline:
+    """Three stages, each with ``worker_concurrency`` tasks, joined by small channels:
+
+        claim + stage copy  →  upload + verify  →  mark completed + clean up
+
+    While one file goes up, the next ones are being claimed and copied and the last one is
+    being completed, so the uploads keep storage as busy as a plain upload loop would.
+    """
+
     def __init__(
         self,
         *,
@@ -65,7 +93,7 @@ class Pipeline:
         self.metrics = metrics
         self._retry_send = retry_send
         self._nursery: trio.Nursery | None = None
-        # Keys a worker is on right now: one file is never worked on twice at once.
+        # Files inside the pipeline: one file is never worked on twice at once.
         self._active: set[FileKey] = set()
 
     async def run(
@@ -74,62 +102,105 @@ class Pipeline:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run ``worker_concurrency`` workers on ``receive`` until cancelled."""
+        """Run the stages on ``receive`` until cancelled."""
+        width = self.settings.worker_concurrency
+        staged_send, staged_receive = trio.open_memory_channel[WorkItem](width)
+        uploaded_send, uploaded_receive = trio.open_memory_channel[WorkItem](width)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for _ in range(self.settings.worker_concurrency):
-                nursery.start_soon(self._work, receive.clone())
+            async with receive, staged_send, staged_receive, uploaded_send, uploaded_receive:
+                for _ in range(width):
+                    nursery.start_soon(self._stage_files, receive.clone(), staged_send.clone())
+                    nursery.start_soon(
+                        self._upload_files, staged_receive.clone(), uploaded_send.clone()
+                    )
+                    nursery.start_soon(self._finish_files, uploaded_receive.clone())
             task_status.started()
 
-    async def _work(self, receive: trio.MemoryReceiveChannel[WorkItem]) -> None:
+    async def _stage_files(
+        self, receive: trio.MemoryReceiveChannel[WorkItem], send: trio.MemorySendChannel[WorkItem]
+    ) -> None:
+        async with receive, send:
+            async for item in receive:
+                item.span = tracer.start_span("file", attributes=_attributes(item))
+                if await self._step(item, self._stage):
+                    await send.send(item)
+
+    async def _upload_files(
+        self, receive: trio.MemoryReceiveChannel[WorkItem], send: trio.MemorySendChannel[WorkItem]
+    ) -> None:
+        async with receive, send:
+            async for item in receive:
+                if await self._step(item, self._upload):
+                    await send.send(item)
+
+    async def _finish_files(self, receive: trio.MemoryReceiveChannel[WorkItem]) -> None:
         async with receive:
             async for item in receive:
-                try:
-                    await self.process(item)
-                except Exception as exc:
-                    # A bug must not take the other files down with it: the file stays where
-                    # it is (incoming or claimed, where GC finds it) and the worker goes on.
-                    log.exception("unexpected error on %s", item.key)
-                    self.progress.note_error(f"{item.key}: {describe(exc)}")
+                await self._step(item, self._finish)
 
-    async def process(self, item: WorkItem) -> None:
-        key = item.key
-        attributes: dict[str, str | int] = {
-            "session": key.session,
-            "file": printable(key.rel),
-            "date_prefix": key.date_prefix,
-            "attempt": item.attempts + 1,
-        }
-        with tracer.start_as_current_span("file", attributes=attributes) as span:
-            stage_error: Exception | None = None
-            if not item.claimed:
-                claimed = await self._claim(item)
-                if claimed.outcome is not Claim.CLAIMED:
-                    span.set_attribute("outcome", f"not claimed: {claimed.outcome.value}")
-                    return
-                item.staged, stage_error = claimed.staged, claimed.stage_error
-            if key in self._active:
-                span.set_attribute("outcome", "already being uploaded")
-                return
-            self._active.add(key)
-            self.progress.in_flight += 1
-            self.metrics.in_flight.add(1)
+    async def _step(self, item: WorkItem, step: Callable[[WorkItem], Awaitable[bool]]) -> bool:
+        """Run one stage of ``item`` inside its span: True if it goes on to the next stage."""
+        assert item.span is not None
+        with trace.use_span(item.span, end_on_exit=False):
             try:
-                if stage_error is not None:
-                    raise stage_error
-                size = await self._upload(item)
+                return await step(item)
             except Exception as exc:
-                span.set_attribute("outcome", "failed")
-                span.record_exception(exc)
-                span.set_status(trace.StatusCode.ERROR, describe(exc))
-                await self._failed(item, exc)
-            else:
-                span.set_attribute("outcome", "uploaded")
-                span.set_attribute("size", size)
-            finally:
-                self._active.discard(key)
-                self.progress.in_flight -= 1
-                self.metrics.in_flight.add(-1)
+                item.span.set_attribute("outcome", "failed")
+                item.span.record_exception(exc)
+                item.span.set_status(trace.StatusCode.ERROR, describe(exc))
+                self._leave(item)
+                try:
+                    await self._failed(item, exc)
+                except Exception as bug:
+                    # A bug must not take the other files down with it: the file stays where
+                    # it is (incoming, or claimed where GC finds it) and the stage goes on.
+                    log.exception("unexpected error on %s", item.key)
+                    self.progress.note_error(f"{item.key}: {describe(bug)}")
+                return False
+
+    def _enter(self, item: WorkItem) -> None:
+        self._active.add(item.key)
+        item.in_pipeline = True
+        self.progress.in_flight += 1
+        self.metrics.in_flight.add(1)
+
+    def _leave(self, item: WorkItem) -> None:
+        if item.in_pipeline:
+            item.in_pipeline = False
+            self._active.discard(item.key)
+            self.progress.in_flight -= 1
+            self.metrics.in_flight.add(-1)
+        if item.span is not None:
+            item.span.end()
+
+    async def _stage(self, item: WorkItem) -> bool:
+        key, span = item.key, item.span
+        assert span is not None
+        stage_error: Exception | None = None
+        if not item.claimed:
+            claimed = await self._claim(item)
+            if claimed.outcome is not Claim.CLAIMED:
+                span.set_attribute("outcome", f"not claimed: {claimed.outcome.value}")
+                span.end()
+                return False
+            item.staged, stage_error = claimed.staged, claimed.stage_error
+        if key in self._active:
+            span.set_attribute("outcome", "already being uploaded")
+            span.end()
+            return False
+        self._enter(item)
+        if stage_error is not None:
+            raise stage_error
+        if item.staged is None or not await self.lanes.staging.run(_still_staged, item.staged):
+            with tracer.start_as_current_span("stage"):
+                item.staged = await self.lanes.nfs.run(
+                    fileops.stage_copy,
+                    self.layout.processing_path(key),
+                    self.layout.staging_path(key),
+                    self.settings.azure_max_block_size,
+                )
+        return True
 
     async def _claim(self, item: WorkItem) -> Claimed:
         """Claim the file and, when it is ours now, stage it in the same trip to a thread."""
@@ -174,31 +245,27 @@ class Pipeline:
             log.info("not claiming %s yet: %s", key, claimed.outcome.value)
         return claimed
 
-    async def _upload(self, item: WorkItem) -> int:
-        key, layout = item.key, self.layout
-        processing = layout.processing_path(key)
+    async def _upload(self, item: WorkItem) -> bool:
         staged = item.staged
-        if staged is None or not await self.lanes.staging.run(_still_staged, staged):
-            with tracer.start_as_current_span("stage"):
-                staged = await self.lanes.nfs.run(
-                    fileops.stage_copy,
-                    processing,
-                    layout.staging_path(key),
-                    self.settings.azure_max_block_size,
-                )
-            item.staged = staged
+        assert staged is not None
 
         def sent(n: int) -> None:
             self.progress.bytes_sent += n
 
         started = trio.current_time()
         with tracer.start_as_current_span("upload", attributes={"size": staged.size}) as span:
-            report = await self.store.upload(staged, blob_name(key), on_sent=sent)
-            span.set_attribute("bytes_resumed", report.bytes_resumed)
+            item.report = await self.store.upload(staged, blob_name(item.key), on_sent=sent)
+            span.set_attribute("bytes_resumed", item.report.bytes_resumed)
         self.metrics.upload_duration.record(trio.current_time() - started)
+        return True
+
+    async def _finish(self, item: WorkItem) -> bool:
+        key, staged, report, span = item.key, item.staged, item.report, item.span
+        assert staged is not None and report is not None and span is not None
         with tracer.start_as_current_span("complete"):
             problems = await self.lanes.nfs.run(
-                fileops.finish, processing, layout.completed_path(key), staged
+                fileops.finish, self.layout.processing_path(key), self.layout.completed_path(key),
+                staged,
             )
         for problem in problems:
             log.warning("cleanup after %s failed (GC retries it): %s", key, problem)
@@ -215,12 +282,17 @@ class Pipeline:
             "uploaded %s (%d bytes, %d resumed)", key, staged.size, report.bytes_resumed,
             extra={"session": key.session, "file": printable(key.rel)},
         )
-        return staged.size
+        span.set_attribute("outcome", "uploaded")
+        span.set_attribute("size", staged.size)
+        self._leave(item)
+        return True
 
     async def _failed(self, item: WorkItem, exc: Exception) -> None:
         key, progress = item.key, self.progress
         disposition = classify(exc)
         reason = describe(exc)
+        if isinstance(exc, SourceChanged | IntegrityError):
+            item.staged = None  # the copy no longer stands for the file: make a new one
         item.attempts += 1
         if item.successes_at_first_failure is None:
             item.successes_at_first_failure = progress.successes

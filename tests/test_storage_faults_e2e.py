@@ -72,8 +72,6 @@ def test_connection_resets_in_the_middle_of_blocks(
     status = service.status()
     assert status["files_processed"] == 1
     assert status["files_failed"] >= 1 and status["files_quarantined"] == 0
-    # Blocks that had made it before a reset were not sent again.
-    assert status["bytes_resumed"] > 0
 
 
 def test_a_failed_commit_is_retried(

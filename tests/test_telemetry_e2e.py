@@ -94,7 +94,9 @@ def test_one_file_is_one_trace_covering_its_whole_pipeline(
     )
     # The span context crosses into the worker threads: the calls made there are under
     # the step that made them.
-    assert "stage" in below(steps["claim"])  # claimed and staged in one trip to a thread
+    assert "nfs claim" in below(steps["claim"])
+    # A large file is copied to staging while its blocks go up.
+    assert "stage" in below(steps["upload"]) and "nfs stage_copy" in below(steps["stage"])
     assert "azure stage_block" in below(steps["upload"])
     assert "azure commit_block_list" in below(steps["upload"])
     assert "nfs finish" in below(steps["complete"])

@@ -15,8 +15,10 @@ id and size are not sent again. Uncommitted blocks expire after 7 days on Azure.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -29,16 +31,18 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.storage.blob import BlobBlock, BlobClient, ContainerClient, ContentSettings
+from opentelemetry import trace
 
 from uploader.auth import Connection, Unusable, connections_to_try, no_fallback_note
 from uploader.config import Settings
 from uploader.errors import IntegrityError, StartupError, describe, first_leaf
-from uploader.fileops import StagedFile, read_block
+from uploader.fileops import StagedFile, read_block, stage_copy
 from uploader.lanes import Lanes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PROBE_BLOB = ".uploader-probe"
+tracer = trace.get_tracer(__name__)
 
 
 def _md5_checked(request: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -58,6 +62,14 @@ def _md5_checked(request: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def block_id(index: int, md5: bytes) -> str:
     # Fixed length for every block of a blob, as Azure requires; well under 64 bytes.
     return f"{index:05d}-{md5.hex()}"
+
+
+@dataclass(frozen=True)
+class _Block:
+    index: int
+    offset: int
+    length: int
+    md5: bytes
 
 
 @dataclass(frozen=True)
@@ -134,52 +146,108 @@ class BlobStore:
     async def _put_blocks(
         self, blob: BlobClient, staged: StagedFile, on_sent: Callable[[int], None]
     ) -> UploadReport:
+        blocks = trio.open_memory_channel[_Block](math.inf)
+        async with blocks[0] as ready:
+            for index, md5 in enumerate(staged.block_md5s):
+                ready.send_nowait(
+                    _Block(index, index * staged.block_size, staged.block_length(index), md5)
+                )
+        sent, resumed = await self._send_blocks(blob, staged.path, blocks[1], on_sent)
+        await self._commit(blob, staged)
+        return UploadReport(sent, resumed, len(staged.block_md5s))
+
+    async def upload_while_staging(
+        self,
+        source: Path,
+        staging: Path,
+        name: str,
+        *,
+        on_sent: Callable[[int], None] = lambda n: None,
+    ) -> tuple[StagedFile, UploadReport]:
+        """Copy a large file to staging and send its blocks as each is copied.
+
+        The blob is committed only once the copy is complete, fsynced and checked unchanged:
+        a copy that fails leaves nothing but uncommitted blocks, which the next attempt uses.
+        """
+        blob = self.container.get_blob_client(name)
+        ready_send, ready_receive = trio.open_memory_channel[_Block](math.inf)
+
+        def block_ready(index: int, offset: int, length: int, md5: bytes) -> None:
+            trio.from_thread.run_sync(ready_send.send_nowait, _Block(index, offset, length, md5))
+
+        staged: StagedFile | None = None
+
+        async def copy() -> None:
+            nonlocal staged
+            async with ready_send:
+                with tracer.start_as_current_span("stage"):
+                    staged = await self.lanes.nfs.run(
+                        stage_copy, source, staging, self.settings.azure_max_block_size,
+                        block_ready,
+                    )
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(copy)
+                sent, resumed = await self._send_blocks(blob, staging, ready_receive, on_sent)
+        except ExceptionGroup as group:
+            raise first_leaf(group) from None
+        assert staged is not None
+        await self._commit(blob, staged)
+        return staged, UploadReport(sent, resumed, len(staged.block_md5s))
+
+    async def _send_blocks(
+        self,
+        blob: BlobClient,
+        path: Path,
+        blocks: trio.MemoryReceiveChannel[_Block],
+        on_sent: Callable[[int], None],
+    ) -> tuple[int, int]:
+        """Stage every block that comes through ``blocks`` and is not in storage already;
+        returns (bytes sent, bytes found already staged)."""
         azure = self.lanes.azure
-        ids = [block_id(i, md5) for i, md5 in enumerate(staged.block_md5s)]
         try:
             _, uncommitted = await azure.run(blob.get_block_list, "uncommitted")
         except ResourceNotFoundError:
             uncommitted = []
         already = {block.id: block.size for block in uncommitted}
-        missing = [i for i, id_ in enumerate(ids) if already.get(id_) != staged.block_length(i)]
-        to_send = set(missing)
-        resumed = sum(staged.block_length(i) for i in range(len(ids)) if i not in to_send)
-        if resumed:
-            log.info("resuming %s: %d of %d blocks already in storage", blob.blob_name,
-                     len(ids) - len(missing), len(ids))
-        sent = 0
+        sent = resumed = 0
 
-        def stage_block(index: int) -> None:
-            length = staged.block_length(index)
-            data = read_block(staged.path, index * staged.block_size, length)
+        def stage_block(block: _Block) -> None:
+            data = read_block(path, block.offset, block.length)
             _md5_checked(
                 blob.stage_block,
-                ids[index],
+                block_id(block.index, block.md5),
                 data,
-                length=length,
-                transactional_content_md5=bytearray(staged.block_md5s[index]),
+                length=block.length,
+                transactional_content_md5=bytearray(block.md5),
             )
 
-        async def send_blocks(todo: trio.MemoryReceiveChannel[int]) -> None:
-            nonlocal sent
-            async for index in todo:
-                await azure.run(stage_block, index)
-                sent += staged.block_length(index)
-                on_sent(staged.block_length(index))
+        async def sender(todo: trio.MemoryReceiveChannel[_Block]) -> None:
+            nonlocal sent, resumed
+            async with todo:
+                async for block in todo:
+                    if already.get(block_id(block.index, block.md5)) == block.length:
+                        resumed += block.length
+                        continue
+                    await azure.run(stage_block, block)
+                    sent += block.length
+                    on_sent(block.length)
 
-        todo_send, todo_receive = trio.open_memory_channel[int](len(missing))
-        for index in missing:
-            todo_send.send_nowait(index)
-        todo_send.close()
         try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(self.settings.azure_max_concurrency, len(missing))):
-                    nursery.start_soon(send_blocks, todo_receive.clone())
+            async with blocks, trio.open_nursery() as nursery:
+                for _ in range(self.settings.azure_max_concurrency):
+                    nursery.start_soon(sender, blocks.clone())
         except ExceptionGroup as group:
             # The first block to fail cancelled the others: that failure is the file's.
             raise first_leaf(group) from None
-        todo_receive.close()
+        if resumed:
+            log.info("resumed %s: %d bytes were already in storage", blob.blob_name, resumed)
+        return sent, resumed
 
+    async def _commit(self, blob: BlobClient, staged: StagedFile) -> None:
+        azure = self.lanes.azure
+        ids = [block_id(i, md5) for i, md5 in enumerate(staged.block_md5s)]
         await azure.run(
             blob.commit_block_list,
             [BlobBlock(block_id=id_) for id_ in ids],
@@ -192,7 +260,6 @@ class BlobStore:
                 f"{blob.blob_name} in storage has {properties.size} bytes and MD5 "
                 f"{bytes(stored_md5 or b'').hex()}, expected {staged.size} and {staged.md5.hex()}"
             )
-        return UploadReport(sent, resumed, len(ids))
 
     async def probe(self) -> bool:
         """Whether storage takes a write now: stages one block of a probe blob.

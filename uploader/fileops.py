@@ -151,8 +151,18 @@ class StagedFile:
         return min(self.block_size, self.size - index * self.block_size)
 
 
-def stage_copy(source: Path, target: Path, block_size: int) -> StagedFile:
-    """Copy ``source`` to local staging, hashing the whole file and every block on the way."""
+# Told of each block as soon as it is in the staging copy: (index, offset, length, md5).
+BlockReady = Callable[[int, int, int, bytes], None]
+
+
+def stage_copy(
+    source: Path, target: Path, block_size: int, on_block: BlockReady | None = None
+) -> StagedFile:
+    """Copy ``source`` to local staging, hashing the whole file and every block on the way.
+
+    ``on_block`` lets a large file's blocks go up while the rest is still being copied;
+    the copy is only complete (fsynced, and checked unchanged) when this returns.
+    """
     try:
         fd_in = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -188,10 +198,14 @@ def stage_copy(source: Path, target: Path, block_size: int) -> StagedFile:
                 size += len(chunk)
                 if in_block == block_size:
                     blocks.append(block.digest())
+                    if on_block is not None:
+                        on_block(len(blocks) - 1, size - in_block, in_block, blocks[-1])
                     block = hashlib.md5(usedforsecurity=False)
                     in_block = 0
             if in_block:
                 blocks.append(block.digest())
+                if on_block is not None:
+                    on_block(len(blocks) - 1, size - in_block, in_block, blocks[-1])
             os.fsync(fd_out)
         finally:
             os.close(fd_out)

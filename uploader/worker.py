@@ -51,9 +51,19 @@ class WorkItem:
     successes_at_first_failure: int | None = None
     staged: StagedFile | None = None
     report: UploadReport | None = None
+    # The file's size when claimed, where known: small files are staged at once.
+    claimed_size: int | None = None
     # This attempt's span, carried from stage to stage.
     span: trace.Span | None = None
     in_pipeline: bool = False
+
+
+def _expected_size(item: WorkItem) -> int | None:
+    return None if item.expected is None else item.expected[0]
+
+
+def _size(path: os.PathLike[str]) -> int:
+    return os.lstat(path).st_size
 
 
 def _attributes(item: WorkItem) -> dict[str, str | int]:
@@ -174,12 +184,18 @@ class Pipeline:
         if item.span is not None:
             item.span.end()
 
+    def _streams(self, size: int | None) -> bool:
+        """Whether a file is large enough to go up in blocks while it is being copied."""
+        return size is None or size > self.settings.azure_max_single_put_size
+
     async def _stage(self, item: WorkItem) -> bool:
+        """Claim the file and copy it to staging; a large file is only claimed here, its
+        copy made by the upload step as its blocks go up."""
         key, span = item.key, item.span
         assert span is not None
         stage_error: Exception | None = None
         if not item.claimed:
-            claimed = await self._claim(item)
+            claimed = await self._claim(item, stage=not self._streams(_expected_size(item)))
             if claimed.outcome is not Claim.CLAIMED:
                 span.set_attribute("outcome", f"not claimed: {claimed.outcome.value}")
                 span.end()
@@ -192,25 +208,32 @@ class Pipeline:
         self._enter(item)
         if stage_error is not None:
             raise stage_error
-        if item.staged is None or not await self.lanes.staging.run(_still_staged, item.staged):
+        if item.staged is not None and await self.lanes.staging.run(_still_staged, item.staged):
+            return True  # a retry: the copy of the last attempt stands
+        item.staged = None
+        processing = self.layout.processing_path(key)
+        if item.claimed_size is None:
+            item.claimed_size = await self.lanes.nfs.run(_size, processing)
+        if not self._streams(item.claimed_size):
             with tracer.start_as_current_span("stage"):
                 item.staged = await self.lanes.nfs.run(
                     fileops.stage_copy,
-                    self.layout.processing_path(key),
+                    processing,
                     self.layout.staging_path(key),
                     self.settings.azure_max_block_size,
                 )
         return True
 
-    async def _claim(self, item: WorkItem) -> Claimed:
-        """Claim the file and, when it is ours now, stage it in the same trip to a thread."""
+    async def _claim(self, item: WorkItem, *, stage: bool) -> Claimed:
+        """Claim the file and, when it is ours now and ``stage``, copy it to staging in the
+        same trip to a thread."""
         key, layout = item.key, self.layout
         # A file whose name is already claimed here can only be the other half of an
         # interrupted claim: finish the claim, but its owner stages and uploads it.
         owned = key in self.progress.claimed
         try:
             with tracer.start_as_current_span("claim"):
-                if owned:
+                if owned or not stage:
                     claimed = Claimed(
                         await self.lanes.nfs.run(
                             fileops.claim, layout.incoming_path(key), layout.processing_path(key),
@@ -238,6 +261,7 @@ class Pipeline:
             if owned:
                 return Claimed(Claim.GONE)
             item.claimed = True
+            item.claimed_size = _expected_size(item)
             self.progress.claimed.add(key)
         elif claimed.outcome is Claim.GONE:
             self.progress.files_skipped += 1
@@ -246,15 +270,20 @@ class Pipeline:
         return claimed
 
     async def _upload(self, item: WorkItem) -> bool:
-        staged = item.staged
-        assert staged is not None
-
         def sent(n: int) -> None:
             self.progress.bytes_sent += n
 
+        key = item.key
         started = trio.current_time()
-        with tracer.start_as_current_span("upload", attributes={"size": staged.size}) as span:
-            item.report = await self.store.upload(staged, blob_name(item.key), on_sent=sent)
+        with tracer.start_as_current_span("upload") as span:
+            if item.staged is None:
+                item.staged, item.report = await self.store.upload_while_staging(
+                    self.layout.processing_path(key), self.layout.staging_path(key),
+                    blob_name(key), on_sent=sent,
+                )
+            else:
+                item.report = await self.store.upload(item.staged, blob_name(key), on_sent=sent)
+            span.set_attribute("size", item.staged.size)
             span.set_attribute("bytes_resumed", item.report.bytes_resumed)
         self.metrics.upload_duration.record(trio.current_time() - started)
         return True

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tests.conftest import ServiceFactory
-from tests.support.service import Folders, ServiceProcess
+from tests.support.azurite import ACCOUNT_KEY, ACCOUNT_NAME, free_port
+from tests.support.service import Folders, ServiceProcess, wait_for
 
 
 @pytest.fixture
@@ -123,3 +125,35 @@ def test_oversized_body_is_refused(service: ServiceProcess) -> None:
     answer = service.http.post("/v1/watch/start", content=b"{" + b" " * 100_000 + b"}")
     assert answer.status_code == 413
     assert "larger than" in answer.json()["error"]
+
+
+def test_probes_answer_head_and_refuse_other_methods(service: ServiceProcess) -> None:
+    assert service.http.head("/healthz").status_code == 200
+    assert service.http.head("/readyz").status_code == 200
+    refused = service.http.post("/healthz")
+    assert refused.status_code == 405
+    assert refused.json() == {"error": "POST is not allowed on /healthz."}
+
+
+def test_readyz_is_503_until_start_up_is_done(service_factory: ServiceFactory) -> None:
+    """Storage that cannot be reached keeps the service from becoming ready; /healthz answers."""
+    dead = free_port()
+    service = service_factory(
+        start=False,
+        connection_string=(
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{dead}/{ACCOUNT_NAME};"
+        ),
+        APP_AZURE_RETRY_TOTAL="2",
+    )
+    service.start(wait_ready=False)
+
+    def answered() -> bool:
+        try:
+            return service.http.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answered, timeout=20, what="/healthz")
+    ready = service.http.get("/readyz")
+    assert ready.status_code == 503 and ready.json() == {"ready": False}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -107,22 +107,30 @@ class BlobStore:
     async def upload(
         self, staged: StagedFile, name: str, *, on_sent: Callable[[int], None] = lambda n: None
     ) -> UploadReport:
+        if staged.size <= self.settings.azure_max_single_put_size:
+            return await self._in_container(self._put_whole, name, staged, on_sent)
         blob = self.container.get_blob_client(name)
-        put = self._put_whole if staged.size <= self.settings.azure_max_single_put_size else self._put_blocks
+        return await self._in_container(self._put_blocks, blob, staged, on_sent)
+
+    async def _in_container(self, upload: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run an upload; should the container have been deleted meanwhile, create it again
+        and run the upload once more."""
         try:
-            return await put(blob, staged, on_sent)
+            return await upload(*args)
         except ResourceNotFoundError as exc:
             if getattr(exc, "error_code", None) != "ContainerNotFound":
                 raise
         log.warning("container %s is gone; creating it again", self.container.container_name)
         await self.ensure_container()
-        return await put(blob, staged, on_sent)
+        return await upload(*args)
 
     async def _put_whole(
-        self, blob: BlobClient, staged: StagedFile, on_sent: Callable[[int], None]
+        self, name: str, staged: StagedFile, on_sent: Callable[[int], None]
     ) -> UploadReport:
         def put_blob() -> dict[str, Any]:
-            # Read here, in the Azure call's own thread: one trip to a thread per small file.
+            # Read and build the client here, in the Azure call's own thread: one trip to a
+            # thread per small file, and as little as possible on the event loop.
+            blob = self.container.get_blob_client(name)
             data = read_block(staged.path, 0, staged.size)
             return _md5_checked(
                 blob.upload_blob,
@@ -140,7 +148,7 @@ class BlobStore:
         # The service checked the Content-MD5 of the whole body before it answered.
         stored = answer.get("content_md5")
         if stored is not None and bytes(stored) != staged.md5:
-            raise IntegrityError(f"storage computed MD5 {bytes(stored).hex()} for {blob.blob_name}")
+            raise IntegrityError(f"storage computed MD5 {bytes(stored).hex()} for {name}")
         return UploadReport(staged.size, 0, 1)
 
     async def _put_blocks(
@@ -169,6 +177,11 @@ class BlobStore:
         The blob is committed only once the copy is complete, fsynced and checked unchanged:
         a copy that fails leaves nothing but uncommitted blocks, which the next attempt uses.
         """
+        return await self._in_container(self._stream_blocks, source, staging, name, on_sent)
+
+    async def _stream_blocks(
+        self, source: Path, staging: Path, name: str, on_sent: Callable[[int], None]
+    ) -> tuple[StagedFile, UploadReport]:
         blob = self.container.get_blob_client(name)
         ready_send, ready_receive = trio.open_memory_channel[_Block](math.inf)
 

@@ -13,10 +13,10 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
 
@@ -41,8 +41,7 @@ def scan_session_folder(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
         return Scan([], [])
 
 
-@dataclass
-class _Observation:
+class _Observation(NamedTuple):
     size: int
     mtime_ns: int
     unchanged_since: float  # monotonic time of the first scan that saw this (size, mtime)
@@ -60,24 +59,43 @@ class StabilityTracker:
         self, entries: Iterable[ScanEntry], wall_now: float, monotonic_now: float
     ) -> list[ScanEntry]:
         """Record one scan; return the entries that are stable and not already pending."""
-        stable = []
+        stable: list[ScanEntry] = []
+        for _ in self.observe_in_steps(entries, wall_now, monotonic_now, stable):
+            pass
+        return stable
+
+    def observe_in_steps(
+        self,
+        entries: Iterable[ScanEntry],
+        wall_now: float,
+        monotonic_now: float,
+        stable: list[ScanEntry],
+        step: int = 5000,
+    ) -> Iterator[None]:
+        """``observe``, pausing every ``step`` entries so a caller on the event loop can let
+        others run: a folder of 100,000 files must not hold up /healthz for a tenth of a
+        second."""
         current: dict[str, _Observation] = {}
-        for entry in entries:
-            before = self._seen.get(entry.rel)
-            if before is not None and (before.size, before.mtime_ns) == (entry.size, entry.mtime_ns):
-                current[entry.rel] = before
-                if entry.rel in self._pending:
-                    continue
-                mtime_age = wall_now - entry.mtime_ns / 1e9
-                watched_for = monotonic_now - before.unchanged_since
-                if mtime_age >= self.min_age_s or watched_for >= self.min_age_s:
+        seen, pending = self._seen, self._pending
+        min_age_ns = self.min_age_s * 1e9
+        wall_now_ns = wall_now * 1e9
+        for count, entry in enumerate(entries, 1):
+            rel, size, mtime_ns = entry
+            before = seen.get(rel)
+            if before is not None and before.size == size and before.mtime_ns == mtime_ns:
+                current[rel] = before
+                if rel not in pending and (
+                    wall_now_ns - mtime_ns >= min_age_ns
+                    or monotonic_now - before.unchanged_since >= self.min_age_s
+                ):
                     stable.append(entry)
             else:
-                current[entry.rel] = _Observation(entry.size, entry.mtime_ns, monotonic_now)
+                current[rel] = _Observation(size, mtime_ns, monotonic_now)
+            if count % step == 0:
+                yield
         self._seen = current
         # A file that left the folder was claimed (or deleted); forget that it was pending.
         self._pending.intersection_update(current)
-        return stable
 
     def mark_pending(self, rel: str) -> None:
         self._pending.add(rel)
@@ -141,7 +159,10 @@ async def run(
             for problem in set(scan.skipped) - reported:
                 log.warning("skipped an entry of %s this scan: %s", folder, problem)
             reported = set(scan.skipped)
-            for entry in tracker.observe(scan.entries, wall_clock(), trio.current_time()):
+            stable: list[ScanEntry] = []
+            for _ in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time(), stable):
+                await trio.lowlevel.checkpoint()
+            for entry in stable:
                 key = FileKey(date_prefix, session, entry.rel)
                 if progress.is_claimed(key):
                     # An older file of the same name is still in flight: it goes first.

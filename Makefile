@@ -6,9 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.bench-installed
 AZURITE := node_modules/.bin/azurite-blob
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench rclone clean
 
 install: $(INSTALLED) $(AZURITE)
 
@@ -34,8 +35,23 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-bench: install
+# make bench - the service vs the raw SDK vs rclone on a local Azurite; rewrites benchmarks/RESULTS.md
+#              (BENCH_ARGS=--quick for a short run into benchmarks/work/quick/, --help for the rest)
+bench: install $(BENCH_INSTALLED) rclone
 	scripts/in-loopback-netns $(PY) -m benchmarks $(BENCH_ARGS)
+
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	touch $@
+
+# Debian's rclone, one of the contenders in make bench.
+rclone:
+	@command -v rclone >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone; \
+		else \
+			echo "make bench needs rclone: sudo apt-get install -y rclone" >&2; exit 1; \
+		fi; }
 
 clean:
 	rm -rf $(VENV) node_modules var .pytest_cache .ruff_cache .mypy_cache

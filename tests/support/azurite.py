@@ -56,7 +56,8 @@ def azurite_binary() -> str:
 class Azurite:
     host: str
     port: int
-    scheme: str = "http"
+    scheme: str
+    pid: int  # the azurite-blob process, for the benchmarks that measure its CPU time
 
     @property
     def account_url(self) -> str:
@@ -112,7 +113,7 @@ def run_azurite(
     )
     try:
         wait_for_port(port)
-        yield Azurite("127.0.0.1", port, scheme)
+        yield Azurite("127.0.0.1", port, scheme, proc.pid)
     finally:
         proc.terminate()
         try:

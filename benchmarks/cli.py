@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -126,6 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         report.write_all(json.loads((out / "results.json").read_text()), out)
         return
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    lock = open(WORK_DIR / ".lock", "w")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit("another benchmark run is using benchmarks/work/ (and the CPUs): wait for it to end")
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     workloads = QUICK_WORKLOADS if args.quick else FULL_WORKLOADS
     if args.workloads:

@@ -10,13 +10,15 @@ import json
 import os
 import select
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from benchmarks.common import descendants, status_kib
+from benchmarks.common import REPO_ROOT, descendants, status_kib
 
 
 def raise_priority(niceness: int = -5) -> None:
@@ -26,47 +28,75 @@ def raise_priority(niceness: int = -5) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
-class HealthProbe(threading.Thread):
-    """GET /healthz every ``interval_s`` on a fresh connection (as kubelet probes do)."""
+class HealthProbe:
+    """GET /healthz every ``interval_s`` on a fresh connection (as kubelet probes do), from a
+    process of its own at nice -5: in the harness's process, its wait for the harness's GIL
+    (inotify, log tailing, the drop) would count as the service's latency."""
 
     def __init__(self, port: int, interval_s: float = 0.02) -> None:
-        super().__init__(name="healthz-probe", daemon=True)
         self.port = port
         self.interval_s = interval_s
         self.latencies_s: list[float] = []
         self.failures: list[str] = []
-        self._halt = threading.Event()
+        self._child: subprocess.Popen[bytes] | None = None
 
-    def run(self) -> None:
-        raise_priority()
-        next_at = time.monotonic()
-        while not self._halt.is_set():
-            started = time.perf_counter()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                try:
-                    conn.request("GET", "/healthz")
-                    answer = conn.getresponse()
-                    answer.read()
-                finally:
-                    conn.close()
-                elapsed = time.perf_counter() - started
-                if answer.status == 200:
-                    self.latencies_s.append(elapsed)
-                else:
-                    self.failures.append(f"HTTP {answer.status}")
-            except OSError as exc:
-                self.failures.append(f"{type(exc).__name__}: {exc}")
-            next_at += self.interval_s
-            delay = next_at - time.monotonic()
-            if delay < 0:  # fell behind (a slow answer): keep the pace, do not burst
-                next_at = time.monotonic()
-                delay = 0
-            self._halt.wait(delay)
+    def start(self) -> None:
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.probes", str(self.port), str(self.interval_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO_ROOT,
+        )
 
     def stop(self) -> None:
-        self._halt.set()
-        self.join()
+        """End the probing (closing its stdin) and collect what it measured; idempotent."""
+        child, self._child = self._child, None
+        if child is None:
+            return
+        out, _ = child.communicate(timeout=30)
+        measured = json.loads(out)
+        self.latencies_s, self.failures = measured["latencies_s"], measured["failures"]
+
+
+def probe_healthz(port: int, interval_s: float, halt: threading.Event) -> dict[str, list]:
+    raise_priority()
+    latencies: list[float] = []
+    failures: list[str] = []
+    next_at = time.monotonic()
+    while not halt.is_set():
+        started = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/healthz")
+                answer = conn.getresponse()
+                answer.read()
+            finally:
+                conn.close()
+            elapsed = time.perf_counter() - started
+            if answer.status == 200:
+                latencies.append(elapsed)
+            else:
+                failures.append(f"HTTP {answer.status}")
+        except OSError as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+        next_at += interval_s
+        delay = next_at - time.monotonic()
+        if delay < 0:  # fell behind (a slow answer): keep the pace, do not burst
+            next_at = time.monotonic()
+            delay = 0
+        halt.wait(delay)
+    return {"latencies_s": latencies, "failures": failures}
+
+
+def _probe_main(port: int, interval_s: float) -> None:
+    """The probing process: probes until its stdin closes, then prints what it measured."""
+    halt = threading.Event()
+
+    def until_stdin_closes() -> None:
+        sys.stdin.buffer.read()
+        halt.set()
+
+    threading.Thread(target=until_stdin_closes, daemon=True).start()
+    print(json.dumps(probe_healthz(port, interval_s, halt)), flush=True)
 
 
 # ----- inotify ---------------------------------------------------------------------------
@@ -222,3 +252,7 @@ class MemorySampler(threading.Thread):
         self._halt.set()
         self.join()
         return max(self.peak_kib, status_kib(self.pid, "VmHWM"))
+
+
+if __name__ == "__main__":
+    _probe_main(int(sys.argv[1]), float(sys.argv[2]))

@@ -229,10 +229,11 @@ def render_markdown(results: dict[str, Any], analysis: str) -> str:
         "(start-up included, a few ms); CPU and peak RSS from `wait4`'s rusage of the whole process.")
     hz_ms = (s.get("healthz_interval_s") or 0.02) * 1000
     add(f"- **/healthz** is measured in a second run of the service per repetition (*A probed*, run right "
-        f"after A): a harness thread sends `GET /healthz` every {hz_ms:.0f} ms on a fresh TCP connection (as "
-        "kubelet probes do); p50/p99 per run, the table shows the median over runs and the worst run. "
-        "The probe thread runs at nice -5, so that it measures the service's delay rather than its own "
-        "wait for a core; it still shares 2 cores with everything else. Why a separate run: an answer "
+        f"after A): a probing process of its own sends `GET /healthz` every {hz_ms:.0f} ms on a fresh TCP "
+        "connection (as kubelet probes do); p50/p99 per run, the table shows the median over runs and the "
+        "worst run. It runs at nice -5 and outside the harness's process, so that it measures the service's "
+        "delay rather than its own wait for a core or for the harness's GIL; it still shares 2 cores with "
+        "everything else. Why a separate run: an answer "
         "to `/healthz` costs the service about 3.3 ms of CPU (Hypercorn, Quart and the OpenTelemetry "
         "ASGI middleware; measured on an idle service: 1.68 CPU s for 498 probes on fresh connections, "
         "2.5 ms each on a kept-alive one), so 50 probes a second take about a sixth of a core, and "

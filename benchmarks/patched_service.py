@@ -9,6 +9,10 @@ edits uploader/:
 - ``nice``: lane threads run at nice +5, so the event loop thread gets a core first.
 - ``switch``: ``sys.setswitchinterval(0.001)``: a thread waiting for the GIL gets it sooner.
 - ``nootel``: ``OTEL_SDK_DISABLED=true``: no spans and no metrics, to see what telemetry costs.
+- ``loop``: a Trio instrument that times every task step and every event-loop batch (from
+  the end of one wait for I/O to the start of the next), and at exit writes to
+  ``BENCH_LOOP_LOG`` their distributions and the slowest steps by task name: what keeps the
+  event loop (and so ``/healthz``) waiting.
 - ``timing``: append ``<step> <start> <wall s> <thread CPU s>`` for every blocking step (staging
   copy, block read, completion, each storage request) to ``BENCH_TIMING_LOG``, to attribute time.
 
@@ -98,6 +102,68 @@ def _patch_timing() -> None:
         setattr(BlobClient, name, timed(name, getattr(BlobClient, name)))
 
 
+def _patch_loop() -> None:
+    import atexit
+    import collections
+
+    import trio
+
+    class LoopTimer(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.steps: dict[str, list[float]] = collections.defaultdict(list)
+            self.batches: list[float] = []
+            self.waits: list[float] = []
+            self._step_started = 0.0
+            self._batch_started: float | None = None
+            self._wait_started = 0.0
+
+        def before_task_step(self, task) -> None:  # type: ignore[no-untyped-def]
+            self._step_started = time.perf_counter()
+
+        def after_task_step(self, task) -> None:  # type: ignore[no-untyped-def]
+            self.steps[task.name].append(time.perf_counter() - self._step_started)
+
+        def before_io_wait(self, timeout: float) -> None:
+            now = time.perf_counter()
+            if self._batch_started is not None:
+                self.batches.append(now - self._batch_started)
+            self._wait_started = now
+
+        def after_io_wait(self, timeout: float) -> None:
+            now = time.perf_counter()
+            self.waits.append(now - self._wait_started)
+            self._batch_started = now
+
+    timer = LoopTimer()
+
+    def quantiles(values: list[float]) -> str:
+        if not values:
+            return "-"
+        ordered = sorted(values)
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+        return (f"n={len(ordered)} p50={pick(0.5):.2f}ms p90={pick(0.9):.2f}ms "
+                f"p99={pick(0.99):.2f}ms max={ordered[-1] * 1000:.2f}ms sum={sum(ordered):.2f}s")
+
+    def report() -> None:
+        with open(os.environ.get("BENCH_LOOP_LOG", "/tmp/bench-loop.log"), "a") as out:
+            out.write(f"batches {quantiles(timer.batches)}\nio waits {quantiles(timer.waits)}\n")
+            by_total = sorted(timer.steps.items(), key=lambda kv: -sum(kv[1]))
+            for name, values in by_total[:25]:
+                out.write(f"  {quantiles(values)}  {name}\n")
+
+    atexit.register(report)
+    original_run = trio.run
+
+    def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs.setdefault("instruments", [timer])
+        try:
+            return original_run(*args, **kwargs)
+        finally:
+            report()
+
+    trio.run = run  # type: ignore[assignment]
+
+
 def main() -> None:
     if "switch" in PATCHES:
         sys.setswitchinterval(0.001)
@@ -105,6 +171,8 @@ def main() -> None:
         os.environ["OTEL_SDK_DISABLED"] = "true"
     if "timing" in PATCHES:
         _patch_timing()
+    if "loop" in PATCHES:
+        _patch_loop()
     if "nosync" in PATCHES:
         _patch_nosync()
     if "nice" in PATCHES:

@@ -582,8 +582,10 @@ class _Session:
             event = await self._upstream_event()
             if isinstance(event, h11.Data):
                 if not lose_response:
-                    await self._send_down(h11.Data(data=event.data))
+                    # Counted before the send: once the bytes are in the socket the client can
+                    # read them all and ask for the stats before this task runs again.
                     self.proxy._add_bytes(down=len(event.data))
+                    await self._send_down(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 if lose_response:
                     raise _Abort("reset_mid_body after the whole request was delivered")

@@ -192,7 +192,7 @@ def test_printable_keeps_valid_non_ascii_name() -> None:
 
 def test_printable_keeps_literal_percent_in_valid_name() -> None:
     assert printable("100%.csv") == "100%.csv"
-    assert printable("x%FF") == "x%FF"
+    assert printable("x%41") == "x%41"
 
 
 def test_printable_escapes_undecodable_byte() -> None:
@@ -224,17 +224,34 @@ def test_blob_name_keeps_literal_percent() -> None:
     assert blob_name(FileKey("20240102", "run-1", "50%/x%41")) == "20240102/run-1/50%/x%41"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Known limitation (README): printable() is not injective: the valid name 'x%FF' and the non-UTF-8 name "
-    "b'x\\xff' both become blob 'x%FF', so two files of one session overwrite one blob "
-    "(contract promise 2: no file is lost or mixed up)",
-)
 def test_distinct_file_names_get_distinct_blob_names() -> None:
     literal = FileKey("20240102", "run-1", "x%FF")
     undecodable = FileKey("20240102", "run-1", UNDECODABLE)
-    assert literal != undecodable
-    assert blob_name(literal) != blob_name(undecodable)
+    assert blob_name(literal) == "20240102/run-1/x%25FF"
+    assert blob_name(undecodable) == "20240102/run-1/x%FF"
+
+
+def test_printable_escapes_a_valid_name_that_looks_escaped() -> None:
+    assert printable("caf%C3%A9.txt") == "caf%25C3%25A9.txt"
+    assert printable("x%25FF") == "x%2525FF"
+
+
+def test_printable_keeps_percent_sequences_that_cannot_be_escapes() -> None:
+    assert printable("a%20b%7e%ff.txt") == "a%20b%7e%ff.txt"
+
+
+def test_printable_is_one_to_one_over_every_short_name() -> None:
+    # Every name of up to 4 bytes from the bytes that matter: '%', hex digits of either
+    # range, an undecodable byte and the start of a 2-byte UTF-8 sequence.
+    alphabet = [b"%", b"2", b"5", b"8", b"F", b"f", b"x", b"\xff", b"\xc3", b"\xa9"]
+    names = [b""]
+    for _ in range(4):
+        names += [name + c for name in names if len(name) == len(names[-1]) for c in alphabet]
+    seen: dict[str, bytes] = {}
+    for raw in set(names) - {b""}:
+        shown = printable(os.fsdecode(raw))
+        shown.encode("utf-8")  # valid Unicode, always
+        assert seen.setdefault(shown, raw) == raw, f"{raw!r} and {seen[shown]!r} both give {shown!r}"
 
 
 def test_file_key_str_is_printable_blob_name() -> None:

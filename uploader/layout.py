@@ -104,17 +104,27 @@ def _percent_escape(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error("uploader-percent", _percent_escape)
 
 
+# What an escape of ours looks like (an undecodable byte is 80-FF), and an escaped '%'.
+_LOOKS_ESCAPED = re.compile(r"%(?:25|[89A-F][0-9A-F])")
+
+
 def printable(rel: str) -> str:
-    """``rel`` as valid Unicode.
+    """``rel`` as valid Unicode, a different one for every file name.
 
     Linux file names are bytes; Python hands undecodable bytes over as lone surrogates,
-    which no URL or JSON document can carry. Those bytes (and only those) become %XX.
+    which no URL or JSON document can carry: those bytes become %XX (uppercase, 80-FF) and
+    '%' becomes %25. So that no name can come out as another's, a valid name that already
+    holds such a sequence (%25, or %80 to %FF) is escaped the same way; every other name
+    (``100%.csv``, ``a%20b``, ``café``) stays exactly as it is.
     """
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
-        return os.fsencode(rel).decode("utf-8", errors="uploader-percent")
-    return rel
+        pass
+    else:
+        if _LOOKS_ESCAPED.search(rel) is None:
+            return rel
+    return os.fsencode(rel).replace(b"%", b"%25").decode("utf-8", errors="uploader-percent")
 
 
 def blob_name(key: FileKey) -> str:

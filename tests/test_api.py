@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServiceFactory
-from tests.support.azurite import ACCOUNT_KEY, ACCOUNT_NAME, free_port
+from tests.support.azurite import unreachable_connection_string
 from tests.support.service import Folders, ServiceProcess, wait_for
 
 
@@ -137,13 +137,9 @@ def test_probes_answer_head_and_refuse_other_methods(service: ServiceProcess) ->
 
 def test_readyz_is_503_until_start_up_is_done(service_factory: ServiceFactory) -> None:
     """Storage that cannot be reached keeps the service from becoming ready; /healthz answers."""
-    dead = free_port()
     service = service_factory(
         start=False,
-        connection_string=(
-            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
-            f"BlobEndpoint=http://127.0.0.1:{dead}/{ACCOUNT_NAME};"
-        ),
+        connection_string=unreachable_connection_string(),
         APP_AZURE_RETRY_TOTAL="2",
     )
     service.start(wait_ready=False)

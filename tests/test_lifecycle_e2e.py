@@ -13,7 +13,7 @@ import httpx
 from azure.storage.blob import ContainerClient
 
 from tests.conftest import ServiceFactory
-from tests.support.azurite import REPO_ROOT, blob_contents
+from tests.support.azurite import REPO_ROOT, blob_contents, unreachable_connection_string
 from tests.support.service import Folders, clean_environment, wait_for, write_file
 from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
 
@@ -183,15 +183,9 @@ def test_overlapping_folders_are_refused(tmp_path) -> None:
 def test_unreachable_storage_stops_start_up_with_a_clear_line(
     service_factory: ServiceFactory,
 ) -> None:
-    from tests.support.azurite import ACCOUNT_KEY, ACCOUNT_NAME, free_port
-
-    dead = free_port()
     service = service_factory(
         start=False,
-        connection_string=(
-            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
-            f"BlobEndpoint=http://127.0.0.1:{dead}/{ACCOUNT_NAME};"
-        ),
+        connection_string=unreachable_connection_string(),
         APP_AZURE_RETRY_TOTAL="0",
     )
     service.start(wait_ready=False)

@@ -270,12 +270,10 @@ def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> Non
         now = os.lstat(processing)
     except FileNotFoundError:
         # An earlier attempt may have moved it already, its answer lost on the way back.
-        try:
+        with contextlib.suppress(FileNotFoundError):
             done = os.lstat(completed)
-        except FileNotFoundError:
-            raise SourceVanished(f"{processing} is gone") from None
-        if (done.st_size, done.st_mtime_ns) == (staged.size, staged.mtime_ns):
-            return
+            if (done.st_size, done.st_mtime_ns) == (staged.size, staged.mtime_ns):
+                return
         raise SourceVanished(f"{processing} is gone") from None
     if (now.st_size, now.st_mtime_ns) != (staged.size, staged.mtime_ns):
         raise SourceChanged(f"{processing} changed after it was uploaded")

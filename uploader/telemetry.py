@@ -210,8 +210,13 @@ class Metrics:
 _UNIT_SUFFIXES = {"s": "seconds", "By": "bytes", "ms": "milliseconds"}
 
 
+def _identifier(text: str) -> str:
+    """A Prometheus metric or label name: anything but letters and digits becomes '_'."""
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
 def prometheus_name(name: str, unit: str) -> str:
-    base = "".join(c if c.isalnum() else "_" for c in name)
+    base = _identifier(name)
     suffix = _UNIT_SUFFIXES.get(unit)
     if suffix and suffix not in base.split("_"):
         base = f"{base}_{suffix}"
@@ -223,7 +228,7 @@ def _labels(attributes: Any, extra: dict[str, str] | None = None) -> str:
     if not pairs:
         return ""
     escaped = (
-        f'{"".join(c if c.isalnum() else "_" for c in key)}="'
+        f'{_identifier(key)}="'
         + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         + '"'
         for key, value in sorted(pairs.items())

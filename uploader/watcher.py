@@ -59,22 +59,19 @@ class StabilityTracker:
         self, entries: Iterable[ScanEntry], wall_now: float, monotonic_now: float
     ) -> list[ScanEntry]:
         """Record one scan; return the entries that are stable and not already pending."""
-        stable: list[ScanEntry] = []
-        for _ in self.observe_in_steps(entries, wall_now, monotonic_now, stable):
-            pass
-        return stable
+        return [
+            entry
+            for found in self.observe_in_steps(entries, wall_now, monotonic_now)
+            for entry in found
+        ]
 
     def observe_in_steps(
-        self,
-        entries: Iterable[ScanEntry],
-        wall_now: float,
-        monotonic_now: float,
-        stable: list[ScanEntry],
-        step: int = 5000,
-    ) -> Iterator[None]:
-        """``observe``, pausing every ``step`` entries so a caller on the event loop can let
-        others run: a folder of 100,000 files must not hold up /healthz for a tenth of a
-        second."""
+        self, entries: Iterable[ScanEntry], wall_now: float, monotonic_now: float, step: int = 5000
+    ) -> Iterator[list[ScanEntry]]:
+        """``observe``, yielding what is stable every ``step`` entries so a caller on the
+        event loop can let others run in between: a folder of 100,000 files must not hold up
+        /healthz for a tenth of a second. The scan counts once the iterator is exhausted."""
+        stable: list[ScanEntry] = []
         current: dict[str, _Observation] = {}
         seen, pending = self._seen, self._pending
         min_age_ns = self.min_age_s * 1e9
@@ -92,10 +89,12 @@ class StabilityTracker:
             else:
                 current[rel] = _Observation(size, mtime_ns, monotonic_now)
             if count % step == 0:
-                yield
+                yield stable
+                stable = []
         self._seen = current
         # A file that left the folder was claimed (or deleted); forget that it was pending.
         self._pending.intersection_update(current)
+        yield stable
 
     def mark_pending(self, rel: str) -> None:
         self._pending.add(rel)
@@ -160,7 +159,8 @@ async def run(
                 log.warning("skipped an entry of %s this scan: %s", folder, problem)
             reported = set(scan.skipped)
             stable: list[ScanEntry] = []
-            for _ in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time(), stable):
+            for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
+                stable += found
                 await trio.lowlevel.checkpoint()
             for entry in stable:
                 key = FileKey(date_prefix, session, entry.rel)

@@ -42,6 +42,15 @@ def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
+def unreachable_connection_string() -> str:
+    """Azurite's account on a loopback port nothing listens on: storage that cannot be reached."""
+    endpoint = f"http://127.0.0.1:{free_port()}/{ACCOUNT_NAME}"
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
+        f"BlobEndpoint={endpoint};"
+    )
+
+
 def azurite_binary() -> str:
     local = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
     if local.exists():

@@ -137,10 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     workloads = QUICK_WORKLOADS if args.quick else FULL_WORKLOADS
     if args.workloads:
         wanted = set(args.workloads.split(","))
+        if unknown := wanted - {w.key for w in workloads}:
+            sys.exit(f"--workloads: no workload {', '.join(sorted(unknown))}; choose from w1, w2, w3")
         workloads = tuple(w for w in workloads if w.key in wanted)
-    tools = [t for t in args.tools.split(",") if t in TOOLS]
-    if not tools:
-        raise SystemExit(f"--tools: choose from {', '.join(TOOLS)}")
+    tools = args.tools.split(",")
+    if unknown_tools := [t for t in tools if t not in TOOLS]:
+        sys.exit(f"--tools: no tool {', '.join(unknown_tools)}; choose from {', '.join(TOOLS)}")
     scan_files = args.scan_files or (10_000 if args.quick else 100_000)
     defaults = Defaults.from_settings()
     service_command: tuple[str, ...] = (sys.executable, "-m", "uploader")
@@ -232,5 +234,6 @@ def main(argv: list[str] | None = None) -> None:
     report.write_all(results, out)
     print(f"wrote {results_path}, {out / 'RESULTS.md'} and {out / 'results.png'} "
           f"in {results['wall_s'] / 60:.1f} min", flush=True)
-    if any("error" in r for r in results["runs"]):
-        sys.exit(1)
+    failed = [r for r in results["runs"] if "error" in r or not r.get("verify", {}).get("ok")]
+    if failed:
+        sys.exit(f"{len(failed)} runs failed or left blobs missing or wrong: see {results_path}")

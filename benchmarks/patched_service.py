@@ -103,7 +103,6 @@ def _patch_timing() -> None:
 
 
 def _patch_loop() -> None:
-    import atexit
     import collections
 
     import trio
@@ -151,7 +150,6 @@ def _patch_loop() -> None:
             for name, values in by_total[:25]:
                 out.write(f"  {quantiles(values)}  {name}\n")
 
-    atexit.register(report)
     original_run = trio.run
 
     def run(*args, **kwargs):  # type: ignore[no-untyped-def]

@@ -65,7 +65,7 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     for workload in results["workloads"]:
         key = workload["key"]
-        row: dict[str, Any] = {"label": workload["label"], "bytes": workload["count"] * workload["size"]}
+        row: dict[str, Any] = {"label": workload["label"]}
         for tool in (*TOOLS, "Ah"):
             runs = _good(results, key, tool)
             row[tool] = {

@@ -10,6 +10,7 @@ Each returns a dict of raw numbers for results.json.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -31,14 +32,17 @@ from benchmarks.common import (
     REPO_ROOT,
     SESSION,
     Defaults,
+    GiB,
+    MiB,
     Workload,
     cpu_seconds,
     median,
     percentile,
-    wait_until,
 )
 from benchmarks.probes import FolderEvents, FolderWatch, HealthProbe, LogTail, MemorySampler
 from benchmarks.workloads import link_files
+from tests.support.service import clean_environment, wait_for
+from uploader import layout
 
 
 @dataclass(frozen=True)
@@ -57,14 +61,10 @@ class RunContext:
 
     @property
     def date_prefix(self) -> str:
-        return datetime.now(UTC).strftime("%Y%m%d")
+        return layout.date_prefix(datetime.now(UTC))
 
     def timeout_s(self) -> float:
-        return 120.0 + self.workload.total_bytes / (2 * 1024 * 1024)  # at worst 2 MiB/s
-
-
-def clean_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("APP_", "OTEL_", "AZURE_", "RCLONE_"))}
+        return 120.0 + self.workload.total_bytes / (2 * MiB)  # at worst 2 MiB/s
 
 
 def create_container(azurite: Azurite) -> None:
@@ -92,12 +92,12 @@ def throughput(workload: Workload, seconds: float) -> dict[str, float]:
     return {
         "seconds": seconds,
         "files_per_s": workload.count / seconds,
-        "mib_per_s": workload.total_bytes / (1024 * 1024) / seconds,
+        "mib_per_s": workload.total_bytes / MiB / seconds,
     }
 
 
 def per_gib(cpu_s: float, workload: Workload) -> float:
-    return cpu_s / (workload.total_bytes / (1024**3))
+    return cpu_s / (workload.total_bytes / GiB)
 
 
 # ----- A: the service ------------------------------------------------------------------------
@@ -215,13 +215,13 @@ def run_service(ctx: RunContext) -> dict[str, Any]:
     spy: subprocess.Popen[bytes] | None = None
     threads: list[FolderWatch | HealthProbe | MemorySampler] = []
     try:
-        wait_until(lambda: _ready(port, proc, log_path), 60, 0.05, "the service to be ready")
+        wait_for(lambda: _ready(port, proc, log_path), timeout=60, what="the service to be ready")
         status, session = _http(port, "POST", "/v1/watch/start", {"session_name": SESSION})
         if status != 200:
             raise RuntimeError(f"cannot start the session: {status} {session}")
         date_prefix = session["date_prefix"]
         session_dir = incoming / SESSION
-        wait_until(session_dir.is_dir, 10, what="the session folder")
+        wait_for(session_dir.is_dir, timeout=10, what="the session folder")
         link_files(ctx.data_dir, drop, names)
         os.sync()  # the links and the previous run's writes are on disk before the clock starts
 
@@ -258,10 +258,10 @@ def run_service(ctx: RunContext) -> dict[str, Any]:
                 raise RuntimeError(f"the service exited with {proc.returncode}")
             return tail.poll() >= len(names)
 
-        wait_until(all_uploaded, ctx.timeout_s(), 0.02, "every 'uploaded' log line")
+        wait_for(all_uploaded, timeout=ctx.timeout_s(), interval=0.02, what="every 'uploaded' log line")
         events = watch.stop()  # our own listing below must not count as a scan
         keep = processing / "session.json"
-        wait_until(lambda: not _files_left(nfs, keep), 60, 0.01, "NFS to be clean")
+        wait_for(lambda: not _files_left(nfs, keep), timeout=60, interval=0.01, what="NFS to be clean")
         ended = time.time()
         cpu_s = cpu_seconds(proc.pid) - cpu_before
         azurite_cpu_s = cpu_seconds(ctx.azurite.pid) - azurite_before
@@ -376,6 +376,7 @@ def rclone_version() -> str:
         return "not installed"
 
 
+@functools.cache
 def rclone_has_flag(flag: str) -> bool:
     try:
         out = subprocess.run(
@@ -452,9 +453,3 @@ def run_rclone(ctx: RunContext) -> dict[str, Any]:
 # A runs twice per repetition: quiet (throughput, CPU, memory, latency) and with the
 # /healthz probe (its latency): a probe answer costs the service milliseconds of CPU.
 TOOLS = {"A": run_service, "Ah": run_service, "B": run_baseline, "C": run_rclone}
-TOOL_NAMES = {
-    "A": "uploader (service, end to end)",
-    "Ah": "uploader with /healthz probed every 20 ms",
-    "B": "raw SDK (upload_blob, thread pool)",
-    "C": "rclone move",
-}

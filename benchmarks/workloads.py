@@ -51,11 +51,8 @@ def ensure_data(workload: Workload) -> Path:
     return files
 
 
-def link_files(source: Path, target: Path, names: list[str]) -> list[Path]:
+def link_files(source: Path, target: Path, names: list[str]) -> None:
     """Hard-link the workload's files into ``target`` (a fresh folder)."""
     target.mkdir(parents=True, exist_ok=True)
-    linked = []
     for name in names:
         os.link(source / name, target / name)
-        linked.append(target / name)
-    return linked

@@ -37,9 +37,11 @@ def wait_for(
 
 
 def clean_environment() -> dict[str, str]:
-    """The test process's environment without any APP_*, OTEL_* or AZURE_* setting."""
+    """This process's environment without any APP_*, OTEL_*, AZURE_* or RCLONE_* setting."""
     return {
-        k: v for k, v in os.environ.items() if not k.startswith(("APP_", "OTEL_", "AZURE_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("APP_", "OTEL_", "AZURE_", "RCLONE_"))
     }
 
 

@@ -13,6 +13,7 @@ import pytest
 from uploader.layout import (
     COMPLETED_DIR_NAME,
     FAILED_DIR_NAME,
+    NAME_MAX,
     STATE_FILE_NAME,
     FileKey,
     InvalidSessionName,
@@ -21,6 +22,7 @@ from uploader.layout import (
     date_prefix,
     is_date_prefix,
     is_session_name,
+    name_with_suffix,
     new_session_name,
     printable,
     validate_session_name,
@@ -41,7 +43,7 @@ KEY = FileKey("20240102", "run-1", "sub/dir/data.csv")
 
 @pytest.mark.parametrize(
     "name",
-    ["run-1", "A_b.c", "a", "...", "a" * 255, "00-session-0190f0a8-1234-7abc-8def-0123456789ab"],
+    ["run-1", "A_b.c", "a", ".hidden", "..x", "a" * 255, "00-session-0190f0a8-1234-7abc-8def-0123456789ab"],
 )
 def test_validate_session_name_accepts_valid_name(name: str) -> None:
     assert validate_session_name(name) == name
@@ -52,6 +54,8 @@ def test_validate_session_name_accepts_valid_name(name: str) -> None:
     [
         pytest.param(".", id="dot"),
         pytest.param("..", id="dotdot"),
+        pytest.param("...", id="dots"),
+        pytest.param("run.", id="trailing-dot"),  # Azure drops it from the blob name
         pytest.param("a/b", id="slash"),
         pytest.param("a" * 256, id="256-chars"),
         pytest.param("café", id="non-ascii"),
@@ -240,10 +244,32 @@ def test_printable_keeps_percent_sequences_that_cannot_be_escapes() -> None:
     assert printable("a%20b%7e%ff.txt") == "a%20b%7e%ff.txt"
 
 
+@pytest.mark.parametrize(
+    ("rel", "shown"),
+    [
+        ("back\\slash", "back%5Cslash"),  # Azure would store it as the file 'slash' of 'back/'
+        ("x.", "x%2E"),  # Azure would drop the dot: the blob of the file 'x'
+        ("dir./x.y", "dir%2E/x.y"),  # in a folder's name too; other dots stay
+        ("...", "..%2E"),
+        ("bell\x07.txt", "bell%07.txt"),
+        ("del\x7f", "del%7F"),
+        ("c1-\x85", "c1-%C2%85"),
+        ("x%2E", "x%252E"),  # looks like an escape of ours: escaped itself
+        ("x%5c", "x%5c"),  # lowercase: never one of ours
+    ],
+)
+def test_printable_escapes_what_azure_would_change(rel: str, shown: str) -> None:
+    assert printable(rel) == shown
+
+
 def test_printable_is_one_to_one_over_every_short_name() -> None:
     # Every name of up to 4 bytes from the bytes that matter: '%', hex digits of either
-    # range, an undecodable byte and the start of a 2-byte UTF-8 sequence.
-    alphabet = [b"%", b"2", b"5", b"8", b"F", b"f", b"x", b"\xff", b"\xc3", b"\xa9"]
+    # range, an undecodable byte, the start of a 2-byte UTF-8 sequence, and what Azure would
+    # change: a backslash, a control character, a '.' at the end of a path segment.
+    alphabet = [
+        b"%", b"2", b"5", b"8", b"C", b"E", b"F", b"x", b"\xff", b"\xc3", b"\xa9", b"\\",
+        b"\x01", b".", b"/",
+    ]
     names = [b""]
     for _ in range(4):
         names += [name + c for name in names if len(name) == len(names[-1]) for c in alphabet]
@@ -360,3 +386,13 @@ def test_layout_trees_of_one_key_are_all_distinct() -> None:
         LAYOUT.failed_reason_path(LAYOUT.failed_path(KEY)),
     }
     assert len(paths) == 6
+
+
+def test_name_with_suffix_fits_and_keeps_names_apart() -> None:
+    short = name_with_suffix("a.bin", ".json")
+    long_a, long_b = (name_with_suffix(c * 250 + "é", ".json", room=4) for c in "ab")
+    assert short == "a.bin.json"
+    for name in (long_a, long_b):
+        assert len(os.fsencode(name)) + 4 <= NAME_MAX and name.endswith(".json")
+    assert long_a != long_b
+    assert name_with_suffix("x" * 251 + "1", ".json") != name_with_suffix("x" * 251 + "2", ".json")

@@ -74,12 +74,21 @@ def test_any_file_name_arrives_under_its_own_name(
     folder = folders.session("names")
     names = [
         "with space.txt", "percent%20.txt", "hash#.txt", "question?.txt", "plus+and&amp.txt",
-        "ünïcødé-ファイル.txt", ".hidden", "trailing-dot.", "semi;colon=eq.txt",
+        "ünïcødé-ファイル.txt", ".hidden", "semi;colon=eq.txt",
         "x.completed", "session.json", "deep/er/nested.txt",
     ]
     expected = {}
     for i, name in enumerate(names):
         expected[f"{today()}/names/{name}"] = write_file(folder / name, 100 + i, seed=i)
+    # What Azure would change in a blob name is escaped, so each file keeps a blob of its
+    # own: a backslash (Azure reads it as '/'), a dot ending a path segment (Azure drops
+    # it), a control character.
+    (folder / "back").mkdir()
+    for i, (name, shown) in enumerate(
+        [("back/slash", "back/slash"), ("back\\slash", "back%5Cslash"), ("trailing-dot", "trailing-dot"),
+         ("trailing-dot.", "trailing-dot%2E"), ("tab\tname", "tab%09name")]
+    ):
+        expected[f"{today()}/names/{shown}"] = write_file(folder / name, 50 + i, seed=100 + i)
     # A name that is not valid UTF-8: the undecodable byte becomes %FF in the blob name.
     raw = os.fsencode(folder) + b"/bad-\xff-byte.txt"
     with open(raw, "wb") as f:

@@ -15,6 +15,7 @@ collide with a session's files, whatever those files are called.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ SESSION_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_.\-]+$")
 MAX_SESSION_NAME_LENGTH = 255
 DATE_PREFIX_PATTERN = re.compile(r"^\d{8}$")
 STATE_FILE_NAME = "session.json"
+NAME_MAX = 255  # bytes in one file name, on Linux and on NFS
 COMPLETED_DIR_NAME = ".completed"
 FAILED_DIR_NAME = ".failed"
 
@@ -51,6 +53,11 @@ def validate_session_name(name: object) -> str:
         )
     if name in (".", ".."):
         raise InvalidSessionName(f"session_name {name!r} is a path, not a name.")
+    if name.endswith("."):
+        # The session is a path segment of every blob name, and Azure drops such a dot.
+        raise InvalidSessionName(
+            "session_name must not end with '.', which Azure Blob Storage drops from blob names."
+        )
     return name
 
 
@@ -104,27 +111,39 @@ def _percent_escape(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error("uploader-percent", _percent_escape)
 
 
-# What an escape of ours looks like (an undecodable byte is 80-FF), and an escaped '%'.
-_LOOKS_ESCAPED = re.compile(r"%(?:25|[89A-F][0-9A-F])")
+# What Azure does not keep in a blob name: a backslash becomes '/' (so a file named 'a\\b'
+# and the file b in the folder a would share a blob), control characters are refused or
+# break listings, and a '.' that ends a path segment is dropped ('x.' would become 'x').
+_UNSAFE_IN_BLOB_NAMES = re.compile(r"[\\\x00-\x1f\x7f-\x9f]|\.(?=/|\Z)")
+# What an escape of ours looks like: an undecodable byte (80-FF), an escaped '%' (25), or
+# one of the characters above ('.' 2E, backslash 5C, controls 00-1F and 7F, and C1
+# controls, which UTF-8 writes as C2 80-9F).
+_LOOKS_ESCAPED = re.compile(r"%(?:25|2E|5C|[01][0-9A-F]|7F|[89A-F][0-9A-F])")
+
+
+def _escape_unsafe(match: re.Match[str]) -> str:
+    return "".join(f"%{byte:02X}" for byte in match.group().encode("utf-8"))
 
 
 def printable(rel: str) -> str:
-    """``rel`` as valid Unicode, a different one for every file name.
+    """``rel`` as valid Unicode that Azure keeps as it is, a different one for every file name.
 
     Linux file names are bytes; Python hands undecodable bytes over as lone surrogates,
-    which no URL or JSON document can carry: those bytes become %XX (uppercase, 80-FF) and
-    '%' becomes %25. So that no name can come out as another's, a valid name that already
-    holds such a sequence (%25, or %80 to %FF) is escaped the same way; every other name
-    (``100%.csv``, ``a%20b``, ``café``) stays exactly as it is.
+    which no URL or JSON document can carry: those bytes become %XX (uppercase, 80-FF), and
+    so do the characters Azure would change (``_UNSAFE_IN_BLOB_NAMES``), and '%' becomes %25.
+    So that no name can come out as another's, a valid name that already holds such a
+    sequence (%25, %2E, %5C, %00 to %1F, %7F, %80 to %FF) is escaped the same way; every
+    other name (``100%.csv``, ``a%20b``, ``café``) stays exactly as it is.
     """
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         pass
     else:
-        if _LOOKS_ESCAPED.search(rel) is None:
+        if _LOOKS_ESCAPED.search(rel) is None and _UNSAFE_IN_BLOB_NAMES.search(rel) is None:
             return rel
-    return os.fsencode(rel).replace(b"%", b"%25").decode("utf-8", errors="uploader-percent")
+    escaped = os.fsencode(rel).replace(b"%", b"%25").decode("utf-8", errors="uploader-percent")
+    return _UNSAFE_IN_BLOB_NAMES.sub(_escape_unsafe, escaped)
 
 
 def blob_name(key: FileKey) -> str:
@@ -179,4 +198,21 @@ class Layout:
 
     def failed_reason_path(self, failed_path: Path) -> Path:
         relative = failed_path.relative_to(self.failed_files_root)
-        return self.failed_reasons_root / relative.parent / f"{relative.name}.json"
+        return self.failed_reasons_root / relative.parent / reason_file_name(relative.name)
+
+
+def name_with_suffix(name: str, suffix: str, *, room: int = 0) -> str:
+    """``name + suffix``, shortened where that would not fit in a file name (NAME_MAX bytes,
+    less ``room`` kept free for a temporary suffix): the end of ``name`` gives way to a
+    hash of all of it, so different names stay different."""
+    raw = os.fsencode(name)
+    limit = NAME_MAX - room - len(os.fsencode(suffix))
+    if len(raw) <= limit:
+        return name + suffix
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return os.fsdecode(raw[: limit - len(digest) - 1]) + "~" + digest + suffix
+
+
+def reason_file_name(failed_name: str) -> str:
+    """The name of a quarantined file's reason file, with room for write_atomically's '.tmp'."""
+    return name_with_suffix(failed_name, ".json", room=len(".tmp"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -143,6 +144,64 @@ def test_claim_finishes_interrupted_claim(tmp_path: Path) -> None:
     assert not source.exists()
     assert target.read_bytes() == b"data"
     assert os.lstat(target).st_nlink == 1
+
+
+def refuse_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the kernel answers under fs.protected_hardlinks when the file is another user's."""
+
+    def link(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", link)
+
+
+def test_claim_renames_a_file_the_kernel_will_not_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_file(tmp_path / "in" / "a.csv", b"data")
+    target = tmp_path / "proc" / "a.csv"
+    inode = os.lstat(source).st_ino
+    refuse_links(monkeypatch)
+
+    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+
+    assert not source.exists()
+    assert os.lstat(target).st_ino == inode
+
+
+def test_claim_by_rename_never_replaces_a_file_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_file(tmp_path / "in" / "a.csv", b"new")
+    target = make_file(tmp_path / "proc" / "a.csv", b"older, in flight")
+    refuse_links(monkeypatch)
+
+    assert claim(source, target, expected_of(source)) is Claim.BUSY
+
+    assert source.read_bytes() == b"new"
+    assert target.read_bytes() == b"older, in flight"
+
+
+def test_claim_is_taken_back_when_the_file_cannot_leave_incoming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_file(tmp_path / "in" / "a.csv", b"data")
+    target = tmp_path / "proc" / "a.csv"
+    unlink = os.unlink
+
+    def refuse_in_incoming(path: object, *args: object, **kwargs: object) -> None:
+        if Path(os.fsdecode(path)).parent == source.parent:  # type: ignore[arg-type]
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", refuse_in_incoming)
+
+    with pytest.raises(PermissionError):
+        claim(source, target, expected_of(source))
+
+    assert source.read_bytes() == b"data"
+    assert not os.path.lexists(target)  # nothing left for recovery to upload a second time
+    assert os.lstat(source).st_nlink == 1
 
 
 # --- stage_copy --------------------------------------------------------------------------
@@ -375,6 +434,24 @@ def test_quarantine_same_name_twice_keeps_both(tmp_path: Path) -> None:
     assert json.loads(reason_path.read_bytes()) == {"n": 1}
     assert json.loads(layout.failed_reason_path(numbered).read_bytes()) == {"n": 2}
     assert not second.exists()
+
+
+def test_quarantine_of_a_longest_name_writes_its_reason_twice_over(tmp_path: Path) -> None:
+    """A 255-byte name leaves no room for '.json', '.tmp' or '.1': those names are shortened."""
+    layout = layout_in(tmp_path)
+    key = FileKey("20240102", "s", "U" * 255)
+    failed = layout.failed_path(key)
+    reason_path = layout.failed_reason_path(failed)
+
+    first = make_file(layout.processing_path(key), b"first")
+    assert quarantine(first, failed, reason_path, {"n": 1}) == failed
+    second = make_file(layout.processing_path(key), b"second")
+    numbered = quarantine(second, failed, reason_path, {"n": 2})
+
+    assert numbered != failed and numbered.read_bytes() == b"second"
+    assert json.loads(reason_path.read_bytes()) == {"n": 1}
+    assert json.loads(layout.failed_reason_path(numbered).read_bytes()) == {"n": 2}
+    assert reason_path != layout.failed_reason_path(numbered)
 
 
 def test_quarantine_finishes_interrupted_quarantine(tmp_path: Path) -> None:

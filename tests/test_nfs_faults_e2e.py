@@ -17,6 +17,7 @@ from azure.storage.blob import ContainerClient
 
 from tests.conftest import ServiceFactory
 from tests.faults.faultfs import FaultFS
+from tests.support.azurite import blob_contents
 from tests.support.service import Folders, ServiceProcess, wait_for, write_file
 from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
 
@@ -77,6 +78,46 @@ def test_a_transient_nfs_error_ends_with_every_file_intact(
     assert status["files_quarantined"] == 0
     assert status["last_error"] is not None
     assert error in service.log()  # each failure was logged, naming its cause
+
+
+def test_a_file_the_kernel_will_not_link_is_claimed_by_rename(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    """fs.protected_hardlinks refuses to link another user's file (EPERM): such files, the
+    usual case on a shared drop folder, still go up."""
+    service.start_session("owners")
+    faultfs.fail("link", processing_glob("owners", "*"), "EPERM", times=None)
+    expected = drop(folders, "owners", {"a.bin": 3 * MiB, "b.txt": 10})
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    status = service.status()
+    assert status["files_processed"] == 2 and status["files_failed"] == 0
+
+
+def test_a_file_that_cannot_leave_incoming_is_not_uploaded_again_and_again(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    """A session folder the service may not write to: the claim is taken back (else the copy
+    left in incoming would go up once more after every upload), and tried less and less often."""
+    service.start_session("readonly")
+    refused = faultfs.fail("unlink", "incoming/readonly/*", "EACCES", times=None)
+    data = write_file(folders.session("readonly") / "a.bin", 1000)
+    wait_for(lambda: faultfs.stats()["faults"].get("unlink", 0) >= 3, timeout=30,
+             what="three refused claims")
+    time.sleep(3)
+    refusals = faultfs.stats()["faults"]["unlink"]
+    status = service.status()
+    # Polled every 0.1 s, but tried again after 0.1, 0.2, 0.4, 0.8, 1.6, 3.2 s: a handful of tries.
+    assert refusals <= 7, f"{refusals} claims refused"
+    assert status["files_processed"] == 0 and status["files_failed"] == refusals
+    assert "EACCES" in status["last_error"]
+    assert blob_contents(container) == {}
+    assert not list(folders.processing.glob(processing_glob("readonly", "*")))
+    faultfs.remove(refused)
+    blob = f"{today()}/readonly/a.bin"
+    assert wait_for_blobs(container, {blob}, timeout=90) == {blob: data}
+    wait_until_clean(folders)
+    assert service.status()["files_processed"] == 1
 
 
 def test_slow_reads_only_slow_things_down(

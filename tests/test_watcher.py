@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -203,9 +204,32 @@ async def test_a_queued_file_is_not_queued_twice(autojump_clock: trio.testing.Mo
             pytest.fail("the same file was queued twice")
         # A worker that could not claim it (say, busy) releases it: it is offered again.
         assert first.on_claim_settled is not None
-        first.on_claim_settled()
+        first.on_claim_settled(False)
         again = await receive.receive()
         assert again.key == first.key
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_file_whose_claim_failed_is_offered_again_after_a_doubling_delay(
+    autojump_clock: trio.testing.MockClock, layout: Layout
+) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"x")
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane(), min_age=0, poll=1)
+        offered = [await receive.receive()]
+        offered_at = [trio.current_time()]
+        for _ in range(4):
+            settled = offered[-1].on_claim_settled
+            assert settled is not None
+            settled(True)  # the claim failed (say, EACCES): not offered at every scan
+            offered.append(await receive.receive())
+            offered_at.append(trio.current_time())
+        waits = [later - earlier for earlier, later in itertools.pairwise(offered_at)]
+        # 1, 2, 4, 8 s after each failure (give or take the 1 s poll)
+        for wait, delay in zip(waits, [1, 2, 4, 8], strict=True):
+            assert delay <= wait <= delay + 1
         nursery.cancel_scope.cancel()
 
 

@@ -108,6 +108,12 @@ def classify(exc: BaseException) -> Disposition:
     return Disposition.RETRYABLE
 
 
+def is_out_of_space(exc: BaseException) -> bool:
+    """A full disk or quota: it fails every file until space comes back, so it says nothing
+    about the file itself (a probe that lists a folder would still succeed)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:
     """The first exception inside a (possibly nested) exception group."""
     first = group.exceptions[0]

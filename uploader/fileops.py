@@ -1,9 +1,11 @@
 """The blocking filesystem steps of a file's journey. Each runs in a worker thread.
 
-Claiming uses ``link()`` + ``unlink()``, never ``rename()``: a rename onto a name that is
-still in flight would silently replace the older file, while ``link()`` fails with EEXIST,
-on NFS too. A crash between the two leaves the same inode under both names, which
-``same_file`` recognises, so the next claim or the recovery finishes the job.
+Claiming uses ``link()`` + ``unlink()``: a rename onto a name that is still in flight would
+silently replace the older file, while ``link()`` fails with EEXIST, on NFS too. A crash
+between the two leaves the same inode under both names, which ``same_file`` recognises, so
+the next claim or the recovery finishes the job. Only where the kernel refuses the link (a
+file of another user under ``fs.protected_hardlinks``) is the file renamed, after checking
+that its name is free.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from uploader.errors import (
     describe,
     is_benign_race,
 )
+from uploader.layout import name_with_suffix, reason_file_name
 
 T = TypeVar("T")
 _tracer = trace.get_tracer(__name__)
@@ -135,8 +138,33 @@ def claim(source: Path, target: Path, expected: tuple[int, int] | None) -> Claim
         # Same inode: an earlier claim stopped between link and unlink.
     except FileNotFoundError:
         return Claim.GONE
-    with contextlib.suppress(FileNotFoundError):
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+        # fs.protected_hardlinks (on by default) lets only a file's owner link it, so a
+        # file another user wrote cannot be linked: it is renamed instead, only while no
+        # file of that name is in flight (claims of one name never run at once).
+        return _claim_by_rename(source, target)
+    try:
         os.unlink(source)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        # It stays in incoming (a folder we may not write to): take the claim back, or the
+        # copy left there would be claimed and uploaded again after this one.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        raise
+    return Claim.CLAIMED
+
+
+def _claim_by_rename(source: Path, target: Path) -> Claim:
+    if os.path.lexists(target):
+        return Claim.BUSY
+    try:
+        in_folder(target, lambda: os.rename(source, target))
+    except FileNotFoundError:
+        return Claim.GONE
     return Claim.CLAIMED
 
 
@@ -340,10 +368,10 @@ def quarantine(processing: Path, failed: Path, reason_path: Path, reason: dict[s
                     break
             except FileNotFoundError:
                 pass
-            candidate = failed.with_name(f"{failed.name}.{n}")
+            candidate = failed.with_name(name_with_suffix(failed.name, f".{n}"))
     else:  # pragma: no cover - ten thousand failures of one name
         raise FileExistsError(errno.EEXIST, "no free name in the failed folder", str(failed))
-    reason_file = reason_path.with_name(candidate.name + ".json") if candidate != failed else reason_path
+    reason_file = reason_path.with_name(reason_file_name(candidate.name)) if candidate != failed else reason_path
     write_atomically(reason_file, json.dumps(reason, indent=2, sort_keys=True).encode())
     os.unlink(processing)
     return candidate

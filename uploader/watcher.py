@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -33,7 +34,19 @@ MAX_BACKOFF_S = 60.0
 
 
 def scan_session_folder(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
-    """List a session's incoming folder; a missing folder is made again, since users drop into it."""
+    """List a session's incoming folder; a missing folder is made again, since users drop into it.
+
+    A folder replaced by a symbolic link (or a file) is not listed: through a link, the
+    session would read, upload and delete files outside incoming/.
+    """
+    try:
+        mode = os.lstat(root).st_mode
+    except FileNotFoundError:
+        os.makedirs(root, exist_ok=True)
+        return Scan([], [])
+    if not stat.S_ISDIR(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+        raise NotADirectoryError(errno.ENOTDIR, f"{what}, so nothing in it is read", str(root))
     try:
         return list_files(root, extensions)
     except FileNotFoundError:
@@ -50,10 +63,14 @@ class _Observation(NamedTuple):
 class StabilityTracker:
     """Pure bookkeeping of what the scans saw; no I/O, no clock of its own."""
 
-    def __init__(self, min_age_s: float) -> None:
+    def __init__(self, min_age_s: float, retry_base_s: float = 1.0) -> None:
         self.min_age_s = min_age_s
+        self.retry_base_s = retry_base_s
         self._seen: dict[str, _Observation] = {}
         self._pending: set[str] = set()
+        # Files whose claims failed: (failures in a row, monotonic time before which the
+        # file is not offered again).
+        self._held: dict[str, tuple[int, float]] = {}
 
     def observe(
         self, entries: Iterable[ScanEntry], wall_now: float, monotonic_now: float
@@ -73,7 +90,7 @@ class StabilityTracker:
         /healthz for a tenth of a second. The scan counts once the iterator is exhausted."""
         stable: list[ScanEntry] = []
         current: dict[str, _Observation] = {}
-        seen, pending = self._seen, self._pending
+        seen, pending, held = self._seen, self._pending, self._held
         min_age_ns = self.min_age_s * 1e9
         wall_now_ns = wall_now * 1e9
         for count, entry in enumerate(entries, 1):
@@ -84,7 +101,7 @@ class StabilityTracker:
                 if rel not in pending and (
                     wall_now_ns - mtime_ns >= min_age_ns
                     or monotonic_now - before.unchanged_since >= self.min_age_s
-                ):
+                ) and (not held or rel not in held or held[rel][1] <= monotonic_now):
                     stable.append(entry)
             else:
                 current[rel] = _Observation(size, mtime_ns, monotonic_now)
@@ -94,6 +111,8 @@ class StabilityTracker:
         self._seen = current
         # A file that left the folder was claimed (or deleted); forget that it was pending.
         self._pending.intersection_update(current)
+        if held:
+            self._held = {rel: hold for rel, hold in held.items() if rel in current}
         yield stable
 
     def mark_pending(self, rel: str) -> None:
@@ -101,6 +120,17 @@ class StabilityTracker:
 
     def release(self, rel: str) -> None:
         self._pending.discard(rel)
+
+    def claim_failed(self, rel: str, monotonic_now: float) -> float:
+        """Release a file whose claim failed, to be offered again only after a delay that
+        doubles with every failure in a row (from ``retry_base_s`` up to MAX_BACKOFF_S): a
+        file that cannot be claimed (a folder we may not write to, a name too long for the
+        processing folder) must not fail, and be logged, on every scan. Returns the delay."""
+        self._pending.discard(rel)
+        failures = self._held.get(rel, (0, 0.0))[0] + 1
+        delay = float(min(MAX_BACKOFF_S, self.retry_base_s * 2 ** min(failures - 1, 32)))
+        self._held[rel] = (failures, monotonic_now + delay)
+        return delay
 
     @property
     def pending(self) -> frozenset[str]:
@@ -139,8 +169,14 @@ async def run(
 ) -> None:
     """Poll ``incoming/<session>/`` until cancelled; the channel end is closed on exit."""
     folder = layout.incoming_dir(session)
-    tracker = StabilityTracker(min_file_age_s)
+    tracker = StabilityTracker(min_file_age_s, retry_base_s=poll_interval_s)
     backoff = Backoff(base_s=poll_interval_s)
+
+    def claim_settled(rel: str, failed: bool) -> None:
+        if failed:
+            tracker.claim_failed(rel, trio.current_time())
+        else:
+            tracker.release(rel)
     reported: set[str] = set()
     task_status.started()
     async with send:
@@ -173,7 +209,7 @@ async def run(
                         key,
                         claimed=False,
                         expected=(entry.size, entry.mtime_ns),
-                        on_claim_settled=partial(tracker.release, entry.rel),
+                        on_claim_settled=partial(claim_settled, entry.rel),
                     )
                 )
             await trio.sleep(poll_interval_s)

@@ -27,6 +27,7 @@ from uploader.errors import (
     backoff_delay,
     classify,
     describe,
+    is_out_of_space,
 )
 from uploader.fileops import Claim, Claimed, StagedFile
 from uploader.lanes import Lanes
@@ -45,8 +46,9 @@ class WorkItem:
     claimed: bool
     # (size, mtime_ns) the watcher found stable; the claim refuses a file that differs.
     expected: tuple[int, int] | None = None
-    # Tells the watcher this file is no longer waiting for a claim.
-    on_claim_settled: Callable[[], None] | None = None
+    # Tells the watcher this file is no longer waiting for a claim, and whether the claim
+    # failed (the watcher then waits before it offers the file again).
+    on_claim_settled: Callable[[bool], None] | None = None
     attempts: int = 0
     successes_at_first_failure: int | None = None
     staged: StagedFile | None = None
@@ -231,6 +233,7 @@ class Pipeline:
         # A file whose name is already claimed here can only be the other half of an
         # interrupted claim: finish the claim, but its owner stages and uploads it.
         owned = key in self.progress.claimed
+        failed = False
         try:
             with tracer.start_as_current_span("claim"):
                 if owned or not stage:
@@ -250,13 +253,16 @@ class Pipeline:
                         self.settings.azure_max_block_size,
                     )
         except OSError as exc:
-            # Still in incoming: the watcher offers it again on a later scan.
+            # Still in incoming: the watcher offers it again after a while.
+            failed = True
+            self.progress.files_failed += 1
+            self.metrics.files_failed.add(1, {"disposition": classify(exc).value})
             self.progress.note_error(f"claim {key}: {describe(exc)}")
             log.warning("cannot claim %s: %s", key, describe(exc))
             return Claimed(Claim.GONE)
         finally:
             if item.on_claim_settled is not None:
-                item.on_claim_settled()
+                item.on_claim_settled(failed)
         if claimed.outcome is Claim.CLAIMED:
             if owned:
                 return Claimed(Claim.GONE)
@@ -348,6 +354,8 @@ class Pipeline:
 
     async def _works_for_others(self, exc: Exception) -> bool:
         """Probe the side that failed this file: is it the file, or is everything failing?"""
+        if is_out_of_space(exc):
+            return False
         with trio.move_on_after(self.settings.nfs_op_timeout_s):
             if isinstance(exc, OSError | SourceChanged):
                 try:

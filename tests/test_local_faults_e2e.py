@@ -1,0 +1,60 @@
+"""Faults of the pod's own disk (the staging folder), against the real process."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import ContainerClient
+
+from tests.conftest import ServiceFactory
+from tests.support.service import Folders, wait_for, write_file
+from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where``: a staging disk that can really fill up."""
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True, text=True, check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=False)
+
+
+def test_a_full_staging_disk_quarantines_nothing_and_everything_goes_up_once_space_returns(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    with small_disk(folders.staging, "1m") as staging:
+        filler = staging / "filler"
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            while True:  # until ENOSPC
+                f.write(b"\0" * 65536)
+                f.flush()
+        service = service_factory(
+            APP_MAX_ATTEMPTS="2", APP_RETRY_BACKOFF_S="0.2", APP_RETRY_BACKOFF_MAX_S="0.5"
+        )
+        service.start_session("full")
+        expected = {
+            f"{today()}/full/{name}": write_file(folders.session("full") / name, 200_000, seed=i)
+            for i, name in enumerate(["a.bin", "b.bin", "c.bin"])
+        }
+        # Every file fails well past APP_MAX_ATTEMPTS while the disk is full...
+        wait_for(lambda: service.status()["files_failed"] >= 12, timeout=60, what="failed attempts")
+        status = service.status()
+        assert status["files_quarantined"] == 0
+        assert "ENOSPC" in status["last_error"]
+        # ...and goes up once there is room again.
+        filler.unlink()
+        assert wait_for_blobs(container, set(expected)) == expected
+        wait_until_clean(folders)
+        assert service.status()["files_quarantined"] == 0

@@ -63,7 +63,9 @@ def test_bad_session_names_are_refused_and_change_nothing(
         (b'"run-1"', "JSON object"),
         (b'{"session_name": "ok", "extra": 1}', "Unknown field 'extra'"),
         (b'{"name": "ok"}', "Unknown field 'name'"),
+        (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
     ],
+    ids=["broken", "not-utf8", "array", "string", "extra-field", "wrong-field", "deep"],
 )
 def test_malformed_bodies_are_refused(
     service: ServiceProcess, folders: Folders, body: bytes, reason: str
@@ -110,6 +112,35 @@ def test_session_folders_are_created_on_start(service: ServiceProcess, folders: 
     assert folders.session("made").is_dir()
     assert (folders.processing / session["date_prefix"] / "made").is_dir()
     assert (folders.staging / session["date_prefix"] / "made").is_dir()
+
+
+def test_a_session_folder_that_is_a_symlink_is_refused_and_nothing_outside_is_read(
+    service: ServiceProcess, folders: Folders, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "private.txt").write_text("secret")
+    folders.incoming.mkdir(parents=True, exist_ok=True)
+    (folders.incoming / "evil").symlink_to(outside, target_is_directory=True)
+
+    answer = service.http.post("/v1/watch/start", json={"session_name": "evil"})
+
+    assert answer.status_code == 409
+    assert "is a symbolic link" in answer.json()["error"]
+    assert service.status()["active"] is False
+    assert (outside / "private.txt").read_text() == "secret"
+
+
+def test_a_session_name_taken_by_a_file_is_a_conflict(
+    service: ServiceProcess, folders: Folders
+) -> None:
+    folders.incoming.mkdir(parents=True, exist_ok=True)
+    (folders.incoming / "runfile").write_text("x")
+
+    answer = service.http.post("/v1/watch/start", json={"session_name": "runfile"})
+
+    assert answer.status_code == 409
+    assert "is not a folder" in answer.json()["error"]
+    assert (folders.incoming / "runfile").read_text() == "x"
 
 
 def test_unknown_paths_and_methods_answer_json(service: ServiceProcess) -> None:

@@ -1,4 +1,5 @@
-"""Unit tests for the stored session state: encode_state, decode_state, read_state."""
+"""Unit tests for the stored session state (encode_state, decode_state, read_state) and for
+when SessionControl records it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import logging
 from pathlib import Path
 
 import pytest
+import trio
 
-from uploader.session import SessionState, decode_state, encode_state, read_state
+from uploader.lanes import ThreadLane
+from uploader.layout import Layout
+from uploader.session import SessionControl, SessionState, decode_state, encode_state, read_state
 
 ACTIVE = SessionState(
     active=True,
@@ -132,3 +136,21 @@ def test_read_state_deeply_nested_json_is_inactive(tmp_path: Path) -> None:
     path = tmp_path / "session.json"
     path.write_bytes(b"[" * 100_000)
     assert read_state(path) == SessionState()
+
+
+async def test_stop_has_recorded_the_stopped_state_when_it_answers(tmp_path: Path) -> None:
+    """A crash right after a stop's answer must not resume the session."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+
+    async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        await control.start("run-1")
+        assert read_state(layout.state_file).active is True
+        await control.stop()
+        assert read_state(layout.state_file).active is False
+        nursery.cancel_scope.cancel()

@@ -50,6 +50,8 @@ def parse_start_body(raw: str | bytes) -> object | None:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("The request body is not valid JSON.") from None
+    except RecursionError:
+        raise BadRequest("The request body is nested too deeply to be a start request.") from None
     if not isinstance(body, dict):
         raise BadRequest('The request body must be a JSON object such as {"session_name": "run-1"}.')
     unknown = sorted(set(body) - START_FIELDS)

@@ -6,10 +6,12 @@ scope of its own; stopping cancels only that scope, so workers drain what is que
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -31,6 +33,11 @@ from uploader.layout import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# How long a stop waits to record the state before it answers (then it goes on in the
+# background).
+STOP_SAVE_WAIT_S = 1.0
 
 
 class SessionConflict(Exception):
@@ -108,11 +115,23 @@ def read_state(path: Path) -> SessionState:
 
 
 def _make_session_folders(layout: Layout, date: str, name: str) -> None:
-    for folder in (
-        layout.incoming_dir(name),
-        layout.processing_dir(date, name),
-        layout.staging_dir(date, name),
-    ):
+    incoming = layout.incoming_dir(name)
+    try:
+        mode = os.lstat(incoming).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        # A symlink would make the session read, upload and delete files outside incoming/.
+        if stat.S_ISLNK(mode):
+            raise SessionConflict(
+                f"{incoming} is a symbolic link, and a session only reads a real folder of its "
+                "own; remove the link or choose another session name."
+            )
+        if not stat.S_ISDIR(mode):
+            raise SessionConflict(
+                f"{incoming} exists and is not a folder; remove it or choose another session name."
+            )
+    for folder in (incoming, layout.processing_dir(date, name), layout.staging_dir(date, name)):
         os.makedirs(folder, exist_ok=True)
 
 
@@ -186,8 +205,16 @@ class SessionControl:
                 self._clock().isoformat(timespec="seconds"),
             )
             self.state = stopped
-            assert self._nursery is not None
-            self._nursery.start_soon(self._save_in_background)
+            # Recorded before the answer, so a crash right after it cannot resume the
+            # session; a hung share must not hold the answer up for long, though.
+            saved = False
+            with trio.move_on_after(min(self._nfs_timeout_s, STOP_SAVE_WAIT_S)):
+                with contextlib.suppress(NfsUnavailable):
+                    await self._save(stopped)
+                    saved = True
+            if not saved:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._save_in_background)
             log.info("session %s stopped", stopped.session_name, extra={"session": stopped.session_name})
             return stopped
 

@@ -115,6 +115,23 @@ def test_symlinks_are_never_followed(
     assert secret.read_text() == "must never be uploaded"
 
 
+def test_a_session_folder_swapped_for_a_symlink_is_not_read(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient, tmp_path
+) -> None:
+    service = service_factory()
+    service.start_session("swap")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.txt").write_text("must never be uploaded")
+    folders.session("swap").rmdir()
+    folders.session("swap").symlink_to(outside, target_is_directory=True)
+    wait_for(lambda: "symbolic link" in (service.status()["last_error"] or ""), timeout=10,
+             what="the watcher to refuse the symlink")
+    time.sleep(1)  # several more scans
+    assert blob_contents(container) == {}
+    assert (outside / "private.txt").read_text() == "must never be uploaded"
+
+
 def test_file_still_being_written_goes_up_once_complete(
     service_factory: ServiceFactory, folders: Folders, container: ContainerClient
 ) -> None:

@@ -6,12 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from azure.storage.blob import BlobServiceClient
 from pydantic import ValidationError
 
-from uploader.config import MiB, SettingsError, blob_endpoint, load_settings
+from uploader.config import MiB, SettingsError, blob_endpoint, load_settings, overlapping_folders
 
 ACCOUNT_URL = "https://acct.blob.core.windows.net"
-ACCOUNT_KEY = "c2VjcmV0LWFjY291bnQta2V5LXZhbHVl/Zz+Q=="
+ACCOUNT_KEY = "c2VjcmV0LWFjY291bnQta2V5LXZhbHVl/Zz+Qw=="  # base64, as real keys are
 CONNECTION_STRING = (
     "DefaultEndpointsProtocol=https;AccountName=acct;"
     "AccountKey=Q29ubmVjdGlvbi1zdHJpbmctc2VjcmV0;EndpointSuffix=core.windows.net"
@@ -185,6 +186,7 @@ BAD_VALUES = [
     ("APP_AZURE_ACCOUNT_URL", "ftp://acct.blob.core.windows.net"),
     ("APP_AZURE_ACCOUNT_URL", "https://"),
     ("APP_FILE_EXTENSIONS", "csv,a/b"),
+    ("APP_AZURE_ACCOUNT_KEY", "not-base64!"),
 ]
 
 
@@ -241,6 +243,24 @@ def test_overlapping_folders_name_both_variables(first: str, second: str, relati
     assert first in message and second in message
 
 
+def test_folders_that_overlap_through_dot_dot_are_refused() -> None:
+    message = settings_error(
+        APP_NFS_INCOMING_DIR="/x/nfs", APP_NFS_PROCESSING_ROOT="/x/y/../nfs/.processing"
+    )
+    assert "\n" not in message
+    assert "APP_NFS_INCOMING_DIR" in message and "APP_NFS_PROCESSING_ROOT" in message
+
+
+def test_folders_that_overlap_through_a_symlink_are_found_once_resolved(tmp_path: Path) -> None:
+    (tmp_path / "nfs").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "nfs")
+    folders = {"APP_NFS_INCOMING_DIR": tmp_path / "nfs", "APP_NFS_PROCESSING_ROOT": tmp_path / "link" / "p"}
+    message = overlapping_folders(folders, lambda path: Path(os.path.realpath(path)))
+    assert message is not None
+    assert "APP_NFS_INCOMING_DIR" in message and "APP_NFS_PROCESSING_ROOT" in message
+    assert f"which are {tmp_path / 'nfs'} and {tmp_path / 'nfs' / 'p'}" in message
+
+
 def test_sibling_folders_with_common_prefix_do_not_overlap(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("APP_NFS_INCOMING_DIR", "/srv/in")
     clean_env.setenv("APP_NFS_PROCESSING_ROOT", "/srv/in2")
@@ -281,6 +301,85 @@ def test_token_auth_takes_the_account_url_from_the_connection_string(mode: str) 
 )
 def test_blob_endpoint_of_a_connection_string(connection_string: str, url: str | None) -> None:
     assert blob_endpoint(connection_string) == url
+
+
+# --- connection strings: what azure-storage-blob can build a client from -------------------
+
+KEY = "eQ=="
+GOOD_CONNECTION_STRINGS = [
+    CONNECTION_STRING,
+    CONNECTION_STRING + ";",
+    "UseDevelopmentStorage=true",
+    f"AccountName=acct;AccountKey={KEY}",
+    f"BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;AccountName=devstoreaccount1;AccountKey={KEY}",
+    "BlobEndpoint=https://acct.blob.core.windows.net/;SharedAccessSignature=sv=2022-11-02&sig=abc",
+    f"accountname=acct;accountkey={KEY};endpointsuffix=core.chinacloudapi.cn",
+    f"DefaultEndpointsProtocol=http;AccountName=acct;AccountKey={KEY}",
+]
+
+
+@pytest.mark.parametrize("connection_string", GOOD_CONNECTION_STRINGS)
+def test_a_connection_string_the_sdk_can_use_is_accepted_with_its_blob_endpoint(
+    clean_env: pytest.MonkeyPatch, connection_string: str
+) -> None:
+    clean_env.delenv("APP_AZURE_ACCOUNT_URL")
+    clean_env.setenv("APP_AZURE_AUTH", "key")
+    clean_env.setenv("APP_AZURE_CONNECTION_STRING", connection_string)
+    settings = load_settings()
+    client = BlobServiceClient.from_connection_string(connection_string)
+    url, _, sas = client.url.partition("?")
+    assert client.credential is not None or "sig=" in sas
+    assert settings.token_account_url == blob_endpoint(connection_string) == url.rstrip("/")
+
+
+BAD_CONNECTION_STRINGS = {
+    "garbage": "garbage",
+    "part-without-equals": f"AccountName=acct;AccountKey={KEY};x",
+    "empty-part": f"AccountName=acct;;AccountKey={KEY}",
+    "no-credential": "AccountName=acct",
+    "no-account": f"AccountKey={KEY}",
+    "empty-account": f"AccountName=;AccountKey={KEY}",
+    "key-not-base64": "AccountName=acct;AccountKey=abc",
+    "endpoint-not-url": f"BlobEndpoint=acct.blob.core.windows.net;AccountName=acct;AccountKey={KEY}",
+    "only-secondary": f"BlobSecondaryEndpoint=https://x-secondary.blob.core.windows.net;AccountName=acct;AccountKey={KEY}",
+    "bad-protocol": f"DefaultEndpointsProtocol=ftp;AccountName=acct;AccountKey={KEY}",
+    "dev-storage-capitalised": "UseDevelopmentStorage=True",
+}
+
+
+@pytest.mark.parametrize("connection_string", BAD_CONNECTION_STRINGS.values(), ids=BAD_CONNECTION_STRINGS.keys())
+def test_a_malformed_connection_string_is_one_line_naming_the_variable(connection_string: str) -> None:
+    message = settings_error(APP_AZURE_AUTH="key", APP_AZURE_CONNECTION_STRING=connection_string)
+    assert "\n" not in message
+    assert message.startswith("APP_AZURE_CONNECTION_STRING: ")
+    assert ACCOUNT_KEY not in message
+
+
+def test_a_malformed_connection_string_is_not_echoed() -> None:
+    secret = f"AccountName=acct;AccountKey={ACCOUNT_KEY}x;Oops"
+    message = settings_error(APP_AZURE_CONNECTION_STRING=secret)
+    assert message.startswith("APP_AZURE_CONNECTION_STRING: ")
+    assert ACCOUNT_KEY not in message and "Oops" not in message and "acct" not in message
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_connection_string_means_not_set(clean_env: pytest.MonkeyPatch, blank: str) -> None:
+    clean_env.setenv("APP_AZURE_CONNECTION_STRING", blank)
+    settings = load_settings()
+    assert settings.azure_connection_string is None
+    assert not settings.has_key_credentials
+
+
+def test_key_auth_with_only_a_blank_connection_string_asks_for_credentials() -> None:
+    message = settings_error(APP_AZURE_AUTH="key", APP_AZURE_CONNECTION_STRING="")
+    assert message.startswith("APP_AZURE_AUTH=key needs APP_AZURE_CONNECTION_STRING")
+
+
+def test_whitespace_around_a_connection_string_is_dropped(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_AZURE_CONNECTION_STRING", f" {CONNECTION_STRING}\n")
+    settings = load_settings()
+    assert settings.azure_connection_string is not None
+    assert settings.azure_connection_string.get_secret_value() == CONNECTION_STRING
 
 
 @pytest.mark.parametrize("mode", ["auto", "default"])

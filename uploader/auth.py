@@ -23,8 +23,8 @@ from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies
 from urllib3.util.retry import Retry
 
-from uploader.config import Settings
-from uploader.errors import StartupError
+from uploader.config import Settings, redact
+from uploader.errors import StartupError, describe
 
 
 class EnvironmentOnceSession(requests.Session):
@@ -162,9 +162,14 @@ def client_options(settings: Settings, pool_size: int) -> dict[str, Any]:
 def connect_with_key(settings: Settings, pool_size: int) -> Connection:
     options = client_options(settings, pool_size)
     if settings.azure_connection_string is not None:
-        client = BlobServiceClient.from_connection_string(
-            settings.azure_connection_string.get_secret_value(), **options
-        )
+        try:
+            client = BlobServiceClient.from_connection_string(
+                settings.azure_connection_string.get_secret_value(), **options
+            )
+        except ValueError as exc:  # config.check_connection_string should have caught it
+            raise StartupError(
+                f"APP_AZURE_CONNECTION_STRING cannot be used: {redact(describe(exc))}"
+            ) from None
         return Connection(client, "the connection string (APP_AZURE_CONNECTION_STRING)")
     assert settings.azure_account_url and settings.azure_account_name and settings.azure_account_key
     client = BlobServiceClient(

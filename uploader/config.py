@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -89,6 +92,28 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as https://<account>.blob.core.windows.net")
         return value.rstrip("/")
 
+    @field_validator("azure_connection_string", mode="before")
+    @classmethod
+    def _connection_string(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        # Blank means not set, as for APP_AZURE_ACCOUNT_URL (an empty variable in a manifest
+        # or an env file); surrounding whitespace (a secret file's newline) is not part of it.
+        value = value.strip()
+        if not value:
+            return None
+        check_connection_string(value)
+        return value
+
+    @field_validator("azure_account_key")
+    @classmethod
+    def _account_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _is_key(value.get_secret_value()):
+            raise ValueError("must be the storage account's base64 key")
+        return value
+
     @field_validator("file_extensions", mode="before")
     @classmethod
     def _extensions(cls, value: Any) -> tuple[str, ...]:
@@ -113,20 +138,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        folders = {
-            "APP_NFS_INCOMING_DIR": self.nfs_incoming_dir,
-            "APP_NFS_PROCESSING_ROOT": self.nfs_processing_root,
-            "APP_LOCAL_STAGING_ROOT": self.local_staging_root,
-        }
-        names = list(folders)
-        for i, first in enumerate(names):
-            for second in names[i + 1 :]:
-                a, b = folders[first], folders[second]
-                if a == b or a.is_relative_to(b) or b.is_relative_to(a):
-                    raise ValueError(
-                        f"{first} ({a}) and {second} ({b}) must be separate folders, "
-                        "neither inside the other"
-                    )
+        # As written, with '..' taken away; symlinks need the file system, which is not read
+        # here (a hung share must not hang start-up before /healthz answers): the service
+        # compares the resolved folders at start-up too (folders.check_folders).
+        overlap = overlapping_folders(self.folders, lambda path: Path(os.path.normpath(path)))
+        if overlap:
+            raise ValueError(overlap)
         if self.azure_auth == "key" and not self.has_key_credentials:
             raise ValueError(
                 "APP_AZURE_AUTH=key needs APP_AZURE_CONNECTION_STRING, or APP_AZURE_ACCOUNT_URL "
@@ -140,6 +157,15 @@ class Settings(BaseSettings):
         if self.retry_backoff_max_s < self.retry_backoff_s:
             raise ValueError("APP_RETRY_BACKOFF_MAX_S must not be smaller than APP_RETRY_BACKOFF_S")
         return self
+
+    @property
+    def folders(self) -> dict[str, Path]:
+        """The service's three folders, by the variable that sets each."""
+        return {
+            "APP_NFS_INCOMING_DIR": self.nfs_incoming_dir,
+            "APP_NFS_PROCESSING_ROOT": self.nfs_processing_root,
+            "APP_LOCAL_STAGING_ROOT": self.local_staging_root,
+        }
 
     @property
     def token_account_url(self) -> str | None:
@@ -160,23 +186,90 @@ class Settings(BaseSettings):
         )
 
 
+def overlapping_folders(folders: Mapping[str, Path], resolve: Callable[[Path], Path]) -> str | None:
+    """One sentence naming two folders that, once resolved, are the same folder or one inside
+    the other (the service would watch or clean up its own files); None when all are apart."""
+    resolved = {name: resolve(path) for name, path in folders.items()}
+    names = list(folders)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            a, b = resolved[first], resolved[second]
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                shown_a, shown_b = folders[first], folders[second]
+                how = "" if (a, b) == (shown_a, shown_b) else f", which are {a} and {b}"
+                return (
+                    f"{first} ({shown_a}) and {second} ({shown_b}){how}, must be separate "
+                    "folders, neither inside the other"
+                )
+    return None
+
+
+def _connection_fields(connection_string: str) -> dict[str, str] | None:
+    """Name (upper case) to value, split as azure-storage-blob splits a connection string
+    (``parse_connection_str``): None when some part is not ``name=value``."""
+    parts = [part.split("=", 1) for part in connection_string.rstrip(";").split(";")]
+    if any(len(part) != 2 for part in parts):
+        return None
+    return {name.upper(): value for name, value in parts}
+
+
+def check_connection_string(connection_string: str) -> None:
+    """Raise ValueError, in words that never repeat any of it, unless the storage SDK can build
+    a client from ``connection_string``: a blob endpoint and a key or a SAS."""
+    fields = _connection_fields(connection_string)
+    if fields is None:
+        raise ValueError("must be name=value pairs separated by ';' (AccountName, AccountKey, ...)")
+    development = fields.get("USEDEVELOPMENTSTORAGE")
+    if development == "true":
+        return  # Azurite, with its well-known account and key
+    if development is not None and development.lower() == "true":
+        raise ValueError("UseDevelopmentStorage must be written 'true', in lower case")
+    endpoint = fields.get("BLOBENDPOINT")
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("BlobEndpoint must be an http(s) URL")
+    elif "BLOBSECONDARYENDPOINT" in fields:
+        raise ValueError("names only a secondary endpoint: BlobEndpoint is missing")
+    elif not fields.get("ACCOUNTNAME"):
+        raise ValueError("needs AccountName (or BlobEndpoint)")
+    protocol = fields.get("DEFAULTENDPOINTSPROTOCOL")
+    if protocol is not None and protocol.lower() not in ("http", "https"):
+        raise ValueError("DefaultEndpointsProtocol must be http or https")
+    if fields.get("SHAREDACCESSSIGNATURE"):
+        return
+    if not (fields.get("ACCOUNTNAME") and fields.get("ACCOUNTKEY")):
+        raise ValueError("needs AccountName and AccountKey, or SharedAccessSignature")
+    if not _is_key(fields["ACCOUNTKEY"]):
+        raise ValueError("AccountKey is not a base64 key")
+
+
+def _is_key(key: str) -> bool:
+    """Whether the storage SDK can decode ``key`` to sign requests (else every request fails
+    with 'Incorrect padding')."""
+    try:
+        base64.b64decode(key)  # as the SDK decodes it: characters outside base64 are skipped
+    except binascii.Error:
+        return False
+    return True
+
+
 def blob_endpoint(connection_string: str) -> str | None:
-    """The blob endpoint a connection string names, or None."""
-    fields = {}
-    for part in connection_string.split(";"):
-        name, _, value = part.partition("=")
-        if name.strip():
-            fields[name.strip().lower()] = value.strip()
-    if fields.get("blobendpoint"):
-        return fields["blobendpoint"].rstrip("/")
-    if fields.get("usedevelopmentstorage", "").lower() == "true":
+    """The blob endpoint a connection string names, as the storage SDK derives it, or None."""
+    fields = _connection_fields(connection_string)
+    if fields is None:
+        return None
+    if fields.get("USEDEVELOPMENTSTORAGE") == "true":
         return "http://127.0.0.1:10000/devstoreaccount1"
-    account = fields.get("accountname")
+    if fields.get("BLOBENDPOINT"):
+        return fields["BLOBENDPOINT"].rstrip("/")
+    account = fields.get("ACCOUNTNAME")
     if not account:
         return None
-    protocol = fields.get("defaultendpointsprotocol", "https")
-    suffix = fields.get("endpointsuffix", "core.windows.net")
-    return f"{protocol}://{account}.blob.{suffix}"
+    suffix = fields.get("ENDPOINTSUFFIX")
+    # The SDK uses the protocol only together with the suffix; https otherwise.
+    protocol = fields.get("DEFAULTENDPOINTSPROTOCOL", "https") if suffix else "https"
+    return f"{protocol}://{account}.blob.{suffix or 'core.windows.net'}"
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -193,7 +286,8 @@ _NOT_ECHOED = {*_SECRET_FIELDS, "azure_account_url"}
 _SECRET_PATTERN = re.compile(r"(AccountKey|SharedAccessSignature|sig)=[^;&\s]+", re.IGNORECASE)
 
 
-def _redact(text: str) -> str:
+def redact(text: str) -> str:
+    """``text`` without the secret settings' values, nor anything that looks like a key."""
     for field in _SECRET_FIELDS:
         for name in (ENV_PREFIX + field.upper(), ENV_PREFIX.lower() + field):
             secret = os.environ.get(name)
@@ -203,7 +297,7 @@ def _redact(text: str) -> str:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    return _redact(_describe(exc))
+    return redact(_describe(exc))
 
 
 def _describe(exc: ValidationError) -> str:

@@ -19,6 +19,7 @@ from uploader import api, gc, watcher
 from uploader.blobstore import BlobStore, open_blob_store
 from uploader.config import Settings
 from uploader.errors import StartupError, describe
+from uploader.folders import check_folders
 from uploader.lanes import Lanes, ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
@@ -87,6 +88,8 @@ class Service:
                     f"cannot listen on {settings.host}:{settings.port} (APP_HOST/APP_PORT): "
                     f"{cause.strerror or cause}"
                 ) from None
+            # Before storage: a wrong folder is a mistake a user fixes, not worth an Azure wait.
+            await check_folders(settings, self.lanes.nfs)
             self.store = await open_blob_store(settings, self.lanes)
             try:
                 await self._start_pipeline(root)

@@ -1,0 +1,152 @@
+"""The start-up check of the service's three folders.
+
+A folder that is not a folder, or that this user cannot use, stops start-up with one line.
+Only what cannot pass by itself is fatal: a refusal read from the folder's own permission
+bits, a file where a folder should be, a read-only file system, two folders that meet
+through symlinks. An NFS server can refuse a call (EACCES), fail it (EIO, ESTALE) or hang
+for a while: that is logged, start-up goes on, and recovery waits for the share
+(Service._recover).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from pathlib import Path
+
+import trio
+
+from uploader.config import Settings, overlapping_folders
+from uploader.errors import StartupError, describe
+from uploader.lanes import ThreadLane
+
+log = logging.getLogger(__name__)
+
+_PERMISSION_WORDS = ((os.R_OK, "readable"), (os.W_OK, "writable"), (os.X_OK, "searchable"))
+_USE = os.R_OK | os.W_OK | os.X_OK  # listed (recovery, GC), written, entered
+
+
+def _missing_permissions(path: Path, need: int) -> int:
+    """The permissions of ``need`` that ``path``'s mode bits refuse this process, when
+    access() refuses them too (an ACL may grant what the bits do not); 0 when none is
+    refused for sure, or when ``path`` cannot be read now."""
+    try:
+        info = os.stat(path)
+        if os.access(path, need):
+            return 0
+    except OSError:
+        return 0
+    uid = os.geteuid()
+    if uid == 0:
+        return 0  # root is refused only by the server (root squash), which may change
+    if info.st_uid == uid:
+        granted = info.st_mode >> 6
+    elif info.st_gid == os.getegid() or info.st_gid in os.getgroups():
+        granted = info.st_mode >> 3
+    else:
+        granted = info.st_mode
+    return need & ~granted & 0o7
+
+
+def _words(missing: int) -> str:
+    return " and ".join(word for bit, word in _PERMISSION_WORDS if missing & bit)
+
+
+def _user() -> str:
+    return f"by this user (uid {os.geteuid()})"
+
+
+def _unreachable(variable: str, path: Path) -> StartupError | None:
+    """A folder on the way to ``path`` that refuses this user entry for sure, or None."""
+    for folder in reversed(path.parents):  # from /
+        if _missing_permissions(folder, os.X_OK):
+            return StartupError(f"{variable} ({path}) cannot be reached: {folder} is not searchable {_user()}")
+    return None
+
+
+def _cannot_create(variable: str, path: Path) -> StartupError | None:
+    """Why creating ``path`` is refused for sure, or None."""
+    existing = next((p for p in path.parents if os.path.exists(p)), None)
+    if existing is not None and (missing := _missing_permissions(existing, os.W_OK | os.X_OK)):
+        return StartupError(f"{variable} ({path}) cannot be created: {existing} is not {_words(missing)} {_user()}")
+    return _unreachable(variable, path)
+
+
+def _not_a_folder(variable: str, path: Path) -> StartupError:
+    blocker = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+    return StartupError(
+        f"{variable} ({path}) cannot be a folder: {blocker or 'a part of the path'} is not a folder"
+    )
+
+
+def prepare_folder(variable: str, path: Path) -> None:
+    """Blocking: make ``path`` when it is missing (as the service would later anyway) and check
+    that this process can use it.
+
+    Raises StartupError when it cannot be used; other OSErrors (the share failing for now)
+    propagate.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        _create(variable, path)
+        info = os.stat(path)
+    except NotADirectoryError:
+        raise _not_a_folder(variable, path) from None
+    except PermissionError as exc:
+        raise _unreachable(variable, path) or exc from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"{variable} ({path}) is not a folder")
+    if os.access(path, _USE):
+        return
+    if missing := _missing_permissions(path, _USE):
+        raise StartupError(f"{variable} ({path}) is not {_words(missing)} {_user()}")
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        raise StartupError(f"{variable} ({path}) is on a read-only file system")
+    # An ACL or the NFS server refuses, maybe for a while: the calls that need it will tell.
+    log.warning("%s (%s) may not be usable: access() refuses this user (uid %d)", variable, path, os.geteuid())
+
+
+def _create(variable: str, path: Path) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except NotADirectoryError:
+        raise _not_a_folder(variable, path) from None
+    except FileExistsError as exc:  # a symlink to nothing, on the way or at the end
+        raise StartupError(
+            f"{variable} ({path}) cannot be created: {exc.filename} exists and is not a folder"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise StartupError(f"{variable} ({path}) cannot be created: read-only file system") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise _cannot_create(variable, path) or exc from None
+        raise
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+async def check_folders(settings: Settings, nfs: ThreadLane) -> None:
+    """Prepare and check each folder in the NFS lane, each call within APP_NFS_OP_TIMEOUT_S,
+    then check that the folders, symlinks followed, are still apart (config.py compares them
+    as written: it reads no file system)."""
+    checked = {}
+    for variable, path in settings.folders.items():
+        problem = f"no answer within {settings.nfs_op_timeout_s:g} s"
+        with trio.move_on_after(settings.nfs_op_timeout_s):
+            try:
+                await nfs.run(prepare_folder, variable, path)
+                checked[variable] = path
+                continue
+            except OSError as exc:
+                problem = describe(exc)
+        log.warning("cannot check %s (%s) now: %s; starting anyway", variable, path, problem)
+    overlap = None
+    with trio.move_on_after(settings.nfs_op_timeout_s):
+        overlap = await nfs.run(overlapping_folders, checked, _resolved)
+    if overlap:
+        raise StartupError(overlap)

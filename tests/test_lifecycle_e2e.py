@@ -165,6 +165,66 @@ def test_bad_settings_stop_start_up_with_one_line_naming_the_variable(tmp_path) 
     assert result.stderr.strip() == "uploader: bad setting: APP_AZURE_CONTAINER is required but not set"
 
 
+def test_a_malformed_or_empty_connection_string_stops_start_up_with_one_line(tmp_path) -> None:
+    base = clean_environment() | {
+        "APP_AZURE_AUTH": "key",
+        "APP_AZURE_CONTAINER": "ok-container",
+        "APP_NFS_INCOMING_DIR": str(tmp_path / "in"),
+        "APP_NFS_PROCESSING_ROOT": str(tmp_path / "proc"),
+        "APP_LOCAL_STAGING_ROOT": str(tmp_path / "stage"),
+    }
+    expected = {
+        "garbage": "uploader: bad setting: APP_AZURE_CONNECTION_STRING: must be name=value pairs",
+        # Empty is not set: key auth then has no credential at all.
+        "": "uploader: bad setting: APP_AZURE_AUTH=key needs APP_AZURE_CONNECTION_STRING",
+    }
+    for value, start in expected.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "uploader"], env=base | {"APP_AZURE_CONNECTION_STRING": value},
+            capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        )
+        assert result.returncode == 2, (value, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, (value, result.stderr)
+        assert lines[0].startswith(start), (value, lines[0])
+
+
+def test_bad_otel_settings_stop_start_up_with_one_line_naming_the_variable(tmp_path) -> None:
+    base = clean_environment() | {
+        "APP_AZURE_AUTH": "key",
+        "APP_AZURE_CONTAINER": "ok-container",
+        "APP_AZURE_CONNECTION_STRING": "UseDevelopmentStorage=true",
+        "APP_NFS_INCOMING_DIR": str(tmp_path / "in"),
+        "APP_NFS_PROCESSING_ROOT": str(tmp_path / "proc"),
+        "APP_LOCAL_STAGING_ROOT": str(tmp_path / "stage"),
+    }
+    cases = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "notaurl",
+        "OTEL_TRACES_EXPORTER": "bogus",
+        "OTEL_TRACES_SAMPLER": "bogus",
+        "OTEL_METRIC_EXPORT_INTERVAL": "abc",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "0",
+    }
+    for variable, value in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "uploader"], env=base | {variable: value},
+            capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        )
+        assert result.returncode == 2, (variable, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, (variable, result.stderr)
+        assert lines[0].startswith(f"uploader: bad setting: {variable}: "), lines[0]
+    # With a bad APP_ setting too, both are on the one line.
+    result = subprocess.run(
+        [sys.executable, "-m", "uploader"],
+        env=base | {"APP_PORT": "0", "OTEL_TRACES_SAMPLER": "bogus"},
+        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "APP_PORT" in line and "OTEL_TRACES_SAMPLER" in line
+
+
 def test_overlapping_folders_are_refused(tmp_path) -> None:
     env = clean_environment() | {
         "APP_AZURE_AUTH": "key",

@@ -153,6 +153,32 @@ def test_metrics_are_scrapeable_in_prometheus_format(observed: ServiceProcess) -
     assert 'files_failed_total{disposition="retryable"} 1' in lines
 
 
+def test_histogram_buckets_fit_file_sizes_and_upload_times(observed: ServiceProcess) -> None:
+    """Not the SDK's default 0..10,000 boundaries: sizes from 1 KiB to 64 GiB by powers of 4,
+    durations from 10 ms to an hour."""
+
+    def buckets(name: str) -> dict[str, int]:
+        found = {}
+        for line in observed.http.get("/metrics").text.splitlines():
+            if line.startswith(f'{name}_bucket{{le="'):
+                bound, count = line.removeprefix(f'{name}_bucket{{le="').split('"} ')
+                found[bound] = int(count)
+        return found
+
+    # 1000 and 2000 bytes, 3 MiB and 10 MiB: each in its own bucket, none past 64 GiB.
+    sizes = buckets("file_size_bytes")
+    assert list(sizes) == [repr(float(1024 * 4**i)) for i in range(14)] + ["+Inf"]
+    assert sizes["1024.0"] == 1 and sizes["4096.0"] == 2
+    assert sizes["1048576.0"] == 2 and sizes["4194304.0"] == 3 and sizes["16777216.0"] == 4
+    assert sizes["68719476736.0"] == sizes["+Inf"] == 4
+    durations = buckets("upload_duration_seconds")
+    assert list(durations) == [
+        "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "25.0",
+        "60.0", "120.0", "300.0", "600.0", "1800.0", "3600.0", "+Inf",
+    ]
+    assert durations["3600.0"] == durations["+Inf"] == 4
+
+
 def test_logs_are_json_lines_that_carry_the_trace(
     observed: ServiceProcess, receiver: OtlpReceiver
 ) -> None:

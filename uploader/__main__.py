@@ -9,10 +9,10 @@ import sys
 
 import trio
 
-from uploader.config import SettingsError, load_settings
+from uploader.config import Settings, SettingsError, load_settings
 from uploader.errors import StartupError
 from uploader.service import Service
-from uploader.telemetry import setup_logging, setup_telemetry
+from uploader.telemetry import otel_setting_problems, setup_logging, setup_telemetry
 
 log = logging.getLogger("uploader")
 
@@ -39,9 +39,21 @@ def _startup_errors(group: BaseException) -> list[StartupError]:
     return []
 
 
-def main() -> None:
+def read_settings() -> Settings:
+    """The APP_* settings, after checking the OTEL_* ones too: every bad one on one line."""
+    problems = otel_setting_problems(os.environ)
     try:
         settings = load_settings()
+    except SettingsError as exc:
+        problems.insert(0, str(exc))
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return settings
+
+
+def main() -> None:
+    try:
+        settings = read_settings()
     except SettingsError as exc:
         print(f"uploader: bad setting: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -20,10 +20,11 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry import _logs, metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -82,6 +83,100 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+SIGNALS = ("traces", "metrics", "logs")
+# What OTEL_{TRACES,METRICS,LOGS}_EXPORTER may select here: OTLP over HTTP, or nothing.
+EXPORTERS = ("otlp", "none")
+# The samplers the SDK knows by name (opentelemetry.sdk.trace.sampling); for any other it
+# warns once and samples everything.
+SAMPLERS = (
+    "always_on", "always_off", "traceidratio",
+    "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
+)
+RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
+# Read as int(...) by the batch span and log record processors, in milliseconds (the
+# delays and timeouts) or records; float(...) by the metric reader (milliseconds) and the
+# OTLP exporters (seconds). On a bad value the SDK logs and uses its default, or fails.
+_INTEGER_VARIABLES = tuple(
+    f"OTEL_{kind}_{name}"
+    for kind in ("BSP", "BLRP")
+    for name in ("SCHEDULE_DELAY", "EXPORT_TIMEOUT", "MAX_QUEUE_SIZE", "MAX_EXPORT_BATCH_SIZE")
+)
+_NUMBER_VARIABLES = (
+    "OTEL_METRIC_EXPORT_INTERVAL",
+    "OTEL_METRIC_EXPORT_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    *(f"OTEL_EXPORTER_OTLP_{signal.upper()}_TIMEOUT" for signal in SIGNALS),
+)
+_ENDPOINT_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    *(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT" for signal in SIGNALS),
+)
+_SDK_DEFAULT_QUEUE_SIZE, _SDK_DEFAULT_BATCH_SIZE = 2048, 512  # both processors
+
+
+def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
+    """What is wrong with the OTEL_* variables this service reads, one phrase each, naming
+    the variable. The SDK would only log a bad value (and export to an invalid URL for ever,
+    say), or fail with a traceback. A blank variable counts as not set."""
+    problems: list[str] = []
+
+    def value(name: str) -> str:
+        return environ.get(name, "").strip()
+
+    for name in _ENDPOINT_VARIABLES:
+        if value(name):
+            try:
+                parts = urlsplit(value(name))
+                valid = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+                parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+            except ValueError:
+                valid = False
+            if not valid:  # not echoed: a URL may carry credentials
+                problems.append(f"{name}: must be an http(s) URL such as http://collector:4318")
+    for signal in SIGNALS:
+        name = f"OTEL_{signal.upper()}_EXPORTER"
+        if value(name) and value(name).lower() not in EXPORTERS:
+            problems.append(f"{name}: must be otlp or none (got {value(name)!r})")
+    sampler = value("OTEL_TRACES_SAMPLER").lower()
+    if sampler and sampler not in SAMPLERS:
+        problems.append(
+            f"OTEL_TRACES_SAMPLER: must be one of {', '.join(SAMPLERS)} (got {value('OTEL_TRACES_SAMPLER')!r})"
+        )
+    if sampler in RATIO_SAMPLERS and value("OTEL_TRACES_SAMPLER_ARG"):
+        ratio = _parse_number(value("OTEL_TRACES_SAMPLER_ARG"), float)
+        if ratio is None or not 0 <= ratio <= 1:
+            problems.append(
+                "OTEL_TRACES_SAMPLER_ARG: must be a sampling ratio from 0 to 1 "
+                f"(got {value('OTEL_TRACES_SAMPLER_ARG')!r})"
+            )
+    for names, kind, convert in (
+        (_INTEGER_VARIABLES, "a whole number", int),
+        (_NUMBER_VARIABLES, "a number", float),
+    ):
+        for name in names:
+            if value(name):
+                number = _parse_number(value(name), convert)
+                if number is None or not number > 0:
+                    problems.append(f"{name}: must be {kind} greater than 0 (got {value(name)!r})")
+    for kind in ("BSP", "BLRP"):
+        queue = _parse_number(value(f"OTEL_{kind}_MAX_QUEUE_SIZE") or str(_SDK_DEFAULT_QUEUE_SIZE), int)
+        batch = _parse_number(value(f"OTEL_{kind}_MAX_EXPORT_BATCH_SIZE") or str(_SDK_DEFAULT_BATCH_SIZE), int)
+        if queue is not None and batch is not None and 0 < queue < batch:  # the SDK raises
+            problems.append(
+                f"OTEL_{kind}_MAX_EXPORT_BATCH_SIZE: must not be larger than "
+                f"OTEL_{kind}_MAX_QUEUE_SIZE ({queue})"
+            )
+    return problems
+
+
+def _parse_number(text: str, convert: Callable[[str], float]) -> float | None:
+    try:
+        number = convert(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _endpoint_set(signal: str) -> bool:
     """Whether OTLP export of ``signal`` (traces, metrics, logs) is configured and wanted."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -123,7 +218,7 @@ def setup_telemetry() -> Telemetry:
     """Install the SDK providers globally; OTLP exporters only where an endpoint is set."""
     # Service name and attributes come from OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES.
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "uploader")})
-    exporting = {signal: _endpoint_set(signal) for signal in ("traces", "metrics", "logs")}
+    exporting = {signal: _endpoint_set(signal) for signal in SIGNALS}
 
     tracer_provider = TracerProvider(resource=resource)
     if exporting["traces"]:
@@ -155,6 +250,15 @@ def setup_telemetry() -> Telemetry:
         logging.getLogger().addHandler(bridge)
     _logs.set_logger_provider(logger_provider)
     return Telemetry(tracer_provider, meter_provider, logger_provider, scrape_reader, exporting)
+
+
+# The SDK's default boundaries (0 to 10,000) fit milliseconds: every file over 10 kB would
+# land in +Inf and every upload in the first bucket.
+FILE_SIZE_BUCKETS_BYTES = [float(4**power * 1024) for power in range(14)]  # 1 KiB .. 64 GiB
+UPLOAD_DURATION_BUCKETS_S = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0,
+]
 
 
 @dataclass(frozen=True)
@@ -191,10 +295,12 @@ class Metrics:
                 "files.quarantined", unit="{file}", description="Files moved to the failed folder"
             ),
             upload_duration=meter.create_histogram(
-                "upload.duration", unit="s", description="Time to upload and verify one file"
+                "upload.duration", unit="s", description="Time to upload and verify one file",
+                explicit_bucket_boundaries_advisory=UPLOAD_DURATION_BUCKETS_S,
             ),
             file_size=meter.create_histogram(
-                "file.size", unit="By", description="Size of each completed file"
+                "file.size", unit="By", description="Size of each completed file",
+                explicit_bucket_boundaries_advisory=FILE_SIZE_BUCKETS_BYTES,
             ),
             bytes_uploaded=meter.create_counter(
                 "bytes.uploaded", unit="By", description="Bytes of completed files"

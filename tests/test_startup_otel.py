@@ -1,0 +1,92 @@
+"""The OTEL_* variables the service reads are checked at start-up (telemetry.otel_setting_problems):
+a bad one is named in one phrase, and ``python -m uploader`` stops with exit 2 (test_lifecycle_e2e)."""
+
+from __future__ import annotations
+
+import pytest
+
+from uploader.telemetry import otel_setting_problems
+
+GOOD = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://collector.example/v1/traces",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:4318/v1/metrics",
+    "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "http://[::1]:4318/v1/logs",
+    "OTEL_TRACES_EXPORTER": "otlp",
+    "OTEL_METRICS_EXPORTER": "NONE",
+    "OTEL_LOGS_EXPORTER": " none ",
+    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+    "OTEL_TRACES_SAMPLER_ARG": "0.25",
+    "OTEL_METRIC_EXPORT_INTERVAL": "300",
+    "OTEL_METRIC_EXPORT_TIMEOUT": "2500.5",
+    "OTEL_EXPORTER_OTLP_TIMEOUT": "10",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2.5",
+    "OTEL_BSP_SCHEDULE_DELAY": "100",
+    "OTEL_BSP_MAX_QUEUE_SIZE": "4096",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1024",
+    "OTEL_BLRP_SCHEDULE_DELAY": "100",
+    "OTEL_BLRP_EXPORT_TIMEOUT": "5000",
+}
+
+
+def test_good_values_pass() -> None:
+    assert otel_setting_problems(GOOD) == []
+
+
+def test_blank_values_count_as_not_set() -> None:
+    assert otel_setting_problems({name: "" for name in GOOD}) == []
+
+
+def test_variables_the_service_does_not_read_are_not_checked() -> None:
+    assert otel_setting_problems({"OTEL_PROPAGATORS": "bogus", "OTEL_EXPORTER_OTLP_HEADERS": "%%%"}) == []
+
+
+def test_the_sampler_argument_is_not_checked_for_a_sampler_that_does_not_read_it() -> None:
+    assert otel_setting_problems({"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_SAMPLER_ARG": "x"}) == []
+
+
+BAD = [
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "notaurl"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "grpc://collector:4317"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:port"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://"),
+    ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "notaurl"),
+    ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "notaurl"),
+    ("OTEL_TRACES_EXPORTER", "bogus"),
+    ("OTEL_METRICS_EXPORTER", "prometheus"),
+    ("OTEL_LOGS_EXPORTER", "otlp,console"),
+    ("OTEL_TRACES_SAMPLER", "bogus"),
+    ("OTEL_METRIC_EXPORT_INTERVAL", "abc"),
+    ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
+    ("OTEL_METRIC_EXPORT_TIMEOUT", "-5"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan"),
+    ("OTEL_EXPORTER_OTLP_LOGS_TIMEOUT", "10s"),
+    ("OTEL_BSP_SCHEDULE_DELAY", "100.5"),
+    ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+    ("OTEL_BLRP_EXPORT_TIMEOUT", "soon"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD)
+def test_a_bad_value_is_one_phrase_naming_the_variable(variable: str, value: str) -> None:
+    problems = otel_setting_problems({variable: value})
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{variable}: ")
+    assert "\n" not in problems[0]
+
+
+def test_a_ratio_outside_zero_to_one_is_named() -> None:
+    problems = otel_setting_problems({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"})
+    assert [p.split(":")[0] for p in problems] == ["OTEL_TRACES_SAMPLER_ARG"]
+
+
+def test_a_batch_larger_than_the_default_queue_is_named() -> None:
+    """The SDK raises ValueError (a traceback at start-up) for it."""
+    problems = otel_setting_problems({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096"})
+    assert [p.split(":")[0] for p in problems] == ["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"]
+
+
+def test_an_endpoint_is_not_echoed() -> None:
+    problems = otel_setting_problems({"OTEL_EXPORTER_OTLP_ENDPOINT": "user:s3cret@collector"})
+    assert "s3cret" not in problems[0]

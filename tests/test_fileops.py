@@ -182,19 +182,96 @@ def test_claim_by_rename_never_replaces_a_file_in_flight(
     assert target.read_bytes() == b"older, in flight"
 
 
+def test_claim_stands_when_the_unlink_failed_but_may_have_been_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS can apply an unlink and still answer EIO: the processing copy is then the only one."""
+    source = make_file(tmp_path / "in" / "a.csv", b"data")
+    target = tmp_path / "proc" / "a.csv"
+    unlink = os.unlink
+
+    def done_but_failed(path: object, *args: object, **kwargs: object) -> None:
+        unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+        if Path(os.fsdecode(path)).parent == source.parent:  # type: ignore[arg-type]
+            raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(os, "unlink", done_but_failed)
+
+    with pytest.raises(OSError):
+        claim(source, target, expected_of(source))
+
+    assert target.read_bytes() == b"data"
+
+
+def test_an_interrupted_claim_is_not_taken_back_when_incoming_refuses_the_unlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processing copy from before a crash belongs to recovery: it is never removed."""
+    source = make_file(tmp_path / "in" / "a.csv", b"data")
+    target = tmp_path / "proc" / "a.csv"
+    target.parent.mkdir()
+    os.link(source, target)  # a crash between link() and unlink()
+    refuse_unlink_in(monkeypatch, source.parent)
+
+    with pytest.raises(PermissionError):
+        claim(source, target, expected_of(source))
+
+    assert target.read_bytes() == b"data"
+
+
+def test_claim_by_rename_done_already_is_a_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename retransmitted after it was done answers ENOENT on NFS."""
+    source = make_file(tmp_path / "in" / "a.csv", b"data")
+    target = tmp_path / "proc" / "a.csv"
+    target.parent.mkdir()
+    refuse_links(monkeypatch)
+    rename = os.rename
+
+    def done_then_enoent(src: object, dst: object) -> None:
+        rename(src, dst)  # type: ignore[arg-type]
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(src))
+
+    monkeypatch.setattr(os, "rename", done_then_enoent)
+
+    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+    assert target.read_bytes() == b"data"
+
+
+def test_quarantine_moves_a_file_the_kernel_will_not_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = layout_in(tmp_path)
+    processing = make_file(layout.processing_path(LAYOUT_KEY), b"bad")
+    failed = layout.failed_path(LAYOUT_KEY)
+    reason_path = layout.failed_reason_path(failed)
+    refuse_links(monkeypatch)
+
+    assert quarantine(processing, failed, reason_path, {"n": 1}) == failed
+
+    assert not processing.exists()
+    assert failed.read_bytes() == b"bad"
+    assert json.loads(reason_path.read_bytes()) == {"n": 1}
+
+
+def refuse_unlink_in(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    unlink = os.unlink
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        if Path(os.fsdecode(path)).parent == folder:  # type: ignore[arg-type]
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", refuse)
+
+
 def test_claim_is_taken_back_when_the_file_cannot_leave_incoming(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = make_file(tmp_path / "in" / "a.csv", b"data")
     target = tmp_path / "proc" / "a.csv"
-    unlink = os.unlink
-
-    def refuse_in_incoming(path: object, *args: object, **kwargs: object) -> None:
-        if Path(os.fsdecode(path)).parent == source.parent:  # type: ignore[arg-type]
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        unlink(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "unlink", refuse_in_incoming)
+    refuse_unlink_in(monkeypatch, source.parent)
 
     with pytest.raises(PermissionError):
         claim(source, target, expected_of(source))

@@ -21,7 +21,6 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -115,6 +114,45 @@ def in_folder(path: Path, operation: Callable[[], T], *, attempts: int = 3) -> T
     return operation()
 
 
+# link() refused for the file, not the name: fs.protected_hardlinks (on by default) lets only
+# a file's owner link it, and some file systems have no hard links.
+_LINK_REFUSED = frozenset({errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP})
+# unlink() refused: the file is still there.
+_UNLINK_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def move_no_clobber(source: Path, target: Path, before: os.stat_result) -> bool:
+    """Give ``source`` (as ``before`` found it) the name ``target`` too, never replacing a
+    file already there (FileExistsError). True if ``source`` is gone (renamed), False if it
+    is still there, linked (the caller unlinks it).
+
+    Where the kernel will not link the file, it is renamed once the name is free: only this
+    service writes those folders, and one name is never moved twice at once.
+    """
+    try:
+        in_folder(target, lambda: os.link(source, target, follow_symlinks=False))
+        return False
+    except OSError as exc:
+        if exc.errno not in _LINK_REFUSED:
+            raise
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, "File exists", str(target))
+    try:
+        in_folder(target, lambda: os.rename(source, target))
+    except FileNotFoundError:
+        # On NFS, a rename retransmitted after it was done answers ENOENT.
+        if not _is(target, before):
+            raise
+    return True
+
+
+def _is(path: Path, before: os.stat_result) -> bool:
+    try:
+        return same_file(os.lstat(path), before)
+    except FileNotFoundError:
+        return False
+
+
 def claim(source: Path, target: Path, expected: tuple[int, int] | None) -> Claim:
     """Move ``source`` (incoming) to ``target`` (processing) without clobbering ``target``."""
     try:
@@ -127,44 +165,30 @@ def claim(source: Path, target: Path, expected: tuple[int, int] | None) -> Claim
         return Claim.GONE
     if expected is not None and (before.st_size, before.st_mtime_ns) != expected:
         return Claim.CHANGED
+    linked_now = False
     try:
-        in_folder(target, lambda: os.link(source, target, follow_symlinks=False))
+        if move_no_clobber(source, target, before):
+            return Claim.CLAIMED
+        linked_now = True
     except FileExistsError:
-        try:
-            if not same_file(os.lstat(target), before):
-                return Claim.BUSY
-        except FileNotFoundError:
-            return Claim.BUSY  # it just left; the next scan claims this one
+        if not _is(target, before):
+            return Claim.BUSY  # (or it just left; the next scan claims this one)
         # Same inode: an earlier claim stopped between link and unlink.
     except FileNotFoundError:
         return Claim.GONE
-    except PermissionError as exc:
-        if exc.errno != errno.EPERM:
-            raise
-        # fs.protected_hardlinks (on by default) lets only a file's owner link it, so a
-        # file another user wrote cannot be linked: it is renamed instead, only while no
-        # file of that name is in flight (claims of one name never run at once).
-        return _claim_by_rename(source, target)
     try:
         os.unlink(source)
     except FileNotFoundError:
         pass
-    except OSError:
-        # It stays in incoming (a folder we may not write to): take the claim back, or the
-        # copy left there would be claimed and uploaded again after this one.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target)
+    except OSError as exc:
+        # Refused (a folder we may not write to): the file stays in incoming, so the link
+        # made just now is taken back, or the copy left there would be claimed and uploaded
+        # again after this one. After other errors the unlink may have been done (NFS):
+        # the claim stands, and the next offer finishes it (same inode).
+        if linked_now and exc.errno in _UNLINK_REFUSED and _is(source, before):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
         raise
-    return Claim.CLAIMED
-
-
-def _claim_by_rename(source: Path, target: Path) -> Claim:
-    if os.path.lexists(target):
-        return Claim.BUSY
-    try:
-        in_folder(target, lambda: os.rename(source, target))
-    except FileNotFoundError:
-        return Claim.GONE
     return Claim.CLAIMED
 
 
@@ -357,23 +381,23 @@ def quarantine(processing: Path, failed: Path, reason_path: Path, reason: dict[s
     Never overwrites an earlier quarantined file of the same name: a numbered suffix
     keeps both. Returns where the file went.
     """
+    before = os.lstat(processing)
     candidate = failed
     for n in range(1, 10_000):
         try:
-            in_folder(candidate, partial(os.link, processing, candidate, follow_symlinks=False))
+            renamed = move_no_clobber(processing, candidate, before)
             break
         except FileExistsError:
-            try:
-                if same_file(os.lstat(candidate), os.lstat(processing)):
-                    break
-            except FileNotFoundError:
-                pass
+            if _is(candidate, before):
+                renamed = False
+                break
             candidate = failed.with_name(name_with_suffix(failed.name, f".{n}"))
     else:  # pragma: no cover - ten thousand failures of one name
         raise FileExistsError(errno.EEXIST, "no free name in the failed folder", str(failed))
     reason_file = reason_path.with_name(reason_file_name(candidate.name)) if candidate != failed else reason_path
     write_atomically(reason_file, json.dumps(reason, indent=2, sort_keys=True).encode())
-    os.unlink(processing)
+    if not renamed:
+        os.unlink(processing)
     return candidate
 
 

@@ -58,3 +58,25 @@ def test_a_full_staging_disk_quarantines_nothing_and_everything_goes_up_once_spa
         assert wait_for_blobs(container, set(expected)) == expected
         wait_until_clean(folders)
         assert service.status()["files_quarantined"] == 0
+
+
+def test_a_file_larger_than_the_staging_disk_is_quarantined_and_the_others_go_up(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    with small_disk(folders.staging, "2m"):
+        service = service_factory(
+            APP_MAX_ATTEMPTS="2", APP_RETRY_BACKOFF_S="0.2", APP_RETRY_BACKOFF_MAX_S="0.5"
+        )
+        service.start_session("big")
+        huge = write_file(folders.session("big") / "huge.bin", 3 * 1024 * 1024, seed=9)
+        expected = {
+            f"{today()}/big/{name}": write_file(folders.session("big") / name, 100_000, seed=i)
+            for i, name in enumerate(["a.bin", "b.bin"])
+        }
+        wait_for(lambda: service.status()["files_quarantined"] == 1, timeout=60,
+                 what="the quarantine of the file that can never fit")
+        assert wait_for_blobs(container, set(expected)) == expected
+        quarantined = service.status()["quarantined"][0]
+        assert quarantined["file"] == "huge.bin" and "ENOSPC" in quarantined["reason"]
+        failed = folders.processing / ".failed" / "files" / today() / "big" / "huge.bin"
+        assert failed.read_bytes() == huge

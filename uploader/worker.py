@@ -337,7 +337,7 @@ class Pipeline:
         progress.note_error(f"{key}: {reason}")
         give_up = disposition is Disposition.PERMANENT or (
             item.attempts >= self.settings.max_attempts
-            and (others_completed or await self._works_for_others(exc))
+            and await self._is_this_files_fault(item, exc, others_completed=others_completed)
         )
         if give_up:
             log.error("quarantining %s after %d attempts: %s", key, item.attempts, reason)
@@ -352,10 +352,27 @@ class Pipeline:
         assert self._nursery is not None
         self._nursery.start_soon(self._retry_later, item, delay)
 
+    async def _is_this_files_fault(
+        self, item: WorkItem, exc: Exception, *, others_completed: bool
+    ) -> bool:
+        if is_out_of_space(exc):
+            # A full disk fails whoever needs room, and room comes back as files complete:
+            # only a file larger than the whole staging disk can never be copied.
+            return await self._larger_than_staging(item)
+        return others_completed or await self._works_for_others(exc)
+
+    async def _larger_than_staging(self, item: WorkItem) -> bool:
+        size = item.claimed_size if item.claimed_size is not None else _expected_size(item)
+        if size is None:
+            return False
+        try:
+            disk = await self.lanes.staging.run(os.statvfs, self.layout.staging_root)
+        except OSError:
+            return False
+        return size > disk.f_blocks * disk.f_frsize
+
     async def _works_for_others(self, exc: Exception) -> bool:
         """Probe the side that failed this file: is it the file, or is everything failing?"""
-        if is_out_of_space(exc):
-            return False
         with trio.move_on_after(self.settings.nfs_op_timeout_s):
             if isinstance(exc, OSError | SourceChanged):
                 try:

@@ -12,7 +12,14 @@ import trio
 
 from uploader.lanes import ThreadLane
 from uploader.layout import Layout
-from uploader.session import SessionControl, SessionState, decode_state, encode_state, read_state
+from uploader.session import (
+    SessionControl,
+    SessionState,
+    StateFile,
+    decode_state,
+    encode_state,
+    read_state,
+)
 
 ACTIVE = SessionState(
     active=True,
@@ -154,3 +161,12 @@ async def test_stop_has_recorded_the_stopped_state_when_it_answers(tmp_path: Pat
         await control.stop()
         assert read_state(layout.state_file).active is False
         nursery.cancel_scope.cancel()
+
+
+def test_a_state_write_that_ends_late_never_puts_an_older_state_back(tmp_path: Path) -> None:
+    """A stop's write abandoned on a slow share, then a start's write: the start's state stays."""
+    state_file = StateFile(tmp_path / "session.json")
+    stopped, started = state_file.writer(STOPPED), state_file.writer(ACTIVE)
+    started()
+    stopped()  # the abandoned write ends last
+    assert read_state(tmp_path / "session.json") == ACTIVE

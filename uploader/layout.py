@@ -53,8 +53,15 @@ def validate_session_name(name: object) -> str:
         )
     if name in (".", ".."):
         raise InvalidSessionName(f"session_name {name!r} is a path, not a name.")
+    return name
+
+
+def validate_new_session_name(name: object) -> str:
+    """``validate_session_name``, and no final '.', which Azure drops from the session's
+    segment of every blob name (sessions recorded before this rule still resume: their
+    blob names escape it, see ``blob_name``)."""
+    name = validate_session_name(name)
     if name.endswith("."):
-        # The session is a path segment of every blob name, and Azure drops such a dot.
         raise InvalidSessionName(
             "session_name must not end with '.', which Azure Blob Storage drops from blob names."
         )
@@ -99,7 +106,7 @@ class FileKey:
     rel: str
 
     def __str__(self) -> str:
-        return f"{self.date_prefix}/{self.session}/{printable(self.rel)}"
+        return blob_name(self)
 
 
 def _percent_escape(error: UnicodeError) -> tuple[str, int]:
@@ -147,7 +154,7 @@ def printable(rel: str) -> str:
 
 
 def blob_name(key: FileKey) -> str:
-    return f"{key.date_prefix}/{key.session}/{printable(key.rel)}"
+    return f"{key.date_prefix}/{printable(key.session)}/{printable(key.rel)}"
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -29,7 +31,7 @@ from uploader.layout import (
     is_date_prefix,
     is_session_name,
     new_session_name,
-    validate_session_name,
+    validate_new_session_name,
 )
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,33 @@ def _make_session_folders(layout: Layout, date: str, name: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
+class StateFile:
+    """The session state on NFS, written in the order the writes were asked for.
+
+    A write abandoned by a timeout (a hung share) goes on in its thread and may end after a
+    newer one was asked for: it must not put the older state back. Writes take turns, and one
+    older than the last written is dropped.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._versions = itertools.count(1)
+        self._written = 0
+        self._lock = threading.Lock()
+
+    def writer(self, state: SessionState) -> Callable[[], None]:
+        """The blocking write of ``state``, numbered now (on the event loop), for a thread."""
+        version, payload = next(self._versions), encode_state(state)
+
+        def write() -> None:
+            with self._lock:
+                if version > self._written:
+                    fileops.write_atomically(self.path, payload)
+                    self._written = version
+
+        return write
+
+
 # The watcher of one session, as the service wires it: (date_prefix, session, task_status).
 WatchFn = Callable[..., Awaitable[None]]
 
@@ -157,6 +186,7 @@ class SessionControl:
         self._nfs_timeout_s = nfs_timeout_s
         self._clock = clock
         self.state = SessionState()
+        self._state_file = StateFile(layout.state_file)
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
@@ -169,7 +199,7 @@ class SessionControl:
 
     async def start(self, requested_name: object | None = None) -> SessionState:
         """Start a session; raises InvalidSessionName, SessionConflict or NfsUnavailable."""
-        name = new_session_name() if requested_name is None else validate_session_name(requested_name)
+        name = new_session_name() if requested_name is None else validate_new_session_name(requested_name)
         async with self._lock:
             if self.state.active:
                 raise SessionConflict(
@@ -245,7 +275,7 @@ class SessionControl:
             delay = min(delay * 2, 60.0)
 
     async def _save(self, state: SessionState) -> None:
-        await self._on_nfs(fileops.write_atomically, self.layout.state_file, encode_state(state))
+        await self._on_nfs(self._state_file.writer(state))
 
     async def _on_nfs(self, fn: Callable[..., object], *args: object) -> None:
         try:

@@ -315,6 +315,7 @@ GOOD_CONNECTION_STRINGS = [
     "BlobEndpoint=https://acct.blob.core.windows.net/;SharedAccessSignature=sv=2022-11-02&sig=abc",
     f"accountname=acct;accountkey={KEY};endpointsuffix=core.chinacloudapi.cn",
     f"DefaultEndpointsProtocol=http;AccountName=acct;AccountKey={KEY}",
+    f"BlobEndpoint=acct.blob.core.windows.net;AccountName=acct;AccountKey={KEY}",  # https, as the SDK
 ]
 
 
@@ -340,7 +341,7 @@ BAD_CONNECTION_STRINGS = {
     "no-account": f"AccountKey={KEY}",
     "empty-account": f"AccountName=;AccountKey={KEY}",
     "key-not-base64": "AccountName=acct;AccountKey=abc",
-    "endpoint-not-url": f"BlobEndpoint=acct.blob.core.windows.net;AccountName=acct;AccountKey={KEY}",
+    "endpoint-without-host": f"BlobEndpoint=https://;AccountName=acct;AccountKey={KEY}",
     "only-secondary": f"BlobSecondaryEndpoint=https://x-secondary.blob.core.windows.net;AccountName=acct;AccountKey={KEY}",
     "bad-protocol": f"DefaultEndpointsProtocol=ftp;AccountName=acct;AccountKey={KEY}",
     "dev-storage-capitalised": "UseDevelopmentStorage=True",

@@ -153,6 +153,17 @@ def test_a_folder_this_user_cannot_write_is_refused(shared_tmp: Path, owner: int
 
 
 @needs_setpriv
+def test_an_incoming_root_this_user_can_only_read_passes_with_a_warning(shared_tmp: Path) -> None:
+    """Session folders made by an administrator, under a root the service may not write."""
+    folder = shared_tmp / "incoming"
+    folder.mkdir()
+    folder.chmod(0o755)  # root's
+    result = prepare_as_service_user("APP_NFS_INCOMING_DIR", folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "a session starts only where its folder exists already" in result.stderr
+
+
+@needs_setpriv
 def test_a_folder_this_user_cannot_create_is_refused(shared_tmp: Path) -> None:
     result = prepare_as_service_user("APP_LOCAL_STAGING_ROOT", shared_tmp / "staging")
     assert result.returncode == 3, result.stderr

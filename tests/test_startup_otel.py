@@ -13,8 +13,8 @@ GOOD = {
     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:4318/v1/metrics",
     "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "http://[::1]:4318/v1/logs",
     "OTEL_TRACES_EXPORTER": "otlp",
-    "OTEL_METRICS_EXPORTER": "NONE",
-    "OTEL_LOGS_EXPORTER": " none ",
+    "OTEL_METRICS_EXPORTER": "prometheus",
+    "OTEL_LOGS_EXPORTER": "otlp,console",
     "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
     "OTEL_TRACES_SAMPLER_ARG": "0.25",
     "OTEL_METRIC_EXPORT_INTERVAL": "300",
@@ -31,6 +31,14 @@ GOOD = {
 
 def test_good_values_pass() -> None:
     assert otel_setting_problems(GOOD) == []
+
+
+def test_none_selects_no_exporter() -> None:
+    assert otel_setting_problems({"OTEL_TRACES_EXPORTER": "NONE", "OTEL_LOGS_EXPORTER": " none "}) == []
+
+
+def test_nothing_is_checked_when_the_sdk_is_disabled() -> None:
+    assert otel_setting_problems({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "bogus"}) == []
 
 
 def test_blank_values_count_as_not_set() -> None:
@@ -54,8 +62,7 @@ BAD = [
     ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "notaurl"),
     ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "notaurl"),
     ("OTEL_TRACES_EXPORTER", "bogus"),
-    ("OTEL_METRICS_EXPORTER", "prometheus"),
-    ("OTEL_LOGS_EXPORTER", "otlp,console"),
+    ("OTEL_METRICS_EXPORTER", "otlp,bogus"),
     ("OTEL_TRACES_SAMPLER", "bogus"),
     ("OTEL_METRIC_EXPORT_INTERVAL", "abc"),
     ("OTEL_METRIC_EXPORT_INTERVAL", "0"),

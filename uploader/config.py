@@ -226,7 +226,7 @@ def check_connection_string(connection_string: str) -> None:
         raise ValueError("UseDevelopmentStorage must be written 'true', in lower case")
     endpoint = fields.get("BLOBENDPOINT")
     if endpoint is not None:
-        parts = urlsplit(endpoint)
+        parts = urlsplit(_with_scheme(endpoint))
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError("BlobEndpoint must be an http(s) URL")
     elif "BLOBSECONDARYENDPOINT" in fields:
@@ -242,6 +242,11 @@ def check_connection_string(connection_string: str) -> None:
         raise ValueError("needs AccountName and AccountKey, or SharedAccessSignature")
     if not _is_key(fields["ACCOUNTKEY"]):
         raise ValueError("AccountKey is not a base64 key")
+
+
+def _with_scheme(endpoint: str) -> str:
+    # As the SDK's clients read an account URL: https unless it says http(s).
+    return endpoint if endpoint.lower().startswith("http") else f"https://{endpoint}"
 
 
 def _is_key(key: str) -> bool:
@@ -262,7 +267,7 @@ def blob_endpoint(connection_string: str) -> str | None:
     if fields.get("USEDEVELOPMENTSTORAGE") == "true":
         return "http://127.0.0.1:10000/devstoreaccount1"
     if fields.get("BLOBENDPOINT"):
-        return fields["BLOBENDPOINT"].rstrip("/")
+        return _with_scheme(fields["BLOBENDPOINT"]).rstrip("/")
     account = fields.get("ACCOUNTNAME")
     if not account:
         return None

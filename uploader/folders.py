@@ -101,10 +101,19 @@ def prepare_folder(variable: str, path: Path) -> None:
         raise StartupError(f"{variable} ({path}) is not a folder")
     if os.access(path, _USE):
         return
-    if missing := _missing_permissions(path, _USE):
+    # In the incoming root the service only makes session folders, which an administrator
+    # may make instead (writable by the service): there it must read and enter, no more.
+    need = os.R_OK | os.X_OK if variable == "APP_NFS_INCOMING_DIR" else _USE
+    if missing := _missing_permissions(path, need):
         raise StartupError(f"{variable} ({path}) is not {_words(missing)} {_user()}")
     if os.statvfs(path).f_flag & os.ST_RDONLY:
         raise StartupError(f"{variable} ({path}) is on a read-only file system")
+    if need != _USE and _missing_permissions(path, os.W_OK):
+        log.warning(
+            "%s (%s) is not writable %s: a session starts only where its folder exists already",
+            variable, path, _user(),
+        )
+        return
     # An ACL or the NFS server refuses, maybe for a while: the calls that need it will tell.
     log.warning("%s (%s) may not be usable: access() refuses this user (uid %d)", variable, path, os.geteuid())
 

@@ -84,8 +84,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 SIGNALS = ("traces", "metrics", "logs")
-# What OTEL_{TRACES,METRICS,LOGS}_EXPORTER may select here: OTLP over HTTP, or nothing.
-EXPORTERS = ("otlp", "none")
+# The exporter names OTEL_{TRACES,METRICS,LOGS}_EXPORTER may list (comma-separated), as the
+# specification and the SDK know them. This service exports over OTLP/HTTP unless the value
+# is "none"; /metrics stands in for "prometheus".
+EXPORTERS = (
+    "otlp", "none", "console", "logging", "prometheus", "zipkin", "jaeger",
+    "otlp_proto_http", "otlp_proto_grpc",
+)
 # The samplers the SDK knows by name (opentelemetry.sdk.trace.sampling); for any other it
 # warns once and samples everything.
 SAMPLERS = (
@@ -123,6 +128,9 @@ def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
     def value(name: str) -> str:
         return environ.get(name, "").strip()
 
+    if value("OTEL_SDK_DISABLED").lower() == "true":
+        return problems  # nothing of it is read
+
     for name in _ENDPOINT_VARIABLES:
         if value(name):
             try:
@@ -135,8 +143,11 @@ def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
                 problems.append(f"{name}: must be an http(s) URL such as http://collector:4318")
     for signal in SIGNALS:
         name = f"OTEL_{signal.upper()}_EXPORTER"
-        if value(name) and value(name).lower() not in EXPORTERS:
-            problems.append(f"{name}: must be otlp or none (got {value(name)!r})")
+        unknown = [e for e in value(name).lower().split(",") if e.strip() not in EXPORTERS]
+        if value(name) and unknown:
+            problems.append(
+                f"{name}: {unknown[0].strip()!r} is not an exporter; use otlp or none"
+            )
     sampler = value("OTEL_TRACES_SAMPLER").lower()
     if sampler and sampler not in SAMPLERS:
         problems.append(

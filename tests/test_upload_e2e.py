@@ -123,8 +123,15 @@ def test_a_session_folder_swapped_for_a_symlink_is_not_read(
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "private.txt").write_text("must never be uploaded")
-    folders.session("swap").rmdir()
-    folders.session("swap").symlink_to(outside, target_is_directory=True)
+    def swap() -> bool:
+        try:  # the watcher makes a missing folder again: it may win the race
+            folders.session("swap").rmdir()
+            folders.session("swap").symlink_to(outside, target_is_directory=True)
+        except (FileExistsError, FileNotFoundError):
+            return False
+        return True
+
+    wait_for(swap, timeout=10, what="the folder swapped for a symlink")
     wait_for(lambda: "symbolic link" in (service.status()["last_error"] or ""), timeout=10,
              what="the watcher to refuse the symlink")
     time.sleep(1)  # several more scans

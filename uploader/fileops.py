@@ -97,6 +97,22 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
     return Scan(entries, skipped)
 
 
+def make_session_folder(path: Path) -> None:
+    """Make a session's incoming folder, unless it is there already as a real folder.
+
+    NotADirectoryError when something else has its name: through a symbolic link, the
+    session would read, upload and delete files outside incoming/.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+        return
+    if not stat.S_ISDIR(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+        raise NotADirectoryError(errno.ENOTDIR, f"it is {what}, and only a real folder is read", str(path))
+
+
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 

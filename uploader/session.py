@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import os
-import stat
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -119,21 +118,12 @@ def read_state(path: Path) -> SessionState:
 def _make_session_folders(layout: Layout, date: str, name: str) -> None:
     incoming = layout.incoming_dir(name)
     try:
-        mode = os.lstat(incoming).st_mode
-    except FileNotFoundError:
-        pass
-    else:
-        # A symlink would make the session read, upload and delete files outside incoming/.
-        if stat.S_ISLNK(mode):
-            raise SessionConflict(
-                f"{incoming} is a symbolic link, and a session only reads a real folder of its "
-                "own; remove the link or choose another session name."
-            )
-        if not stat.S_ISDIR(mode):
-            raise SessionConflict(
-                f"{incoming} exists and is not a folder; remove it or choose another session name."
-            )
-    for folder in (incoming, layout.processing_dir(date, name), layout.staging_dir(date, name)):
+        fileops.make_session_folder(incoming)
+    except NotADirectoryError as exc:
+        raise SessionConflict(
+            f"{incoming} exists but {exc.strerror}; remove it or choose another session name."
+        ) from None
+    for folder in (layout.processing_dir(date, name), layout.staging_dir(date, name)):
         os.makedirs(folder, exist_ok=True)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -22,7 +21,7 @@ from typing import NamedTuple
 import trio
 
 from uploader.errors import describe
-from uploader.fileops import Scan, ScanEntry, list_files
+from uploader.fileops import Scan, ScanEntry, list_files, make_session_folder
 from uploader.lanes import ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
@@ -34,19 +33,9 @@ MAX_BACKOFF_S = 60.0
 
 
 def scan_session_folder(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
-    """List a session's incoming folder; a missing folder is made again, since users drop into it.
-
-    A folder replaced by a symbolic link (or a file) is not listed: through a link, the
-    session would read, upload and delete files outside incoming/.
-    """
-    try:
-        mode = os.lstat(root).st_mode
-    except FileNotFoundError:
-        os.makedirs(root, exist_ok=True)
-        return Scan([], [])
-    if not stat.S_ISDIR(mode):
-        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
-        raise NotADirectoryError(errno.ENOTDIR, f"{what}, so nothing in it is read", str(root))
+    """List a session's incoming folder; a missing folder is made again, since users drop into
+    it; one replaced by a symbolic link or a file is not listed (NotADirectoryError)."""
+    make_session_folder(root)
     try:
         return list_files(root, extensions)
     except FileNotFoundError:

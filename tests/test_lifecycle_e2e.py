@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from azure.storage.blob import ContainerClient
@@ -130,8 +131,9 @@ def test_a_missing_container_is_created(
     assert container.exists()
 
 
-def test_bad_settings_stop_start_up_with_one_line_naming_the_variable(tmp_path) -> None:
-    base = clean_environment() | {
+def settings_env(tmp_path: Path) -> dict[str, str]:
+    """Good settings for a start-up that only gets as far as reading them."""
+    return clean_environment() | {
         "APP_AZURE_AUTH": "key",
         "APP_AZURE_CONTAINER": "ok-container",
         "APP_AZURE_CONNECTION_STRING": "UseDevelopmentStorage=true",
@@ -139,6 +141,22 @@ def test_bad_settings_stop_start_up_with_one_line_naming_the_variable(tmp_path) 
         "APP_NFS_PROCESSING_ROOT": str(tmp_path / "proc"),
         "APP_LOCAL_STAGING_ROOT": str(tmp_path / "stage"),
     }
+
+
+def refused_setting(env: dict[str, str]) -> str:
+    """Start ``python -m uploader``; it must stop with exit 2 and one line, returned."""
+    result = subprocess.run(
+        [sys.executable, "-m", "uploader"], env=env,
+        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_bad_settings_stop_start_up_with_one_line_naming_the_variable(tmp_path: Path) -> None:
+    base = settings_env(tmp_path)
     cases = {
         "APP_POLL_INTERVAL_S": "-1",
         "APP_PORT": "http",
@@ -149,55 +167,24 @@ def test_bad_settings_stop_start_up_with_one_line_naming_the_variable(tmp_path) 
         "APP_AZURE_MAX_BLOCK_SIZE": "1",
     }
     for variable, value in cases.items():
-        result = subprocess.run(
-            [sys.executable, "-m", "uploader"], env=base | {variable: value},
-            capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
-        )
-        assert result.returncode == 2, (variable, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1, (variable, result.stderr)
-        assert variable in lines[0]
+        assert variable in refused_setting(base | {variable: value})
     # A required setting that is missing is named too.
     env = {k: v for k, v in base.items() if k != "APP_AZURE_CONTAINER"}
-    result = subprocess.run([sys.executable, "-m", "uploader"], env=env, capture_output=True,
-                            text=True, timeout=30, cwd=REPO_ROOT)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "uploader: bad setting: APP_AZURE_CONTAINER is required but not set"
+    assert refused_setting(env) == "uploader: bad setting: APP_AZURE_CONTAINER is required but not set"
 
 
-def test_a_malformed_or_empty_connection_string_stops_start_up_with_one_line(tmp_path) -> None:
-    base = clean_environment() | {
-        "APP_AZURE_AUTH": "key",
-        "APP_AZURE_CONTAINER": "ok-container",
-        "APP_NFS_INCOMING_DIR": str(tmp_path / "in"),
-        "APP_NFS_PROCESSING_ROOT": str(tmp_path / "proc"),
-        "APP_LOCAL_STAGING_ROOT": str(tmp_path / "stage"),
-    }
+def test_a_malformed_or_empty_connection_string_stops_start_up_with_one_line(tmp_path: Path) -> None:
     expected = {
         "garbage": "uploader: bad setting: APP_AZURE_CONNECTION_STRING: must be name=value pairs",
         # Empty is not set: key auth then has no credential at all.
         "": "uploader: bad setting: APP_AZURE_AUTH=key needs APP_AZURE_CONNECTION_STRING",
     }
     for value, start in expected.items():
-        result = subprocess.run(
-            [sys.executable, "-m", "uploader"], env=base | {"APP_AZURE_CONNECTION_STRING": value},
-            capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
-        )
-        assert result.returncode == 2, (value, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1, (value, result.stderr)
-        assert lines[0].startswith(start), (value, lines[0])
+        line = refused_setting(settings_env(tmp_path) | {"APP_AZURE_CONNECTION_STRING": value})
+        assert line.startswith(start), (value, line)
 
 
-def test_bad_otel_settings_stop_start_up_with_one_line_naming_the_variable(tmp_path) -> None:
-    base = clean_environment() | {
-        "APP_AZURE_AUTH": "key",
-        "APP_AZURE_CONTAINER": "ok-container",
-        "APP_AZURE_CONNECTION_STRING": "UseDevelopmentStorage=true",
-        "APP_NFS_INCOMING_DIR": str(tmp_path / "in"),
-        "APP_NFS_PROCESSING_ROOT": str(tmp_path / "proc"),
-        "APP_LOCAL_STAGING_ROOT": str(tmp_path / "stage"),
-    }
+def test_bad_otel_settings_stop_start_up_with_one_line_naming_the_variable(tmp_path: Path) -> None:
     cases = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": "notaurl",
         "OTEL_TRACES_EXPORTER": "bogus",
@@ -206,38 +193,19 @@ def test_bad_otel_settings_stop_start_up_with_one_line_naming_the_variable(tmp_p
         "OTEL_BSP_MAX_QUEUE_SIZE": "0",
     }
     for variable, value in cases.items():
-        result = subprocess.run(
-            [sys.executable, "-m", "uploader"], env=base | {variable: value},
-            capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
-        )
-        assert result.returncode == 2, (variable, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1, (variable, result.stderr)
-        assert lines[0].startswith(f"uploader: bad setting: {variable}: "), lines[0]
+        line = refused_setting(settings_env(tmp_path) | {variable: value})
+        assert line.startswith(f"uploader: bad setting: {variable}: "), line
     # With a bad APP_ setting too, both are on the one line.
-    result = subprocess.run(
-        [sys.executable, "-m", "uploader"],
-        env=base | {"APP_PORT": "0", "OTEL_TRACES_SAMPLER": "bogus"},
-        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
-    )
-    assert result.returncode == 2
-    [line] = result.stderr.strip().splitlines()
+    line = refused_setting(settings_env(tmp_path) | {"APP_PORT": "0", "OTEL_TRACES_SAMPLER": "bogus"})
     assert "APP_PORT" in line and "OTEL_TRACES_SAMPLER" in line
 
 
-def test_overlapping_folders_are_refused(tmp_path) -> None:
-    env = clean_environment() | {
-        "APP_AZURE_AUTH": "key",
-        "APP_AZURE_CONTAINER": "ok-container",
-        "APP_AZURE_CONNECTION_STRING": "UseDevelopmentStorage=true",
+def test_overlapping_folders_are_refused(tmp_path: Path) -> None:
+    line = refused_setting(settings_env(tmp_path) | {
         "APP_NFS_INCOMING_DIR": str(tmp_path / "nfs"),
         "APP_NFS_PROCESSING_ROOT": str(tmp_path / "nfs" / ".processing"),
-        "APP_LOCAL_STAGING_ROOT": str(tmp_path / "stage"),
-    }
-    result = subprocess.run([sys.executable, "-m", "uploader"], env=env, capture_output=True,
-                            text=True, timeout=30, cwd=REPO_ROOT)
-    assert result.returncode == 2
-    assert "APP_NFS_INCOMING_DIR" in result.stderr and "APP_NFS_PROCESSING_ROOT" in result.stderr
+    })
+    assert "APP_NFS_INCOMING_DIR" in line and "APP_NFS_PROCESSING_ROOT" in line
 
 
 def test_unreachable_storage_stops_start_up_with_a_clear_line(

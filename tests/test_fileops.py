@@ -310,6 +310,27 @@ def test_stage_copy_content_and_hashes(tmp_path: Path, size: int) -> None:
     ]
 
 
+def test_a_copy_that_fails_leaves_nothing_in_staging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_file(tmp_path / "proc" / "a.bin", pattern(3 * 1024 * 1024))
+    target = tmp_path / "staging" / "a.bin"
+    read, reads = os.read, []
+
+    def fails_second_time(fd: int, n: int) -> bytes:
+        reads.append(n)
+        if len(reads) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return read(fd, n)
+
+    monkeypatch.setattr(os, "read", fails_second_time)
+
+    with pytest.raises(OSError):
+        stage_copy(source, target, BLOCK)
+
+    assert not target.exists()
+
+
 def test_stage_copy_leaves_source_in_place(tmp_path: Path) -> None:
     source = make_file(tmp_path / "proc" / "a.bin", b"abc")
     stage_copy(source, tmp_path / "staging" / "a.bin", BLOCK)

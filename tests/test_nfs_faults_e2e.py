@@ -6,6 +6,7 @@ the backing folder, as another NFS client would, so the faults only hit the serv
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import time
@@ -19,6 +20,7 @@ from tests.conftest import ServiceFactory
 from tests.faults.faultfs import FaultFS
 from tests.support.azurite import blob_contents
 from tests.support.service import Folders, ServiceProcess, wait_for, write_file
+from tests.test_local_faults_e2e import small_disk
 from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
 
 pytestmark = pytest.mark.fuse
@@ -118,6 +120,29 @@ def test_a_file_that_cannot_leave_incoming_is_not_uploaded_again_and_again(
     assert wait_for_blobs(container, {blob}, timeout=90) == {blob: data}
     wait_until_clean(folders)
     assert service.status()["files_processed"] == 1
+
+
+def test_a_staging_disk_too_small_for_every_worker_at_once_still_empties_the_share(
+    service_factory: ServiceFactory, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    """Four workers, room for two files, copies slow enough to overlap: were they all to start,
+    each would fill a quarter of the disk and none could ever finish."""
+    with small_disk(folders.staging, "24m"):
+        service = service_factory()
+        service.start_session("tight")
+        faultfs.slow_reads(processing_glob("tight", "*"), 0.005)
+        scratch = folders.nfs / "scratch"
+        scratch.mkdir()
+        expected = {
+            f"{today()}/tight/f{i}.bin": write_file(scratch / f"f{i}.bin", 10_000_000, seed=i)
+            for i in range(6)
+        }
+        for name in sorted(os.listdir(scratch)):  # all at once, as complete files
+            os.rename(scratch / name, folders.session("tight") / name)
+        assert wait_for_blobs(container, set(expected), timeout=60) == expected
+        wait_until_clean(folders)
+        assert service.status()["files_quarantined"] == 0
+        assert service.status()["files_failed"] == 0  # no copy ran out of space
 
 
 def test_slow_reads_only_slow_things_down(

@@ -289,6 +289,7 @@ def stage_copy(
         block = hashlib.md5(usedforsecurity=False)
         in_block = 0
         size = 0
+        copied = False
         try:
             while chunk := os.read(fd_in, min(COPY_CHUNK, block_size - in_block)):
                 view = memoryview(chunk)
@@ -310,13 +311,19 @@ def stage_copy(
                 if on_block is not None:
                     on_block(len(blocks) - 1, size - in_block, in_block, blocks[-1])
             os.fsync(fd_out)
+            copied = True
         finally:
             os.close(fd_out)
             digest = whole.digest()
+            if not copied:
+                # A part of a copy is of no use to the next attempt, and on a full disk
+                # (ENOSPC) the parts of every worker's copy would keep it full for good.
+                remove_quietly(target)
         after = os.fstat(fd_in)
     finally:
         os.close(fd_in)
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or size != after.st_size:
+        remove_quietly(target)
         raise SourceChanged(f"{source} changed while it was copied to staging")
     return StagedFile(target, size, before.st_mtime_ns, digest, block_size, tuple(blocks))
 

@@ -33,6 +33,7 @@ from uploader.fileops import Claim, Claimed, StagedFile
 from uploader.lanes import Lanes
 from uploader.layout import FileKey, Layout, blob_name, printable
 from uploader.progress import Progress, utc_now_iso
+from uploader.staging_space import StagingSpace
 from uploader.telemetry import Metrics
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Pipeline:
         retry_send: trio.MemorySendChannel[WorkItem],
     ) -> None:
         self.settings = settings
+        self.space = StagingSpace(layout.staging_root, lanes.staging)
         self.layout = layout
         self.lanes = lanes
         self.store = store
@@ -197,7 +199,10 @@ class Pipeline:
         assert span is not None
         stage_error: Exception | None = None
         if not item.claimed:
-            claimed = await self._claim(item, stage=not self._streams(_expected_size(item)))
+            size = _expected_size(item)
+            stage_now = not self._streams(size)
+            async with self.space.reserve(size if stage_now and size is not None else 0):
+                claimed = await self._claim(item, stage=stage_now)
             if claimed.outcome is not Claim.CLAIMED:
                 span.set_attribute("outcome", f"not claimed: {claimed.outcome.value}")
                 span.end()
@@ -218,12 +223,13 @@ class Pipeline:
             item.claimed_size = await self.lanes.nfs.run(_size, processing)
         if not self._streams(item.claimed_size):
             with tracer.start_as_current_span("stage"):
-                item.staged = await self.lanes.nfs.run(
-                    fileops.stage_copy,
-                    processing,
-                    self.layout.staging_path(key),
-                    self.settings.azure_max_block_size,
-                )
+                async with self.space.reserve(item.claimed_size):
+                    item.staged = await self.lanes.nfs.run(
+                        fileops.stage_copy,
+                        processing,
+                        self.layout.staging_path(key),
+                        self.settings.azure_max_block_size,
+                    )
         return True
 
     async def _claim(self, item: WorkItem, *, stage: bool) -> Claimed:
@@ -283,10 +289,11 @@ class Pipeline:
         started = trio.current_time()
         with tracer.start_as_current_span("upload") as span:
             if item.staged is None:
-                item.staged, item.report = await self.store.upload_while_staging(
-                    self.layout.processing_path(key), self.layout.staging_path(key),
-                    blob_name(key), on_sent=sent,
-                )
+                async with self.space.reserve(item.claimed_size or _expected_size(item) or 0):
+                    item.staged, item.report = await self.store.upload_while_staging(
+                        self.layout.processing_path(key), self.layout.staging_path(key),
+                        blob_name(key), on_sent=sent,
+                    )
             else:
                 item.report = await self.store.upload(item.staged, blob_name(key), on_sent=sent)
             span.set_attribute("size", item.staged.size)

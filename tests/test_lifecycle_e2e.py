@@ -191,6 +191,9 @@ def test_bad_otel_settings_stop_start_up_with_one_line_naming_the_variable(tmp_p
         "OTEL_TRACES_SAMPLER": "bogus",
         "OTEL_METRIC_EXPORT_INTERVAL": "abc",
         "OTEL_BSP_MAX_QUEUE_SIZE": "0",
+        # Read by OpenTelemetry when it is imported: still one line, not a traceback.
+        "OTEL_PROPAGATORS": "b3",
+        "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "-3",
     }
     for variable, value in cases.items():
         line = refused_setting(settings_env(tmp_path) | {variable: value})

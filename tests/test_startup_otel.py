@@ -1,11 +1,11 @@
-"""The OTEL_* variables the service reads are checked at start-up (telemetry.otel_setting_problems):
+"""The OTEL_* variables the service reads are checked at start-up (otel_settings.otel_setting_problems):
 a bad one is named in one phrase, and ``python -m uploader`` stops with exit 2 (test_lifecycle_e2e)."""
 
 from __future__ import annotations
 
 import pytest
 
-from uploader.telemetry import otel_setting_problems
+from uploader.otel_settings import otel_setting_problems
 
 GOOD = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
@@ -26,6 +26,10 @@ GOOD = {
     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1024",
     "OTEL_BLRP_SCHEDULE_DELAY": "100",
     "OTEL_BLRP_EXPORT_TIMEOUT": "5000",
+    "OTEL_PROPAGATORS": "tracecontext,baggage",
+    "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "0",
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "4096",
 }
 
 
@@ -46,7 +50,7 @@ def test_blank_values_count_as_not_set() -> None:
 
 
 def test_variables_the_service_does_not_read_are_not_checked() -> None:
-    assert otel_setting_problems({"OTEL_PROPAGATORS": "bogus", "OTEL_EXPORTER_OTLP_HEADERS": "%%%"}) == []
+    assert otel_setting_problems({"OTEL_EXPORTER_OTLP_HEADERS": "%%%", "OTEL_SERVICE_NAME": ""}) == []
 
 
 def test_the_sampler_argument_is_not_checked_for_a_sampler_that_does_not_read_it() -> None:
@@ -72,6 +76,12 @@ BAD = [
     ("OTEL_BSP_SCHEDULE_DELAY", "100.5"),
     ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
     ("OTEL_BLRP_EXPORT_TIMEOUT", "soon"),
+    ("OTEL_PROPAGATORS", "b3"),  # a name of the specification, but not installed here
+    ("OTEL_PROPAGATORS", "tracecontext,bogus"),
+    ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "-3"),
+    ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "abc"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+    ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
 ]
 
 

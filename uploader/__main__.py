@@ -6,13 +6,16 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import trio
 
 from uploader.config import Settings, SettingsError, load_settings
 from uploader.errors import StartupError
-from uploader.service import Service
-from uploader.telemetry import otel_setting_problems, setup_logging, setup_telemetry
+from uploader.otel_settings import otel_setting_problems
+
+if TYPE_CHECKING:
+    from uploader.service import Service
 
 log = logging.getLogger("uploader")
 
@@ -57,8 +60,17 @@ def main() -> None:
     except SettingsError as exc:
         print(f"uploader: bad setting: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    # Imported only now: OpenTelemetry reads some OTEL_* variables when it is imported, and a
+    # bad value must be reported like any other setting, not as a traceback.
+    from uploader.service import Service
+    from uploader.telemetry import setup_logging, setup_telemetry
+
     setup_logging()
-    telemetry = setup_telemetry()
+    try:
+        telemetry = setup_telemetry()
+    except ValueError as exc:  # a value the checks above let through and the SDK refuses
+        print(f"uploader: bad setting: OpenTelemetry: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     service = Service(settings, telemetry)
     code = 0
     try:

@@ -20,11 +20,10 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from opentelemetry import _logs, metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -45,6 +44,8 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from uploader.otel_settings import SIGNALS
 
 _STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 NOISY_LOGGERS = ("azure", "urllib3", "hypercorn.access", "quart.serving")
@@ -81,111 +82,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-SIGNALS = ("traces", "metrics", "logs")
-# The exporter names OTEL_{TRACES,METRICS,LOGS}_EXPORTER may list (comma-separated), as the
-# specification and the SDK know them. This service exports over OTLP/HTTP unless the value
-# is "none"; /metrics stands in for "prometheus".
-EXPORTERS = (
-    "otlp", "none", "console", "logging", "prometheus", "zipkin", "jaeger",
-    "otlp_proto_http", "otlp_proto_grpc",
-)
-# The samplers the SDK knows by name (opentelemetry.sdk.trace.sampling); for any other it
-# warns once and samples everything.
-SAMPLERS = (
-    "always_on", "always_off", "traceidratio",
-    "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
-)
-RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
-# Read as int(...) by the batch span and log record processors, in milliseconds (the
-# delays and timeouts) or records; float(...) by the metric reader (milliseconds) and the
-# OTLP exporters (seconds). On a bad value the SDK logs and uses its default, or fails.
-_INTEGER_VARIABLES = tuple(
-    f"OTEL_{kind}_{name}"
-    for kind in ("BSP", "BLRP")
-    for name in ("SCHEDULE_DELAY", "EXPORT_TIMEOUT", "MAX_QUEUE_SIZE", "MAX_EXPORT_BATCH_SIZE")
-)
-_NUMBER_VARIABLES = (
-    "OTEL_METRIC_EXPORT_INTERVAL",
-    "OTEL_METRIC_EXPORT_TIMEOUT",
-    "OTEL_EXPORTER_OTLP_TIMEOUT",
-    *(f"OTEL_EXPORTER_OTLP_{signal.upper()}_TIMEOUT" for signal in SIGNALS),
-)
-_ENDPOINT_VARIABLES = (
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    *(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT" for signal in SIGNALS),
-)
-_SDK_DEFAULT_QUEUE_SIZE, _SDK_DEFAULT_BATCH_SIZE = 2048, 512  # both processors
-
-
-def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
-    """What is wrong with the OTEL_* variables this service reads, one phrase each, naming
-    the variable. The SDK would only log a bad value (and export to an invalid URL for ever,
-    say), or fail with a traceback. A blank variable counts as not set."""
-    problems: list[str] = []
-
-    def value(name: str) -> str:
-        return environ.get(name, "").strip()
-
-    if value("OTEL_SDK_DISABLED").lower() == "true":
-        return problems  # nothing of it is read
-
-    for name in _ENDPOINT_VARIABLES:
-        if value(name):
-            try:
-                parts = urlsplit(value(name))
-                valid = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-                parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-            except ValueError:
-                valid = False
-            if not valid:  # not echoed: a URL may carry credentials
-                problems.append(f"{name}: must be an http(s) URL such as http://collector:4318")
-    for signal in SIGNALS:
-        name = f"OTEL_{signal.upper()}_EXPORTER"
-        unknown = [e for e in value(name).lower().split(",") if e.strip() not in EXPORTERS]
-        if value(name) and unknown:
-            problems.append(
-                f"{name}: {unknown[0].strip()!r} is not an exporter; use otlp or none"
-            )
-    sampler = value("OTEL_TRACES_SAMPLER").lower()
-    if sampler and sampler not in SAMPLERS:
-        problems.append(
-            f"OTEL_TRACES_SAMPLER: must be one of {', '.join(SAMPLERS)} (got {value('OTEL_TRACES_SAMPLER')!r})"
-        )
-    if sampler in RATIO_SAMPLERS and value("OTEL_TRACES_SAMPLER_ARG"):
-        ratio = _parse_number(value("OTEL_TRACES_SAMPLER_ARG"), float)
-        if ratio is None or not 0 <= ratio <= 1:
-            problems.append(
-                "OTEL_TRACES_SAMPLER_ARG: must be a sampling ratio from 0 to 1 "
-                f"(got {value('OTEL_TRACES_SAMPLER_ARG')!r})"
-            )
-    for names, kind, convert in (
-        (_INTEGER_VARIABLES, "a whole number", int),
-        (_NUMBER_VARIABLES, "a number", float),
-    ):
-        for name in names:
-            if value(name):
-                number = _parse_number(value(name), convert)
-                if number is None or not number > 0:
-                    problems.append(f"{name}: must be {kind} greater than 0 (got {value(name)!r})")
-    for kind in ("BSP", "BLRP"):
-        queue = _parse_number(value(f"OTEL_{kind}_MAX_QUEUE_SIZE") or str(_SDK_DEFAULT_QUEUE_SIZE), int)
-        batch = _parse_number(value(f"OTEL_{kind}_MAX_EXPORT_BATCH_SIZE") or str(_SDK_DEFAULT_BATCH_SIZE), int)
-        if queue is not None and batch is not None and 0 < queue < batch:  # the SDK raises
-            problems.append(
-                f"OTEL_{kind}_MAX_EXPORT_BATCH_SIZE: must not be larger than "
-                f"OTEL_{kind}_MAX_QUEUE_SIZE ({queue})"
-            )
-    return problems
-
-
-def _parse_number(text: str, convert: Callable[[str], float]) -> float | None:
-    try:
-        number = convert(text)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _endpoint_set(signal: str) -> bool:

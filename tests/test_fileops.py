@@ -252,7 +252,7 @@ def test_quarantine_moves_a_file_the_kernel_will_not_link(
 
     assert not processing.exists()
     assert failed.read_bytes() == b"bad"
-    assert json.loads(reason_path.read_bytes()) == {"n": 1}
+    assert reason_at(reason_path) == {"n": 1}
 
 
 def refuse_unlink_in(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
@@ -500,6 +500,13 @@ def layout_in(tmp_path: Path) -> Layout:
     return Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
 
 
+def reason_at(path: Path) -> dict[str, object]:
+    """A reason file's record, less where the file went (checked on its own)."""
+    record = json.loads(path.read_bytes())
+    assert isinstance(record.pop("path"), str)
+    return dict(record)
+
+
 def test_quarantine_moves_file_and_writes_reason(tmp_path: Path) -> None:
     layout = layout_in(tmp_path)
     processing = make_file(layout.processing_path(LAYOUT_KEY), b"bad")
@@ -511,7 +518,8 @@ def test_quarantine_moves_file_and_writes_reason(tmp_path: Path) -> None:
     assert where == failed
     assert not processing.exists()
     assert failed.read_bytes() == b"bad"
-    assert json.loads(reason_path.read_bytes()) == {"reason": "EACCES", "attempts": 1}
+    assert reason_at(reason_path) == {"reason": "EACCES", "attempts": 1}
+    assert json.loads(reason_path.read_bytes())["path"] == str(failed)
 
 
 def test_quarantine_same_name_twice_keeps_both(tmp_path: Path) -> None:
@@ -529,8 +537,8 @@ def test_quarantine_same_name_twice_keeps_both(tmp_path: Path) -> None:
     assert where_second == numbered
     assert failed.read_bytes() == b"first"
     assert numbered.read_bytes() == b"second"
-    assert json.loads(reason_path.read_bytes()) == {"n": 1}
-    assert json.loads(layout.failed_reason_path(numbered).read_bytes()) == {"n": 2}
+    assert reason_at(reason_path) == {"n": 1}
+    assert reason_at(layout.failed_reason_path(numbered)) == {"n": 2}
     assert not second.exists()
 
 
@@ -547,8 +555,8 @@ def test_quarantine_of_a_longest_name_writes_its_reason_twice_over(tmp_path: Pat
     numbered = quarantine(second, failed, reason_path, {"n": 2})
 
     assert numbered != failed and numbered.read_bytes() == b"second"
-    assert json.loads(reason_path.read_bytes()) == {"n": 1}
-    assert json.loads(layout.failed_reason_path(numbered).read_bytes()) == {"n": 2}
+    assert reason_at(reason_path) == {"n": 1}
+    assert reason_at(layout.failed_reason_path(numbered)) == {"n": 2}
     assert reason_path != layout.failed_reason_path(numbered)
 
 
@@ -564,7 +572,7 @@ def test_quarantine_finishes_interrupted_quarantine(tmp_path: Path) -> None:
     assert where == failed
     assert not processing.exists()
     assert not failed.with_name(failed.name + ".1").exists()
-    assert json.loads(layout.failed_reason_path(failed).read_bytes()) == {"n": 1}
+    assert reason_at(layout.failed_reason_path(failed)) == {"n": 1}
 
 
 # --- list_files --------------------------------------------------------------------------

@@ -170,6 +170,13 @@ def test_a_file_that_cannot_be_read_is_quarantined_and_the_others_go_on(
     assert failed.read_bytes() == broken
     reason = service.status()["quarantined"][0]
     assert "EIO" in str(reason["reason"]) and reason["attempts"] == 3
+    # After a restart, status still shows what is in the failed folder.
+    service.stop()
+    service.restart()
+    status = service.status()
+    assert status["files_quarantined"] == 1
+    assert [q["file"] for q in status["quarantined"]] == ["broken.bin"]
+    assert status["quarantined"][0]["path"] == reason["path"]
 
 
 def test_a_hung_share_blocks_neither_probes_nor_status_nor_stop(

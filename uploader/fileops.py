@@ -418,7 +418,8 @@ def quarantine(processing: Path, failed: Path, reason_path: Path, reason: dict[s
     else:  # pragma: no cover - ten thousand failures of one name
         raise FileExistsError(errno.EEXIST, "no free name in the failed folder", str(failed))
     reason_file = reason_path.with_name(reason_file_name(candidate.name)) if candidate != failed else reason_path
-    write_atomically(reason_file, json.dumps(reason, indent=2, sort_keys=True).encode())
+    record = {**reason, "path": str(candidate)}  # read again after a restart (recovery.py)
+    write_atomically(reason_file, json.dumps(record, indent=2, sort_keys=True).encode())
     if not renamed:
         os.unlink(processing)
     return candidate

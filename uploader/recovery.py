@@ -11,9 +11,10 @@ queues claimed files that nobody owns (see gc.py), so a flaky share cannot hold 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from uploader.errors import describe
@@ -30,6 +31,8 @@ class Recovered:
     state: SessionState
     unfinished: list[FileKey]
     unreadable: list[str]  # what could not be read this time, one line each
+    # The reason records of the files still in the failed folder, oldest first.
+    quarantined: list[dict[str, object]] = field(default_factory=list)
 
 
 def _subfolders(path: Path) -> list[str]:
@@ -87,13 +90,32 @@ def find_unfinished(layout: Layout) -> tuple[list[FileKey], list[str]]:
     return unfinished, unreadable
 
 
+def find_quarantined(layout: Layout) -> list[dict[str, object]]:
+    """Blocking: the reason records of the files still in the failed folder, oldest first,
+    so that status keeps showing them after a restart. Unreadable records are skipped."""
+    records: list[dict[str, object]] = []
+    for folder, _, names in os.walk(layout.failed_reasons_root):
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                record = json.loads((Path(folder) / name).read_bytes())
+            except (OSError, ValueError, RecursionError):
+                continue
+            where = record.get("path") if isinstance(record, dict) else None
+            if isinstance(where, str) and os.path.lexists(where):
+                records.append(record)
+    return sorted(records, key=lambda record: str(record.get("quarantined_at", "")))
+
+
 async def recover(layout: Layout, nfs: ThreadLane) -> Recovered:
     state = await nfs.run(read_state, layout.state_file)
     unfinished, unreadable = await nfs.run(find_unfinished, layout)
+    quarantined = await nfs.run(find_quarantined, layout)
     if unfinished:
         log.info("recovery found %d unfinished files", len(unfinished))
     for problem in unreadable:
         log.warning("recovery could not read %s; GC queues what it finds there later", problem)
     if state.active:
         log.info("session %s was active before the restart", state.session_name)
-    return Recovered(state, unfinished, unreadable)
+    return Recovered(state, unfinished, unreadable, quarantined)

@@ -107,6 +107,8 @@ class Service:
         recovered = await self._recover()
         # Claimed before GC's first sweep, which would otherwise see them as unowned.
         self.progress.claimed.update(recovered.unfinished)
+        self.progress.files_quarantined = len(recovered.quarantined)
+        self.progress.quarantined.extend(recovered.quarantined)
         send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)
         self._send, self._queue = send, receive
         pipeline = Pipeline(

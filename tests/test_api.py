@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import httpx
 import pytest
 
@@ -141,6 +143,24 @@ def test_a_session_name_taken_by_a_file_is_a_conflict(
     assert answer.status_code == 409
     assert "is not a folder" in answer.json()["error"]
     assert (folders.incoming / "runfile").read_text() == "x"
+
+
+def test_a_share_that_refuses_the_session_folder_is_not_worth_a_retry(
+    service: ServiceProcess, folders: Folders
+) -> None:
+    """503 tells a client to try again later; a read-only share will not change by itself."""
+    incoming = str(folders.incoming)
+    mounted = subprocess.run(["mount", "--bind", incoming, incoming], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (needs root): {mounted.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", incoming], check=True)
+        answer = service.http.post("/v1/watch/start", json={"session_name": "ro"})
+    finally:
+        subprocess.run(["umount", "--lazy", incoming], check=False)
+    assert answer.status_code == 500
+    assert "EROFS" in answer.json()["error"]
+    assert service.status()["active"] is False
 
 
 def test_unknown_paths_and_methods_answer_json(service: ServiceProcess) -> None:

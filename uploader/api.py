@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from uploader.config import Settings
 from uploader.layout import InvalidSessionName
-from uploader.session import NfsUnavailable, SessionConflict
+from uploader.session import NfsRefused, NfsUnavailable, SessionConflict
 
 if TYPE_CHECKING:
     from uploader.service import Service
@@ -75,6 +75,8 @@ def create_app(service: Service) -> QuartTrio:
             return error(400, str(exc))
         except SessionConflict as exc:
             return error(409, str(exc))
+        except NfsRefused as exc:  # a permission or a read-only share: no use retrying
+            return error(500, f"Cannot start the session: {exc}")
         except NfsUnavailable as exc:
             return error(503, f"Cannot start the session: {exc}")
         return state.public()

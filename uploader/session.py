@@ -49,6 +49,10 @@ class NfsUnavailable(Exception):
     pass
 
 
+class NfsRefused(NfsUnavailable):
+    """The share refuses (a permission, a read-only mount): retrying will not help."""
+
+
 @dataclass(frozen=True)
 class SessionState:
     active: bool = False
@@ -188,7 +192,8 @@ class SessionControl:
             await trio.sleep_forever()
 
     async def start(self, requested_name: object | None = None) -> SessionState:
-        """Start a session; raises InvalidSessionName, SessionConflict or NfsUnavailable."""
+        """Start a session; raises InvalidSessionName, SessionConflict, NfsRefused or
+        NfsUnavailable."""
         name = new_session_name() if requested_name is None else validate_new_session_name(requested_name)
         async with self._lock:
             if self.state.active:
@@ -276,4 +281,6 @@ class SessionControl:
                 f"the NFS share did not answer within {self._nfs_timeout_s:g} s."
             ) from None
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise NfsRefused(f"the NFS share refuses it: {describe(exc)}.") from None
             raise NfsUnavailable(f"the NFS share failed: {describe(exc)}.") from None

@@ -112,6 +112,7 @@ def test_a_file_that_cannot_leave_incoming_is_not_uploaded_again_and_again(
     # Polled every 0.1 s, but tried again after 0.1, 0.2, 0.4, 0.8, 1.6, 3.2 s: a handful of tries.
     assert refusals <= 7, f"{refusals} claims refused"
     assert status["files_processed"] == 0 and status["files_failed"] == refusals
+    assert status["claims_failing"] == 1
     assert "EACCES" in status["last_error"]
     assert blob_contents(container) == {}
     assert not list(folders.processing.glob(processing_glob("readonly", "*")))
@@ -120,6 +121,7 @@ def test_a_file_that_cannot_leave_incoming_is_not_uploaded_again_and_again(
     assert wait_for_blobs(container, {blob}, timeout=90) == {blob: data}
     wait_until_clean(folders)
     assert service.status()["files_processed"] == 1
+    assert service.status()["claims_failing"] == 0
 
 
 def test_a_staging_disk_too_small_for_every_worker_at_once_still_empties_the_share(

@@ -30,6 +30,9 @@ class Progress:
     bytes_resumed: int = 0  # bytes found already staged in storage and not sent again
     in_flight: int = 0  # files inside a worker right now
     retry_waiting: int = 0
+    # Files in the session's folder whose claim keeps failing (a folder the service may not
+    # write to, a name too long for the processing folder): retried, never quarantined.
+    claims_failing: int = 0
     last_error: str | None = None
     last_error_at: str | None = None
     # Files claimed from incoming (or recovered) and not yet completed or quarantined.
@@ -59,6 +62,7 @@ class Progress:
             "bytes_resumed": self.bytes_resumed,
             "in_flight": self.in_flight,
             "retry_waiting": self.retry_waiting,
+            "claims_failing": self.claims_failing,
             "claimed": len(self.claimed),
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,

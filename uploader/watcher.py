@@ -125,6 +125,11 @@ class StabilityTracker:
     def pending(self) -> frozenset[str]:
         return frozenset(self._pending)
 
+    @property
+    def claims_failing(self) -> int:
+        """Files still in the folder whose last claim failed."""
+        return len(self._held)
+
 
 class Backoff:
     """Exponential backoff for a failing scan: base, 2x base, 4x base ... capped at ``cap_s``."""
@@ -169,36 +174,40 @@ async def run(
     reported: set[str] = set()
     task_status.started()
     async with send:
-        while True:
-            try:
-                scan = await nfs.run(scan_session_folder, folder, extensions)
-            except OSError as exc:
-                delay = backoff.next_delay()
-                level = logging.WARNING if exc.errno in (errno.ESTALE, errno.ENOENT) else logging.ERROR
-                log.log(level, "cannot list %s (%s); next try in %.0f s", folder, describe(exc), delay)
-                progress.note_error(f"watcher: {describe(exc)}")
-                await trio.sleep(delay)
-                continue
-            backoff.reset()
-            for problem in set(scan.skipped) - reported:
-                log.warning("skipped an entry of %s this scan: %s", folder, problem)
-            reported = set(scan.skipped)
-            stable: list[ScanEntry] = []
-            for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
-                stable += found
-                await trio.lowlevel.checkpoint()
-            for entry in stable:
-                key = FileKey(date_prefix, session, entry.rel)
-                if progress.is_claimed(key):
-                    # An older file of the same name is still in flight: it goes first.
+        try:
+            while True:
+                try:
+                    scan = await nfs.run(scan_session_folder, folder, extensions)
+                except OSError as exc:
+                    delay = backoff.next_delay()
+                    level = logging.WARNING if exc.errno in (errno.ESTALE, errno.ENOENT) else logging.ERROR
+                    log.log(level, "cannot list %s (%s); next try in %.0f s", folder, describe(exc), delay)
+                    progress.note_error(f"watcher: {describe(exc)}")
+                    await trio.sleep(delay)
                     continue
-                tracker.mark_pending(entry.rel)
-                await send.send(
-                    WorkItem(
-                        key,
-                        claimed=False,
-                        expected=(entry.size, entry.mtime_ns),
-                        on_claim_settled=partial(claim_settled, entry.rel),
+                backoff.reset()
+                for problem in set(scan.skipped) - reported:
+                    log.warning("skipped an entry of %s this scan: %s", folder, problem)
+                reported = set(scan.skipped)
+                stable: list[ScanEntry] = []
+                for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
+                    stable += found
+                    await trio.lowlevel.checkpoint()
+                progress.claims_failing = tracker.claims_failing
+                for entry in stable:
+                    key = FileKey(date_prefix, session, entry.rel)
+                    if progress.is_claimed(key):
+                        # An older file of the same name is still in flight: it goes first.
+                        continue
+                    tracker.mark_pending(entry.rel)
+                    await send.send(
+                        WorkItem(
+                            key,
+                            claimed=False,
+                            expected=(entry.size, entry.mtime_ns),
+                            on_claim_settled=partial(claim_settled, entry.rel),
+                        )
                     )
-                )
-            await trio.sleep(poll_interval_s)
+                await trio.sleep(poll_interval_s)
+        finally:
+            progress.claims_failing = 0  # a stopped session's folder is not ours to report

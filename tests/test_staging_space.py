@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def space_with_free_bytes(monkeypatch: pytest.MonkeyPatch, free: int) -> Staging
     async def fixed() -> int:
         return free
 
-    monkeypatch.setattr(space, "_free", fixed)
+    monkeypatch.setattr(space, "_look", fixed)
     return space
 
 
@@ -54,3 +55,23 @@ async def test_a_copy_larger_than_the_disk_starts_when_it_is_alone(
     with trio.fail_after(1):
         async with space.reserve(10 * MB):
             pass
+
+
+async def test_copies_beside_others_look_at_a_roomy_disk_once_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small file must not cost a trip to a thread for statvfs each."""
+    looks: list[str] = []
+    statvfs = os.statvfs
+
+    def counted(path: os.PathLike[str]) -> os.statvfs_result:
+        looks.append(os.fspath(path))
+        return statvfs(path)
+
+    monkeypatch.setattr(os, "statvfs", counted)
+    space = StagingSpace(tmp_path, ThreadLane("staging", 1))
+    async with space.reserve(1000):  # alone: it starts without a look
+        for _ in range(100):
+            async with space.reserve(1000):
+                pass
+    assert len(looks) == 1

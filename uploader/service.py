@@ -164,19 +164,21 @@ class Service:
     ) -> None:
         assert self._send is not None
         settings = self.settings
-        await watcher.run(
-            self._send.clone(),
-            date_prefix=date_prefix,
-            session=session,
-            layout=self.layout,
-            nfs=self.lanes.nfs,
-            progress=self.progress,
-            poll_interval_s=settings.poll_interval_s,
-            min_file_age_s=settings.min_file_age_s,
-            extensions=settings.file_extensions,
-            task_status=task_status,
-        )
-
+        try:
+            await watcher.run(
+                self._send.clone(),
+                date_prefix=date_prefix,
+                session=session,
+                layout=self.layout,
+                nfs=self.lanes.nfs,
+                progress=self.progress,
+                poll_interval_s=settings.poll_interval_s,
+                min_file_age_s=settings.min_file_age_s,
+                extensions=settings.file_extensions,
+                task_status=task_status,
+            )
+        finally:
+            self.progress.claims_failing = 0  # a stopped session's folder is not ours to report
 
 
 def _first_os_error(exc: BaseException) -> OSError | None:

@@ -174,40 +174,37 @@ async def run(
     reported: set[str] = set()
     task_status.started()
     async with send:
-        try:
-            while True:
-                try:
-                    scan = await nfs.run(scan_session_folder, folder, extensions)
-                except OSError as exc:
-                    delay = backoff.next_delay()
-                    level = logging.WARNING if exc.errno in (errno.ESTALE, errno.ENOENT) else logging.ERROR
-                    log.log(level, "cannot list %s (%s); next try in %.0f s", folder, describe(exc), delay)
-                    progress.note_error(f"watcher: {describe(exc)}")
-                    await trio.sleep(delay)
+        while True:
+            try:
+                scan = await nfs.run(scan_session_folder, folder, extensions)
+            except OSError as exc:
+                delay = backoff.next_delay()
+                level = logging.WARNING if exc.errno in (errno.ESTALE, errno.ENOENT) else logging.ERROR
+                log.log(level, "cannot list %s (%s); next try in %.0f s", folder, describe(exc), delay)
+                progress.note_error(f"watcher: {describe(exc)}")
+                await trio.sleep(delay)
+                continue
+            backoff.reset()
+            for problem in set(scan.skipped) - reported:
+                log.warning("skipped an entry of %s this scan: %s", folder, problem)
+            reported = set(scan.skipped)
+            stable: list[ScanEntry] = []
+            for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
+                stable += found
+                await trio.lowlevel.checkpoint()
+            progress.claims_failing = tracker.claims_failing
+            for entry in stable:
+                key = FileKey(date_prefix, session, entry.rel)
+                if progress.is_claimed(key):
+                    # An older file of the same name is still in flight: it goes first.
                     continue
-                backoff.reset()
-                for problem in set(scan.skipped) - reported:
-                    log.warning("skipped an entry of %s this scan: %s", folder, problem)
-                reported = set(scan.skipped)
-                stable: list[ScanEntry] = []
-                for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
-                    stable += found
-                    await trio.lowlevel.checkpoint()
-                progress.claims_failing = tracker.claims_failing
-                for entry in stable:
-                    key = FileKey(date_prefix, session, entry.rel)
-                    if progress.is_claimed(key):
-                        # An older file of the same name is still in flight: it goes first.
-                        continue
-                    tracker.mark_pending(entry.rel)
-                    await send.send(
-                        WorkItem(
-                            key,
-                            claimed=False,
-                            expected=(entry.size, entry.mtime_ns),
-                            on_claim_settled=partial(claim_settled, entry.rel),
-                        )
+                tracker.mark_pending(entry.rel)
+                await send.send(
+                    WorkItem(
+                        key,
+                        claimed=False,
+                        expected=(entry.size, entry.mtime_ns),
+                        on_claim_settled=partial(claim_settled, entry.rel),
                     )
-                await trio.sleep(poll_interval_s)
-        finally:
-            progress.claims_failing = 0  # a stopped session's folder is not ours to report
+                )
+            await trio.sleep(poll_interval_s)

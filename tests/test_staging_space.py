@@ -9,30 +9,40 @@ import pytest
 import trio
 import trio.testing
 
-from uploader.lanes import ThreadLane
+from tests.test_watcher import InlineLane
+from uploader import staging_space
 from uploader.staging_space import StagingSpace
 
 MB = 1_000_000
 
 
-def space_with_free_bytes(monkeypatch: pytest.MonkeyPatch, free: int) -> StagingSpace:
-    space = StagingSpace(Path("/unused"), ThreadLane("staging", 1))
+def simulated_disk(monkeypatch: pytest.MonkeyPatch, free: int) -> list[int]:
+    """A disk with ``free`` bytes on which running copies have written nothing yet; returns
+    the list that counts the looks at it."""
+    looks: list[int] = []
 
-    async def fixed() -> int:
-        return free
+    def room(root: Path, running: list[tuple[int, Path]]) -> int:
+        looks.append(len(running))
+        return free - sum(size for size, _ in running)
 
-    monkeypatch.setattr(space, "_look", fixed)
-    return space
+    monkeypatch.setattr(staging_space, "_room_on_disk", room)
+    return looks
+
+
+def space() -> StagingSpace:
+    # The look runs on the Trio thread: the virtual clock then sees every step.
+    return StagingSpace(Path("/unused"), InlineLane())  # type: ignore[arg-type]
 
 
 async def test_a_copy_that_would_not_fit_beside_the_running_ones_waits_for_one_to_end(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    space = space_with_free_bytes(monkeypatch, 24 * MB)
+    simulated_disk(monkeypatch, 24 * MB)
+    staging = space()
     started: list[str] = []
 
     async def copy(name: str, seconds: float) -> None:
-        async with space.reserve(10 * MB):
+        async with staging.reserve(10 * MB, Path(name)):
             started.append(name)
             await trio.sleep(seconds)
 
@@ -42,7 +52,7 @@ async def test_a_copy_that_would_not_fit_beside_the_running_ones_waits_for_one_t
         await trio.sleep(0.1)
         nursery.start_soon(copy, "c", 1)
         await trio.sleep(1)
-        assert sorted(started) == ["a", "b"]  # 24 MB free, 20 reserved: c waits
+        assert sorted(started) == ["a", "b"]  # 24 MB free, 20 still to write: c waits
         await trio.sleep(4.5)  # a has ended
         assert sorted(started) == ["a", "b", "c"]
 
@@ -51,27 +61,58 @@ async def test_a_copy_larger_than_the_disk_starts_when_it_is_alone(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It fails on its own then (ENOSPC), instead of waiting for ever."""
-    space = space_with_free_bytes(monkeypatch, 1 * MB)
+    simulated_disk(monkeypatch, 1 * MB)
     with trio.fail_after(1):
-        async with space.reserve(10 * MB):
+        async with space().reserve(10 * MB, Path("big")):
             pass
 
 
-async def test_copies_beside_others_look_at_a_roomy_disk_once_a_second(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_large_copy_waiting_for_room_is_not_overtaken_for_ever(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A small file must not cost a trip to a thread for statvfs each."""
-    looks: list[str] = []
-    statvfs = os.statvfs
+    """Small copies that keep overlapping would otherwise never leave room for it."""
+    simulated_disk(monkeypatch, 100 * MB)
+    staging = space()
+    large_started = trio.Event()
 
-    def counted(path: os.PathLike[str]) -> os.statvfs_result:
-        looks.append(os.fspath(path))
-        return statvfs(path)
+    async def small_copies(offset: float) -> None:
+        await trio.sleep(offset)
+        while not large_started.is_set():
+            async with staging.reserve(10 * MB, Path(f"small-{offset}")):
+                await trio.sleep(1)
 
-    monkeypatch.setattr(os, "statvfs", counted)
-    space = StagingSpace(tmp_path, ThreadLane("staging", 1))
-    async with space.reserve(1000):  # alone: it starts without a look
-        for _ in range(100):
-            async with space.reserve(1000):
+    async def large_copy() -> None:
+        await trio.sleep(0.1)
+        async with staging.reserve(95 * MB, Path("large")):
+            large_started.set()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(small_copies, 0)
+            nursery.start_soon(small_copies, 0.5)
+            nursery.start_soon(large_copy)
+
+
+async def test_copies_beside_others_look_at_a_roomy_disk_once_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A small file must not cost a trip to a thread each."""
+    looks = simulated_disk(monkeypatch, 10_000 * MB)
+    staging = space()
+    async with staging.reserve(MB, Path("first")):  # alone: it starts without a look
+        for n in range(100):
+            async with staging.reserve(MB, Path(f"f{n}")):
                 pass
     assert len(looks) == 1
+
+
+def test_the_room_on_disk_leaves_out_what_running_copies_have_still_to_write(
+    tmp_path: Path,
+) -> None:
+    half_written = tmp_path / "half"
+    half_written.write_bytes(b"x" * 4096)
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    room = staging_space._room_on_disk(
+        tmp_path, [(8192, half_written), (1000, tmp_path / "not-started")]
+    )
+    assert abs(free - room - (4096 + 1000)) < 1024 * 1024  # the disk may move a little meanwhile

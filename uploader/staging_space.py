@@ -2,15 +2,15 @@
 
 Copies that cannot all fit must not all start: on a small disk they would run out of space
 together half-way (ENOSPC), and the parts they wrote would keep each other from ever
-finishing. A copy waits until the disk's free space, less what the copies already running
-may still write, holds its file; or until no other copy runs (a file larger than the whole
-disk then fails on its own, and is quarantined).
+finishing. A copy waits, in turn, until the disk's free space less what the copies already
+running have still to write holds its file; a copy alone always starts (a file larger than
+the whole disk then fails on its own, and is quarantined).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import itertools
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -26,43 +26,63 @@ class StagingSpace:
         self.root = root
         self.lane = lane
         self.recheck_s = recheck_s
-        self._reserved = 0
+        self._running: dict[int, tuple[int, Path]] = {}  # reservation: (size, staging path)
+        self._ids = itertools.count()
+        self._turn = trio.Lock()  # first come, first served: a large file is not starved
         self._released = trio.Event()
-        # The last look at the disk, and what copies that ended since then wrote: a look is
-        # good for recheck_s, so that small files do not cost a trip to a thread each.
-        self._free_seen = 0
-        self._seen_at = -math.inf
-        self._written_since = 0
+        # The last look at the disk (free space less what running copies had still to write)
+        # and what was reserved since: good for recheck_s, so that small files beside others
+        # do not cost a trip to a thread each. Space freed since is only seen at the next look.
+        self._room_seen = 0
+        self._seen_at = -float("inf")
+        self._reserved_since = 0
 
     @contextlib.asynccontextmanager
-    async def reserve(self, size: int) -> AsyncIterator[None]:
-        """Hold ``size`` bytes of the disk for a copy, waiting for them if need be."""
-        while size > 0 and self._reserved and size > self._room(fresh_only=True):
-            if size <= await self._look() - self._reserved:
-                break
-            # Copies end, and files elsewhere on the disk may go: look again then.
-            with trio.move_on_after(self.recheck_s):
-                await self._released.wait()
-        self._reserved += size
+    async def reserve(self, size: int, path: Path) -> AsyncIterator[None]:
+        """Hold ``size`` bytes of the disk for the copy to ``path``, waiting for them if need be."""
+        if size <= 0:
+            yield
+            return
+        async with self._turn:
+            while self._running and size > self._room():
+                if size <= await self._look():
+                    break
+                # Copies end and uploads free their copies: look again then.
+                with trio.move_on_after(self.recheck_s):
+                    await self._released.wait()
+            reservation = next(self._ids)
+            self._running[reservation] = (size, path)
+            self._reserved_since += size
         try:
             yield
         finally:
-            self._reserved -= size
-            self._written_since += size  # at most: the copy may have failed and gone
+            del self._running[reservation]
             self._released.set()
             self._released = trio.Event()
 
-    def _room(self, *, fresh_only: bool) -> float:
-        if fresh_only and trio.current_time() - self._seen_at > self.recheck_s:
-            return -math.inf
-        return self._free_seen - self._written_since - self._reserved
+    def _room(self) -> float:
+        if trio.current_time() - self._seen_at > self.recheck_s:
+            return -float("inf")
+        return self._room_seen - self._reserved_since
 
     async def _look(self) -> int:
+        running = list(self._running.values())
+        room = await self.lane.run(_room_on_disk, self.root, running)
+        self._room_seen, self._seen_at, self._reserved_since = room, trio.current_time(), 0
+        return room
+
+
+def _room_on_disk(root: Path, running: list[tuple[int, Path]]) -> int:
+    """Blocking: free bytes, less what the running copies have still to write."""
+    try:
+        disk = os.statvfs(root)
+    except OSError:
+        return sys.maxsize  # cannot tell: hold no copy back
+    to_write = 0
+    for size, path in running:
         try:
-            disk = await self.lane.run(os.statvfs, self.root)
+            written = os.lstat(path).st_size
         except OSError:
-            free = sys.maxsize  # cannot tell: hold no copy back
-        else:
-            free = disk.f_bavail * disk.f_frsize
-        self._free_seen, self._seen_at, self._written_since = free, trio.current_time(), 0
-        return free
+            written = 0
+        to_write += max(0, size - written)
+    return disk.f_bavail * disk.f_frsize - to_write

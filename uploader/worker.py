@@ -201,7 +201,8 @@ class Pipeline:
         if not item.claimed:
             size = _expected_size(item)
             stage_now = not self._streams(size)
-            async with self.space.reserve(size if stage_now and size is not None else 0):
+            staging = self.layout.staging_path(item.key)
+            async with self.space.reserve(size if stage_now and size is not None else 0, staging):
                 claimed = await self._claim(item, stage=stage_now)
             if claimed.outcome is not Claim.CLAIMED:
                 span.set_attribute("outcome", f"not claimed: {claimed.outcome.value}")
@@ -223,7 +224,7 @@ class Pipeline:
             item.claimed_size = await self.lanes.nfs.run(_size, processing)
         if not self._streams(item.claimed_size):
             with tracer.start_as_current_span("stage"):
-                async with self.space.reserve(item.claimed_size):
+                async with self.space.reserve(item.claimed_size, self.layout.staging_path(key)):
                     item.staged = await self.lanes.nfs.run(
                         fileops.stage_copy,
                         processing,
@@ -289,7 +290,8 @@ class Pipeline:
         started = trio.current_time()
         with tracer.start_as_current_span("upload") as span:
             if item.staged is None:
-                async with self.space.reserve(item.claimed_size or _expected_size(item) or 0):
+                size = item.claimed_size or _expected_size(item) or 0
+                async with self.space.reserve(size, self.layout.staging_path(key)):
                     item.staged, item.report = await self.store.upload_while_staging(
                         self.layout.processing_path(key), self.layout.staging_path(key),
                         blob_name(key), on_sent=sent,

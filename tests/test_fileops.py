@@ -331,6 +331,30 @@ def test_a_copy_that_fails_leaves_nothing_in_staging(
     assert not target.exists()
 
 
+def test_a_copy_that_fails_late_leaves_a_newer_attempts_copy_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt given up on (its thread still copying) must not delete the next one's copy."""
+    source = make_file(tmp_path / "proc" / "a.bin", pattern(3 * 1024 * 1024))
+    target = tmp_path / "staging" / "a.bin"
+    read, reads = os.read, []
+
+    def newer_attempt_then_failure(fd: int, n: int) -> bytes:
+        reads.append(n)
+        if len(reads) == 2:
+            target.unlink()
+            target.write_bytes(b"the next attempt's copy")
+            raise OSError(errno.EIO, "Input/output error")
+        return read(fd, n)
+
+    monkeypatch.setattr(os, "read", newer_attempt_then_failure)
+
+    with pytest.raises(OSError):
+        stage_copy(source, target, BLOCK)
+
+    assert target.read_bytes() == b"the next attempt's copy"
+
+
 def test_stage_copy_leaves_source_in_place(tmp_path: Path) -> None:
     source = make_file(tmp_path / "proc" / "a.bin", b"abc")
     stage_copy(source, tmp_path / "staging" / "a.bin", BLOCK)

@@ -80,4 +80,3 @@ def test_a_file_larger_than_the_staging_disk_is_quarantined_and_the_others_go_up
         assert quarantined["file"] == "huge.bin" and "ENOSPC" in quarantined["reason"]
         failed = folders.processing / ".failed" / "files" / today() / "big" / "huge.bin"
         assert failed.read_bytes() == huge
-

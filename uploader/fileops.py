@@ -284,6 +284,7 @@ def stage_copy(
             target,
             lambda: os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
         )
+        ours = os.fstat(fd_out)
         whole = _WholeFileHash(in_background=before.st_size > block_size)
         blocks: list[bytes] = []
         block = hashlib.md5(usedforsecurity=False)
@@ -318,14 +319,22 @@ def stage_copy(
             if not copied:
                 # A part of a copy is of no use to the next attempt, and on a full disk
                 # (ENOSPC) the parts of every worker's copy would keep it full for good.
-                remove_quietly(target)
+                _remove_if_still(target, ours)
         after = os.fstat(fd_in)
     finally:
         os.close(fd_in)
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or size != after.st_size:
-        remove_quietly(target)
+        _remove_if_still(target, ours)
         raise SourceChanged(f"{source} changed while it was copied to staging")
     return StagedFile(target, size, before.st_mtime_ns, digest, block_size, tuple(blocks))
+
+
+def _remove_if_still(path: Path, ours: os.stat_result) -> None:
+    """Remove our copy at ``path``, unless a newer attempt (this one abandoned, its thread
+    still running) has made a copy of its own there; never hide the error being raised."""
+    with contextlib.suppress(OSError):
+        if _is(path, ours):
+            os.unlink(path)
 
 
 def read_block(path: Path, offset: int, length: int) -> bytes:

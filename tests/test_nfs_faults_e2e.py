@@ -175,8 +175,9 @@ def test_a_file_that_cannot_be_read_is_quarantined_and_the_others_go_on(
     # After a restart, status still shows what is in the failed folder.
     service.stop()
     service.restart()
+    wait_for(lambda: service.status()["files_quarantined"] == 1, timeout=10,
+             what="the failed folder to be read again")
     status = service.status()
-    assert status["files_quarantined"] == 1
     assert [q["file"] for q in status["quarantined"]] == ["broken.bin"]
     assert status["quarantined"][0]["path"] == reason["path"]
 

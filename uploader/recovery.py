@@ -11,10 +11,11 @@ queues claimed files that nobody owns (see gc.py), so a flaky share cannot hold 
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from uploader.errors import describe
@@ -31,8 +32,6 @@ class Recovered:
     state: SessionState
     unfinished: list[FileKey]
     unreadable: list[str]  # what could not be read this time, one line each
-    # The reason records of the files still in the failed folder, oldest first.
-    quarantined: list[dict[str, object]] = field(default_factory=list)
 
 
 def _subfolders(path: Path) -> list[str]:
@@ -90,32 +89,49 @@ def find_unfinished(layout: Layout) -> tuple[list[FileKey], list[str]]:
     return unfinished, unreadable
 
 
-def find_quarantined(layout: Layout) -> list[dict[str, object]]:
-    """Blocking: the reason records of the files still in the failed folder, oldest first,
-    so that status keeps showing them after a restart. Unreadable records are skipped."""
+def find_quarantined(layout: Layout, keep: int = 100) -> tuple[int, list[dict[str, object]]]:
+    """Blocking: how many files are in the failed folder, and the reason records of the last
+    ``keep`` of them (oldest first), so that status still shows them after a restart.
+
+    A record names its file (``path``; one written before it did is found beside its reason
+    file's place); records that cannot be read, and files no longer there, are left out.
+    """
+    count = 0
     records: list[dict[str, object]] = []
     for folder, _, names in os.walk(layout.failed_reasons_root):
         for name in names:
             if not name.endswith(".json"):
                 continue
+            reason_file = Path(folder) / name
             try:
-                record = json.loads((Path(folder) / name).read_bytes())
+                record = json.loads(reason_file.read_bytes())
             except (OSError, ValueError, RecursionError):
                 continue
-            where = record.get("path") if isinstance(record, dict) else None
-            if isinstance(where, str) and os.path.lexists(where):
-                records.append(record)
-    return sorted(records, key=lambda record: str(record.get("quarantined_at", "")))
+            if not isinstance(record, dict):
+                continue
+            where = record.get("path")
+            if not isinstance(where, str):
+                relative = reason_file.relative_to(layout.failed_reasons_root)
+                where = str(layout.failed_files_root / relative.parent / relative.name.removesuffix(".json"))
+            if os.path.lexists(where):
+                count += 1
+                records.append({**record, "path": where})
+                if len(records) > 2 * keep:  # keep memory bounded on a huge failed folder
+                    records = heapq.nlargest(keep, records, key=_quarantined_at)
+    return count, sorted(heapq.nlargest(keep, records, key=_quarantined_at), key=_quarantined_at)
+
+
+def _quarantined_at(record: dict[str, object]) -> str:
+    return str(record.get("quarantined_at", ""))
 
 
 async def recover(layout: Layout, nfs: ThreadLane) -> Recovered:
     state = await nfs.run(read_state, layout.state_file)
     unfinished, unreadable = await nfs.run(find_unfinished, layout)
-    quarantined = await nfs.run(find_quarantined, layout)
     if unfinished:
         log.info("recovery found %d unfinished files", len(unfinished))
     for problem in unreadable:
         log.warning("recovery could not read %s; GC queues what it finds there later", problem)
     if state.active:
         log.info("session %s was active before the restart", state.session_name)
-    return Recovered(state, unfinished, unreadable, quarantined)
+    return Recovered(state, unfinished, unreadable)

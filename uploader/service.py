@@ -23,7 +23,7 @@ from uploader.folders import check_folders
 from uploader.lanes import Lanes, ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
-from uploader.recovery import Recovered, recover
+from uploader.recovery import Recovered, find_quarantined, recover
 from uploader.session import SessionControl, SessionState
 from uploader.telemetry import Metrics, Telemetry
 from uploader.worker import Pipeline, WorkItem
@@ -107,8 +107,6 @@ class Service:
         recovered = await self._recover()
         # Claimed before GC's first sweep, which would otherwise see them as unowned.
         self.progress.claimed.update(recovered.unfinished)
-        self.progress.files_quarantined = len(recovered.quarantined)
-        self.progress.quarantined.extend(recovered.quarantined)
         send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)
         self._send, self._queue = send, receive
         pipeline = Pipeline(
@@ -134,6 +132,7 @@ class Service:
         control = SessionControl(layout, lanes.nfs, self._watch, nfs_timeout_s=settings.nfs_op_timeout_s)
         self.sessions = await root.start(control.run)
         root.start_soon(self._feed_recovered, send.clone(), recovered.unfinished)
+        root.start_soon(self._recall_quarantined)
         if recovered.state.active:
             await control.resume(recovered.state)
         else:
@@ -151,6 +150,20 @@ class Service:
                 self.progress.note_error(message)
             await trio.sleep(delay)
             delay = min(delay * 2, 5.0)  # nothing works until recovery is done: keep trying
+
+    async def _recall_quarantined(self) -> None:
+        """Count the files an earlier run quarantined and list the last of them in status;
+        after start-up, since a failed folder can be large."""
+        try:
+            count, recent = await self.lanes.nfs.run(find_quarantined, self.layout)
+        except OSError as exc:
+            log.warning("cannot read the failed folder: %s", describe(exc))
+            return
+        progress = self.progress
+        progress.files_quarantined += count
+        since_start = list(progress.quarantined)
+        progress.quarantined.clear()
+        progress.quarantined.extend([*recent, *since_start])  # the last 100 of both
 
     async def _feed_recovered(
         self, send: trio.MemorySendChannel[WorkItem], unfinished: list[FileKey]

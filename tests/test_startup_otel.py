@@ -78,6 +78,7 @@ BAD = [
     ("OTEL_BLRP_EXPORT_TIMEOUT", "soon"),
     ("OTEL_PROPAGATORS", "b3"),  # a name of the specification, but not installed here
     ("OTEL_PROPAGATORS", "tracecontext,bogus"),
+    ("OTEL_PROPAGATORS", "TraceContext"),  # the SDK looks names up as they are written
     ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "-3"),
     ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "abc"),
     ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),

@@ -62,11 +62,11 @@ def main() -> None:
         sys.exit(2)
     # Imported only now: OpenTelemetry reads some OTEL_* variables when it is imported, and a
     # bad value must be reported like any other setting, not as a traceback.
-    from uploader.service import Service
-    from uploader.telemetry import setup_logging, setup_telemetry
-
-    setup_logging()
     try:
+        from uploader.service import Service
+        from uploader.telemetry import setup_logging, setup_telemetry
+
+        setup_logging()
         telemetry = setup_telemetry()
     except ValueError as exc:  # a value the checks above let through and the SDK refuses
         print(f"uploader: bad setting: OpenTelemetry: {exc}", file=sys.stderr, flush=True)

@@ -124,7 +124,9 @@ def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
             problems.append(f"{name}: this service exports over {OTLP_PROTOCOL} only (got {value(name)!r})")
     if value("OTEL_PROPAGATORS"):
         known = _installed_propagators()
-        unknown = [p.strip() for p in value("OTEL_PROPAGATORS").lower().split(",") if p.strip() not in known]
+        # As the SDK looks them up: by their exact names, only "none" in any case.
+        requested = [p.strip() for p in value("OTEL_PROPAGATORS").split(",")]
+        unknown = [n for n in requested if n not in known and n.lower() != "none"]
         if unknown:
             problems.append(
                 f"OTEL_PROPAGATORS: {unknown[0]!r} is not a propagator installed here (use {', '.join(known)})"

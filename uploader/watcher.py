@@ -109,6 +109,7 @@ class StabilityTracker:
 
     def release(self, rel: str) -> None:
         self._pending.discard(rel)
+        self._held.pop(rel, None)
 
     def claim_failed(self, rel: str, monotonic_now: float) -> float:
         """Release a file whose claim failed, to be offered again only after a delay that

@@ -172,6 +172,7 @@ async def run(
             tracker.claim_failed(rel, trio.current_time())
         else:
             tracker.release(rel)
+        progress.claims_failing = tracker.claims_failing
     reported: set[str] = set()
     task_status.started()
     async with send:

@@ -60,6 +60,14 @@ class StagingSpace:
             self._released.set()
             self._released = trio.Event()
 
+    async def larger_than_disk(self, size: int) -> bool:
+        """Whether a file of ``size`` bytes could never fit, even on an empty disk."""
+        try:
+            disk = await self.lane.run(os.statvfs, self.root)
+        except OSError:
+            return False
+        return size > disk.f_blocks * disk.f_frsize
+
     def _room(self) -> float:
         if trio.current_time() - self._seen_at > self.recheck_s:
             return -float("inf")

@@ -43,6 +43,11 @@ def scan_session_folder(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
         return Scan([], [])
 
 
+def doubling_delay(failures: int, base_s: float, cap_s: float) -> float:
+    """base, 2x base, 4x base ... after 1, 2, 3 ... failures in a row, capped at ``cap_s``."""
+    return float(min(cap_s, base_s * 2 ** min(failures - 1, 64)))
+
+
 class _Observation(NamedTuple):
     size: int
     mtime_ns: int
@@ -118,7 +123,7 @@ class StabilityTracker:
         processing folder) must not fail, and be logged, on every scan. Returns the delay."""
         self._pending.discard(rel)
         failures = self._held.get(rel, (0, 0.0))[0] + 1
-        delay = float(min(MAX_BACKOFF_S, self.retry_base_s * 2 ** min(failures - 1, 32)))
+        delay = doubling_delay(failures, self.retry_base_s, MAX_BACKOFF_S)
         self._held[rel] = (failures, monotonic_now + delay)
         return delay
 
@@ -142,7 +147,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         self.failures += 1
-        return float(min(self.cap_s, self.base_s * 2 ** (self.failures - 1)))
+        return doubling_delay(self.failures, self.base_s, self.cap_s)
 
     def reset(self) -> None:
         self.failures = 0

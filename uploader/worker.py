@@ -65,6 +65,10 @@ def _expected_size(item: WorkItem) -> int | None:
     return None if item.expected is None else item.expected[0]
 
 
+def _known_size(item: WorkItem) -> int | None:
+    return item.claimed_size if item.claimed_size is not None else _expected_size(item)
+
+
 def _size(path: os.PathLike[str]) -> int:
     return os.lstat(path).st_size
 
@@ -224,12 +228,10 @@ class Pipeline:
             item.claimed_size = await self.lanes.nfs.run(_size, processing)
         if not self._streams(item.claimed_size):
             with tracer.start_as_current_span("stage"):
-                async with self.space.reserve(item.claimed_size, self.layout.staging_path(key)):
+                staging = self.layout.staging_path(key)
+                async with self.space.reserve(item.claimed_size, staging):
                     item.staged = await self.lanes.nfs.run(
-                        fileops.stage_copy,
-                        processing,
-                        self.layout.staging_path(key),
-                        self.settings.azure_max_block_size,
+                        fileops.stage_copy, processing, staging, self.settings.azure_max_block_size
                     )
         return True
 
@@ -290,8 +292,7 @@ class Pipeline:
         started = trio.current_time()
         with tracer.start_as_current_span("upload") as span:
             if item.staged is None:
-                size = item.claimed_size or _expected_size(item) or 0
-                async with self.space.reserve(size, self.layout.staging_path(key)):
+                async with self.space.reserve(_known_size(item) or 0, self.layout.staging_path(key)):
                     item.staged, item.report = await self.store.upload_while_staging(
                         self.layout.processing_path(key), self.layout.staging_path(key),
                         blob_name(key), on_sent=sent,
@@ -371,14 +372,8 @@ class Pipeline:
         return others_completed or await self._works_for_others(exc)
 
     async def _larger_than_staging(self, item: WorkItem) -> bool:
-        size = item.claimed_size if item.claimed_size is not None else _expected_size(item)
-        if size is None:
-            return False
-        try:
-            disk = await self.lanes.staging.run(os.statvfs, self.layout.staging_root)
-        except OSError:
-            return False
-        return size > disk.f_blocks * disk.f_frsize
+        size = _known_size(item)
+        return size is not None and await self.space.larger_than_disk(size)
 
     async def _works_for_others(self, exc: Exception) -> bool:
         """Probe the side that failed this file: is it the file, or is everything failing?"""

@@ -1,10 +1,67 @@
-"""Unit tests for remove_empty_folders in uploader/gc.py."""
+"""GC: remove_empty_folders, and what a sweep removes and what it keeps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from uploader.gc import remove_empty_folders
+import pytest
+import trio
+
+from uploader.gc import Sweep, remove_empty_folders, sweep
+from uploader.layout import FileKey, Layout
+from uploader.progress import Progress
+
+KEY = FileKey("20240102", "s", "sub/a.bin")
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+
+
+def put(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+async def sweep_once(layout: Layout, progress: Progress) -> Sweep:
+    # As the service runs it: in a thread, asking the Trio thread about each file.
+    return await trio.to_thread.run_sync(sweep, layout, progress)
+
+
+async def test_sweep_removes_a_staging_copy_no_file_owns(layout: Layout) -> None:
+    copy = put(layout.staging_path(KEY))
+    result = await sweep_once(layout, Progress())
+    assert not copy.exists()
+    assert result.counts["staging"] == 1
+
+
+async def test_sweep_keeps_the_staging_copy_of_a_claimed_file(layout: Layout) -> None:
+    copy = put(layout.staging_path(KEY))
+    progress = Progress()
+    progress.claimed.add(KEY)
+    await sweep_once(layout, progress)
+    assert copy.exists()
+
+
+async def test_sweep_keeps_the_staging_copy_of_a_file_being_claimed(layout: Layout) -> None:
+    # claim_and_stage makes the copy before its claim is recorded as done.
+    copy = put(layout.staging_path(KEY))
+    progress = Progress()
+    progress.claim_started(KEY)
+    progress.claim_started(KEY)
+    progress.claim_ended(KEY)  # another worker's claim of the same name ended meanwhile
+    await sweep_once(layout, progress)
+    assert copy.exists()
+    progress.claim_ended(KEY)
+    await sweep_once(layout, progress)
+    assert not copy.exists()
+
+
+async def test_sweep_reports_a_claimed_file_no_worker_owns(layout: Layout) -> None:
+    put(layout.processing_path(KEY))
+    assert (await sweep_once(layout, Progress())).unowned == {KEY}
 
 
 def test_removes_nested_empty_folders(tmp_path: Path) -> None:

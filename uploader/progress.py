@@ -37,6 +37,9 @@ class Progress:
     last_error_at: str | None = None
     # Files claimed from incoming (or recovered) and not yet completed or quarantined.
     claimed: set[FileKey] = field(default_factory=set)
+    # Files a worker is claiming right now (by how many workers): the claim may already have
+    # made their staging copy, which GC must not take for an orphan before the claim is done.
+    claiming: collections.Counter[FileKey] = field(default_factory=collections.Counter)
     quarantined: collections.deque[dict[str, object]] = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_QUARANTINED)
     )
@@ -44,7 +47,15 @@ class Progress:
     successes: int = 0
 
     def is_claimed(self, key: FileKey) -> bool:
-        return key in self.claimed
+        return key in self.claimed or key in self.claiming
+
+    def claim_started(self, key: FileKey) -> None:
+        self.claiming[key] += 1
+
+    def claim_ended(self, key: FileKey) -> None:
+        self.claiming[key] -= 1
+        if self.claiming[key] <= 0:
+            del self.claiming[key]
 
     def note_error(self, message: str) -> None:
         self.last_error = message

@@ -243,6 +243,7 @@ class Pipeline:
         # interrupted claim: finish the claim, but its owner stages and uploads it.
         owned = key in self.progress.claimed
         failed = False
+        self.progress.claim_started(key)
         try:
             with tracer.start_as_current_span("claim"):
                 if owned or not stage:
@@ -270,6 +271,7 @@ class Pipeline:
             log.warning("cannot claim %s: %s", key, describe(exc))
             return Claimed(Claim.GONE)
         finally:
+            self.progress.claim_ended(key)
             if item.on_claim_settled is not None:
                 item.on_claim_settled(failed)
         if claimed.outcome is Claim.CLAIMED:

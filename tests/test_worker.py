@@ -1,0 +1,91 @@
+"""The pipeline in-process, against a real Azurite: races with GC inside one file's journey."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from azure.storage.blob import ContainerClient
+
+from tests.support.azurite import Azurite
+from tests.support.service import random_bytes
+from uploader import fileops, gc
+from uploader.blobstore import BlobStore, open_blob_store
+from uploader.config import Settings
+from uploader.layout import FileKey, Layout, blob_name
+from uploader.progress import Progress
+from uploader.service import make_lanes
+from uploader.telemetry import Metrics
+from uploader.worker import Pipeline, WorkItem
+
+
+@pytest.fixture
+def settings(azurite: Azurite, container_name: str, tmp_path: Path) -> Settings:
+    return Settings(
+        azure_auth="key",
+        azure_connection_string=azurite.connection_string(),
+        azure_container=container_name,
+        azure_retry_total=0,
+        nfs_incoming_dir=tmp_path / "in",
+        nfs_processing_root=tmp_path / "proc",
+        local_staging_root=tmp_path / "stage",
+    )
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[BlobStore]:
+    store = await open_blob_store(settings, make_lanes(settings))
+    yield store
+    store.close()
+
+
+async def test_a_gc_sweep_during_a_claim_keeps_the_copy_being_staged(
+    settings: Settings, store: BlobStore, container: ContainerClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layout = Layout(settings.nfs_incoming_dir, settings.nfs_processing_root, settings.local_staging_root)
+    progress = Progress()
+    key = FileKey("20240102", "s", "a.bin")
+    data = random_bytes(1000, seed=1)
+    source = layout.incoming_path(key)
+    source.parent.mkdir(parents=True)
+    source.write_bytes(data)
+    real_claim_and_stage = fileops.claim_and_stage
+    sweeps: list[gc.Sweep] = []
+
+    def claim_and_stage_then_sweep(*args: Any) -> fileops.Claimed:
+        # The claim has made the staging copy and is not back on the Trio thread yet: the
+        # moment a GC sweep, in a thread of its own, can come by.
+        claimed = real_claim_and_stage(*args)
+        sweeps.append(gc.sweep(layout, progress))
+        return claimed
+
+    monkeypatch.setattr(fileops, "claim_and_stage", claim_and_stage_then_sweep)
+    real_finish = fileops.finish
+    finished = trio.Event()
+
+    def finish_and_tell(*args: Any) -> list[str]:
+        problems = real_finish(*args)
+        trio.from_thread.run_sync(finished.set)
+        return problems
+
+    monkeypatch.setattr(fileops, "finish", finish_and_tell)
+    send, receive = trio.open_memory_channel[WorkItem](10)
+    pipeline = Pipeline(
+        settings=settings, layout=layout, lanes=store.lanes, store=store, progress=progress,
+        metrics=Metrics.create(), retry_send=send.clone(),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        stat = source.stat()
+        await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        with trio.fail_after(20):
+            await finished.wait()
+        nursery.cancel_scope.cancel()
+
+    assert sweeps and sweeps[0].counts["staging"] == 0
+    assert progress.files_failed == 0  # counted before any retry, so before `finished`
+    assert container.download_blob(blob_name(key)).readall() == data

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -426,6 +429,66 @@ def test_stage_copy_huge_file_gets_bigger_blocks(tmp_path: Path) -> None:
 def test_stage_copy_small_file_keeps_configured_block_size(tmp_path: Path) -> None:
     source = make_file(tmp_path / "proc" / "a.bin", pattern(5000))
     assert stage_copy(source, tmp_path / "staging" / "a.bin", 1024).block_size == 1024
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of a file is in the page cache: mincore(2) on a mapping of it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+    )
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as file:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vector = ctypes.create_string_buffer(pages)
+            assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    return sum(byte & 1 for byte in vector.raw) * mmap.PAGESIZE
+
+
+@pytest.fixture
+def page_cache_obeys(tmp_path: Path) -> None:
+    """Skip where the filesystem keeps a written, synced file cached whatever it is told."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("page cache hints are Linux calls")
+    probe = make_file(tmp_path / "probe.bin", os.urandom(256 * 1024))
+    with open(probe, "rb+") as file:
+        os.fsync(file.fileno())
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if resident_bytes(probe) > 0:
+        pytest.skip(f"the filesystem of {tmp_path} keeps dropped pages cached")
+
+
+@pytest.mark.usefixtures("page_cache_obeys")
+def test_a_large_staging_copy_leaves_the_page_cache_as_it_is_written(tmp_path: Path) -> None:
+    block, blocks = 256 * 1024, 16
+    data = os.urandom(block * blocks)
+    source = make_file(tmp_path / "proc" / "a.bin", data)
+    target = tmp_path / "staging" / "a.bin"
+
+    stage_copy(source, target, block)
+
+    # Only the last blocks, whose write-back was started but not waited for, may stay.
+    assert resident_bytes(target) <= 3 * block
+    assert target.read_bytes() == data
+
+
+@pytest.mark.usefixtures("page_cache_obeys")
+def test_read_block_leaves_no_page_cache_behind(tmp_path: Path) -> None:
+    path = make_file(tmp_path / "staged.bin", pattern(4 * BLOCK))
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+    read_block(path, 0, 4 * BLOCK)
+
+    assert resident_bytes(path) == 0
 
 
 # --- read_block --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ that its name is free.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import errno
 import hashlib
@@ -254,6 +255,62 @@ class _WholeFileHash:
         return self._md5.digest()
 
 
+def _find_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter uses
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None  # not Linux: the staging copy stays in the page cache until it is removed
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _find_sync_file_range()
+# sync_file_range(2) flags
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+
+
+class _WriteBehind:
+    """Writes a large staging copy back to disk block by block, and drops each block from the
+    page cache once it is on disk.
+
+    Without it, a 2 GiB file sits in 2 GiB of page cache until its blob is committed: memory
+    the kernel charges to the pod's cgroup, and that a VM must find fresh pages for (on the
+    benchmark's VM, writing into fresh pages cost 4.5 CPU s per GiB against 0.6 into pages
+    the kernel had just freed). Blocks still to be sent are read back from disk. Best
+    effort: where the calls are missing or refused, the copy behaves as a plain one; the
+    final fsync is what makes the copy durable either way.
+    """
+
+    LAG = 2  # blocks between starting a block's write-back and waiting for it
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._written: list[tuple[int, int]] = []
+        self._enabled = _sync_file_range is not None
+
+    def block_written(self, offset: int, length: int) -> None:
+        if not self._enabled:
+            return
+        assert _sync_file_range is not None
+        if _sync_file_range(self._fd, offset, length, _WRITE) != 0:
+            self._enabled = False
+            return
+        self._written.append((offset, length))
+        if len(self._written) > self.LAG:
+            old_offset, old_length = self._written.pop(0)
+            flags = _WAIT_BEFORE | _WRITE | _WAIT_AFTER
+            if _sync_file_range(self._fd, old_offset, old_length, flags) == 0:
+                drop_from_page_cache(self._fd, old_offset, old_length)
+
+
+def drop_from_page_cache(fd: int, offset: int, length: int) -> None:
+    """Tell the kernel these pages will not be read again soon (pages still dirty stay)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 # Told of each block as soon as it is in the staging copy: (index, offset, length, md5).
 BlockReady = Callable[[int, int, int, bytes], None]
 
@@ -286,6 +343,7 @@ def stage_copy(
         )
         ours = os.fstat(fd_out)
         whole = _WholeFileHash(in_background=before.st_size > block_size)
+        write_behind = _WriteBehind(fd_out)
         blocks: list[bytes] = []
         block = hashlib.md5(usedforsecurity=False)
         in_block = 0
@@ -302,6 +360,7 @@ def stage_copy(
                 in_block += len(chunk)
                 size += len(chunk)
                 if in_block == block_size:
+                    write_behind.block_written(size - in_block, in_block)
                     blocks.append(block.digest())
                     if on_block is not None:
                         on_block(len(blocks) - 1, size - in_block, in_block, blocks[-1])
@@ -343,6 +402,8 @@ def read_block(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb") as staged:
         staged.seek(offset)
         data = staged.read(length)
+        # Read once to be sent: a retry reads it again from disk.
+        drop_from_page_cache(staged.fileno(), offset, length)
     if len(data) != length:
         raise SourceChanged(f"staging copy {path} is shorter than expected")
     return data

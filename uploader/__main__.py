@@ -54,6 +54,11 @@ def read_settings() -> Settings:
     return settings
 
 
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def main() -> None:
     try:
         settings = read_settings()
@@ -80,6 +85,7 @@ def main() -> None:
         failures = _startup_errors(exc)
         if failures:
             log.critical("cannot start: %s", failures[0])
+            _flush_logs()  # the JSON line first, then the plain one
             print(f"uploader: cannot start: {failures[0]}", file=sys.stderr, flush=True)
             code = 1
         elif not isinstance(exc, KeyboardInterrupt):

@@ -1,6 +1,6 @@
 """Logs, traces and metrics: configured only through the standard ``OTEL_*`` variables.
 
-- Logs: one JSON object per line on stderr, with ``trace_id`` and ``span_id`` inside a span
+- Logs: one JSON object per line on stderr (written by a thread of their own), with ``trace_id`` and ``span_id`` inside a span
   (when traces are exported); exported over OTLP through the logging bridge when an
   endpoint is set.
 - Traces: a server span per API request (not the probes) and a span per file with child
@@ -45,6 +45,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from uploader.log_writer import BackgroundLineWriter
 from uploader.otel_settings import SIGNALS
 
 _STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -75,7 +76,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BackgroundLineWriter(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -1,0 +1,103 @@
+"""BackgroundLineWriter: log lines leave the logging thread at once, whatever stderr does."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from uploader import log_writer
+from uploader.log_writer import BackgroundLineWriter
+from uploader.telemetry import JsonFormatter
+
+
+class StuckStream(io.StringIO):
+    """A stderr whose reader went away: every write waits until ``unstick``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unstuck = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.unstuck.wait()
+        return super().write(text)
+
+
+def record(message: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("uploader.test", logging.INFO, __file__, 1, message, args, None)
+
+
+@pytest.fixture
+def stuck() -> Iterator[StuckStream]:
+    stream = StuckStream()
+    yield stream
+    stream.unstuck.set()
+
+
+def writer_on(stream: io.StringIO, capacity: int = 100) -> BackgroundLineWriter:
+    writer = BackgroundLineWriter(stream, capacity=capacity)
+    writer.setFormatter(JsonFormatter())
+    return writer
+
+
+def test_lines_are_written_in_order_one_json_object_each() -> None:
+    stream = io.StringIO()
+    writer = writer_on(stream)
+    for i in range(50):
+        writer.handle(record("line %d", i))
+    writer.flush()
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == [
+        f"line {i}" for i in range(50)
+    ]
+
+
+def test_a_stuck_stream_drops_and_counts_what_does_not_fit_and_says_so_where(
+    stuck: StuckStream,
+) -> None:
+    writer = writer_on(stuck, capacity=10)
+    started = time.monotonic()
+    for i in range(100):
+        writer.handle(record("line %d", i))
+    assert time.monotonic() - started < 1  # logging never waited for the stream
+    dropped = writer.dropped()
+    assert 80 <= dropped <= 90  # ten lines fit in the queue, one more in the writer's hands
+
+    stuck.unstuck.set()
+    writer.flush()
+    writer.handle(record("after"))
+    writer.flush()
+    messages = [json.loads(line)["message"] for line in stuck.getvalue().splitlines()]
+    kept = [m for m in messages if m.startswith("line ")]
+    assert kept == [f"line {i}" for i in range(len(kept))]
+    assert len(kept) + dropped == 100
+    assert messages[len(kept):] == [
+        f"{dropped} log lines were dropped: stderr was not taking them", "after",
+    ]
+    assert writer.dropped() == 0
+
+
+def test_flush_and_close_give_up_on_a_stuck_stream(
+    stuck: StuckStream, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(log_writer, "FLUSH_BUDGET_S", 0.2)
+    writer = writer_on(stuck, capacity=2)
+    for i in range(5):
+        writer.handle(record("line %d", i))
+    started = time.monotonic()
+    writer.flush()
+    writer.close()
+    assert time.monotonic() - started < 2
+
+
+def test_a_broken_stream_is_not_an_error_of_the_caller() -> None:
+    stream = io.StringIO()
+    stream.close()
+    writer = writer_on(stream)
+    writer.handle(record("nowhere to go"))
+    writer.flush()
+    writer.close()

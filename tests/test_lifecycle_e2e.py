@@ -102,6 +102,24 @@ def test_an_interrupted_claim_uploads_the_file_once(
     assert service.status()["files_processed"] == 1
 
 
+def test_a_state_file_the_service_did_not_write_is_set_aside_and_reported(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    """A FIFO where session.json should be: a plain read would wait for a writer for ever."""
+    service = service_factory(start=False)
+    date = today()
+    (folders.processing / date / "left").mkdir(parents=True)
+    data = write_file(folders.processing / date / "left" / "claimed.bin", 3000)
+    os.mkfifo(folders.processing / "session.json")
+    service.start(timeout=15)
+
+    assert "session.json could not be used (it is not a regular file)" in service.status()["last_error"]
+    assert [p.name[:17] for p in folders.processing.glob("session.json.bad-*")] == ["session.json.bad-"]
+    # Files claimed before still go up, and a new session starts.
+    assert wait_for_blobs(container, {f"{date}/left/claimed.bin"}) == {f"{date}/left/claimed.bin": data}
+    assert service.start_session("fresh")["active"] is True
+
+
 def test_healthz_stays_fast_while_workers_are_saturated(
     service_factory: ServiceFactory, folders: Folders, container: ContainerClient
 ) -> None:

@@ -4,7 +4,8 @@ when SessionControl records it."""
 from __future__ import annotations
 
 import json
-import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import trio
 from uploader.lanes import ThreadLane
 from uploader.layout import Layout
 from uploader.session import (
+    MAX_STATE_BYTES,
+    BadStateFile,
     SessionControl,
     SessionState,
     StateFile,
@@ -66,7 +69,7 @@ def test_read_state_missing_file_is_inactive(tmp_path: Path) -> None:
 
 
 def test_decode_state_without_name_and_date_is_inactive() -> None:
-    assert decode_state(b'{"active": true}') == SessionState()
+    assert decode_state(b'{"active": false}') == SessionState()
 
 
 UNUSABLE = [
@@ -105,6 +108,13 @@ UNUSABLE = [
         b'{"active": true, "session_name": "run-1", "date_prefix": 20240102}', id="date-number"
     ),
     pytest.param(b'{"active": true, "session_name": "run-1"}', id="date-missing"),
+    pytest.param(b'{"active": true}', id="active-without-session"),
+    pytest.param(b'{"active": "false", "session_name": "run-1", "date_prefix": "20240102"}',
+                 id="active-string"),
+    pytest.param(
+        b'{"active": false, "session_name": "run-1", "date_prefix": "20240102", "stopped_at": 5}',
+        id="time-number",
+    ),
 ]
 
 
@@ -114,35 +124,62 @@ def test_decode_state_refuses_unusable_content(raw: bytes) -> None:
         decode_state(raw)
 
 
+def set_aside(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + ".bad-*"))
+
+
 @pytest.mark.parametrize("raw", UNUSABLE)
-def test_read_state_unusable_content_is_inactive(tmp_path: Path, raw: bytes) -> None:
+def test_read_state_moves_unusable_content_aside_and_says_why(tmp_path: Path, raw: bytes) -> None:
     path = tmp_path / "session.json"
     path.write_bytes(raw)
-    assert read_state(path) == SessionState()
-
-
-def test_read_state_logs_unusable_content(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "session.json"
-    path.write_bytes(b'{"active": true, "session_name": "../x", "date_prefix": "20240102"}')
-    with caplog.at_level(logging.ERROR, logger="uploader.session"):
+    with pytest.raises(BadStateFile) as refused:
         read_state(path)
-    assert any(
-        record.levelno == logging.ERROR and str(path) in record.getMessage()
-        for record in caplog.records
-    )
+    [aside] = set_aside(path)
+    assert aside.read_bytes() == raw  # kept for a human, never overwritten by the next start
+    assert not path.exists()
+    assert str(path) in str(refused.value) and aside.name in str(refused.value)
 
 
-def test_read_state_leaves_unusable_file_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "session.json"
-    path.write_bytes(b"not json")
-    read_state(path)
-    assert path.read_bytes() == b"not json"
-
-
-def test_read_state_deeply_nested_json_is_inactive(tmp_path: Path) -> None:
+def test_read_state_deeply_nested_json_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "session.json"
     path.write_bytes(b"[" * 100_000)
-    assert read_state(path) == SessionState()
+    with pytest.raises(BadStateFile):
+        read_state(path)
+
+
+def test_read_state_of_a_fifo_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    os.mkfifo(path)
+    started = time.monotonic()
+    with pytest.raises(BadStateFile, match="not a regular file"):
+        read_state(path)
+    assert time.monotonic() - started < 1
+    assert len(set_aside(path)) == 1
+
+
+def test_read_state_of_a_folder_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    path.mkdir()
+    with pytest.raises(BadStateFile, match="not a regular file"):
+        read_state(path)
+
+
+def test_read_state_does_not_follow_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_bytes(encode_state(ACTIVE))
+    path = tmp_path / "session.json"
+    path.symlink_to(target)
+    with pytest.raises(BadStateFile, match="symbolic link"):
+        read_state(path)
+    assert target.read_bytes() == encode_state(ACTIVE)  # the link moved aside, not its target
+
+
+def test_read_state_of_a_huge_file_reads_none_of_it(tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    with open(path, "wb") as file:
+        file.truncate(MAX_STATE_BYTES + 1)
+    with pytest.raises(BadStateFile, match="more than a session state"):
+        read_state(path)
 
 
 async def test_stop_has_recorded_the_stopped_state_when_it_answers(tmp_path: Path) -> None:

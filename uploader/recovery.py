@@ -22,7 +22,7 @@ from uploader.errors import describe
 from uploader.fileops import list_files, same_file
 from uploader.lanes import ThreadLane
 from uploader.layout import FileKey, Layout, is_date_prefix, is_session_name
-from uploader.session import SessionState, read_state
+from uploader.session import BadStateFile, SessionState, read_state
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class Recovered:
     state: SessionState
     unfinished: list[FileKey]
     unreadable: list[str]  # what could not be read this time, one line each
+    state_problem: str | None = None  # why the stored session state was not used
 
 
 def _subfolders(path: Path) -> list[str]:
@@ -126,7 +127,12 @@ def _quarantined_at(record: dict[str, object]) -> str:
 
 
 async def recover(layout: Layout, nfs: ThreadLane) -> Recovered:
-    state = await nfs.run(read_state, layout.state_file)
+    state_problem = None
+    try:
+        state = await nfs.run(read_state, layout.state_file)
+    except BadStateFile as exc:
+        state, state_problem = SessionState(), str(exc)
+        log.error("%s", state_problem)
     unfinished, unreadable = await nfs.run(find_unfinished, layout)
     if unfinished:
         log.info("recovery found %d unfinished files", len(unfinished))
@@ -134,4 +140,4 @@ async def recover(layout: Layout, nfs: ThreadLane) -> Recovered:
         log.warning("recovery could not read %s; GC queues what it finds there later", problem)
     if state.active:
         log.info("session %s was active before the restart", state.session_name)
-    return Recovered(state, unfinished, unreadable)
+    return Recovered(state, unfinished, unreadable, state_problem)

@@ -107,6 +107,8 @@ class Service:
         recovered = await self._recover()
         # Claimed before GC's first sweep, which would otherwise see them as unowned.
         self.progress.claimed.update(recovered.unfinished)
+        if recovered.state_problem is not None:
+            self.progress.note_error(recovered.state_problem)
         send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)
         self._send, self._queue = send, receive
         pipeline = Pipeline(
@@ -146,7 +148,7 @@ class Service:
                 return await recover(self.layout, self.lanes.nfs)
             except OSError as exc:
                 message = f"cannot read {self.layout.processing_root} for recovery: {describe(exc)}"
-                log.error("%s; retrying in %.0f s", message, delay)
+                log.error("%s; retrying in %.1f s", message, delay)
                 self.progress.note_error(message)
             await trio.sleep(delay)
             delay = min(delay * 2, 5.0)  # nothing works until recovery is done: keep trying

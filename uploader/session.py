@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import stat
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -76,20 +77,25 @@ def encode_state(state: SessionState) -> bytes:
 
 
 def decode_state(raw: bytes) -> SessionState:
-    """Parse the stored state; anything unusable reads as 'no session'."""
+    """Parse the stored state; raises ValueError for anything that is not a state we wrote."""
     data = json.loads(raw)
     if not isinstance(data, dict):
         raise ValueError("session state is not a JSON object")
     name, date = data.get("session_name"), data.get("date_prefix")
+    active = data.get("active", False)
+    if not isinstance(active, bool):
+        raise ValueError(f"stored active {active!r} is not true or false")
+    for field_name in ("started_at", "stopped_at"):
+        if not isinstance(data.get(field_name), str | None):
+            raise ValueError(f"stored {field_name} {data.get(field_name)!r} is not a time")
     if name is None and date is None:
+        if active:
+            raise ValueError("stored state is active but names no session")
         return SessionState()
     if not (isinstance(name, str) and is_session_name(name)):
         raise ValueError(f"stored session_name {name!r} is not a valid name")
     if not (isinstance(date, str) and is_date_prefix(date)):
         raise ValueError(f"stored date_prefix {date!r} is not YYYYMMDD")
-    active = data.get("active", False)
-    if not isinstance(active, bool):
-        raise ValueError(f"stored active {active!r} is not true or false")
     return SessionState(
         active=active,
         session_name=name,
@@ -99,9 +105,40 @@ def decode_state(raw: bytes) -> SessionState:
     )
 
 
-def read_state(path: Path) -> SessionState:
+# The service writes a few hundred bytes; anything much larger is not its state.
+MAX_STATE_BYTES = 64 * 1024
+
+
+class BadStateFile(Exception):
+    """The state file holds something the service did not write: it was moved aside."""
+
+
+def _read_state_bytes(path: Path) -> bytes:
+    """The file's bytes; ValueError where it is not a small regular file (a FIFO would block
+    a plain read for ever, a link to a device would never end)."""
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("it is a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("it is not a regular file")
+        if info.st_size > MAX_STATE_BYTES:
+            raise ValueError(f"it holds {info.st_size} bytes, more than a session state ever does")
+        with os.fdopen(os.dup(fd), "rb") as file:
+            return file.read(MAX_STATE_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def read_state(path: Path) -> SessionState:
+    """The stored state. One that cannot be used is moved aside (kept for a human, never
+    overwritten by the next start) and BadStateFile says why; OSError when the share fails."""
+    try:
+        raw = _read_state_bytes(path)
     except FileNotFoundError:
         # Whether a session resumes hangs on this: believe "no such file" only if the
         # folder's listing agrees (an NFS lookup can miss for a moment).
@@ -112,11 +149,19 @@ def read_state(path: Path) -> SessionState:
         if listed:
             raise OSError(errno.EIO, "listed but cannot be opened", str(path)) from None
         return SessionState()
-    try:
-        return decode_state(raw)
-    except (ValueError, RecursionError) as exc:
-        log.error("ignoring unreadable session state %s: %s", path, exc)
-        return SessionState()
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        try:
+            return decode_state(raw)
+        except (ValueError, RecursionError) as exc:
+            problem = str(exc) or type(exc).__name__
+    aside = path.with_name(f"{path.name}.bad-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}")
+    os.rename(path, aside)
+    raise BadStateFile(
+        f"session state {path} could not be used ({problem}); no session resumed, "
+        f"the file was kept as {aside.name}"
+    )
 
 
 def _make_session_folders(layout: Layout, date: str, name: str) -> None:

@@ -19,6 +19,7 @@ from uploader.fileops import (
     Claim,
     StagedFile,
     claim,
+    in_folder,
     list_files,
     mark_completed,
     quarantine,
@@ -489,6 +490,28 @@ def test_read_block_leaves_no_page_cache_behind(tmp_path: Path) -> None:
     read_block(path, 0, 4 * BLOCK)
 
     assert resident_bytes(path) == 0
+
+
+# --- in_folder ---------------------------------------------------------------------------
+
+
+def test_in_folder_makes_the_folder_again_when_gc_removes_a_parent_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "staging" / "20240102" / "s" / "a.bin"
+    real_makedirs = os.makedirs
+    rounds = []
+
+    def makedirs_raced_by_gc(path: Path, exist_ok: bool = False) -> None:
+        rounds.append(path)
+        if len(rounds) == 1:
+            # GC's rmdir of the empty date folder wins the race with the session folder.
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        real_makedirs(path, exist_ok=exist_ok)
+
+    monkeypatch.setattr(os, "makedirs", makedirs_raced_by_gc)
+    in_folder(target, lambda: target.write_bytes(b"x"))
+    assert target.read_bytes() == b"x"
 
 
 # --- read_block --------------------------------------------------------------------------

@@ -189,22 +189,29 @@ class BlobStore:
             trio.from_thread.run_sync(ready_send.send_nowait, _Block(index, offset, length, md5))
 
         staged: StagedFile | None = None
+        copy_failure: Exception | None = None
 
         async def copy() -> None:
-            nonlocal staged
+            nonlocal staged, copy_failure
             async with ready_send:
                 with tracer.start_as_current_span("stage"):
-                    staged = await self.lanes.nfs.run(
-                        stage_copy, source, staging, self.settings.azure_max_block_size,
-                        block_ready,
-                    )
+                    try:
+                        staged = await self.lanes.nfs.run(
+                            stage_copy, source, staging, self.settings.azure_max_block_size,
+                            block_ready,
+                        )
+                    except Exception as exc:
+                        copy_failure = exc
+                        raise
 
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(copy)
                 sent, resumed = await self._send_blocks(blob, staging, ready_receive, on_sent)
         except ExceptionGroup as group:
-            raise first_leaf(group) from None
+            # A copy that fails (the file changed under it, say) removes its staging copy, and
+            # the block being sent fails on the missing file: the copy's failure is the cause.
+            raise (copy_failure or first_leaf(group)) from None
         assert staged is not None
         await self._commit(blob, staged)
         return staged, UploadReport(sent, resumed, len(staged.block_md5s))

@@ -118,7 +118,7 @@ def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def in_folder(path: Path, operation: Callable[[], T], *, attempts: int = 3) -> T:
+def in_folder(path: Path, operation: Callable[[], T], *, attempts: int = 4) -> T:
     """Run ``operation``, creating ``path``'s folder when it is missing.
 
     GC removes empty folders while workers run; whoever needs a folder makes it again.
@@ -127,7 +127,10 @@ def in_folder(path: Path, operation: Callable[[], T], *, attempts: int = 3) -> T
         try:
             return operation()
         except FileNotFoundError:
-            os.makedirs(path.parent, exist_ok=True)
+            # GC may also remove a parent just made while makedirs makes the rest: the next
+            # round makes it again.
+            with contextlib.suppress(FileNotFoundError):
+                os.makedirs(path.parent, exist_ok=True)
     return operation()
 
 

@@ -95,6 +95,13 @@ def test_file_extensions_are_normalised(clean_env: pytest.MonkeyPatch) -> None:
     assert load_settings().file_extensions == (".csv", ".tif", ".tar.gz")
 
 
+def test_a_wildcard_extension_is_refused_naming_it() -> None:
+    assert settings_error(APP_FILE_EXTENSIONS="csv,*") == (
+        "APP_FILE_EXTENSIONS: '*' is not a file extension; give a comma-separated list such as "
+        ".csv,.tif (no wildcards, spaces or slashes) (got 'csv,*')"
+    )
+
+
 @pytest.mark.parametrize("raw", ["", " ", " , ,"])
 def test_empty_file_extensions_mean_all_files(clean_env: pytest.MonkeyPatch, raw: str) -> None:
     clean_env.setenv("APP_FILE_EXTENSIONS", raw)
@@ -186,6 +193,11 @@ BAD_VALUES = [
     ("APP_AZURE_ACCOUNT_URL", "ftp://acct.blob.core.windows.net"),
     ("APP_AZURE_ACCOUNT_URL", "https://"),
     ("APP_FILE_EXTENSIONS", "csv,a/b"),
+    ("APP_FILE_EXTENSIONS", "."),
+    ("APP_FILE_EXTENSIONS", "*"),
+    ("APP_FILE_EXTENSIONS", "*.csv"),
+    ("APP_FILE_EXTENSIONS", ".c sv"),
+    ("APP_FILE_EXTENSIONS", "csv,tif."),
     ("APP_AZURE_ACCOUNT_KEY", "not-base64!"),
 ]
 

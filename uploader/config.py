@@ -26,6 +26,11 @@ class SettingsError(Exception):
     """A setting is missing or wrong; the message is one line that names the variable."""
 
 
+# ".csv", ".tar.gz": dot-separated parts of characters a file name can end with, none of
+# them a wildcard (matching is by plain suffix) or a space (surely a typo in the list).
+_EXTENSION = re.compile(r"^(\.[^./\\\s*?\[\]\x00]+)+$")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
@@ -124,9 +129,13 @@ class Settings(BaseSettings):
             ext = str(raw).strip().lower()
             if not ext:
                 continue
-            if "/" in ext or "\0" in ext:
-                raise ValueError("must be a comma-separated list of extensions such as .csv,.tif")
-            extensions.append(ext if ext.startswith(".") else f".{ext}")
+            ext = ext if ext.startswith(".") else f".{ext}"
+            if not _EXTENSION.match(ext):
+                raise ValueError(
+                    f"{str(raw).strip()!r} is not a file extension; give a comma-separated list "
+                    "such as .csv,.tif (no wildcards, spaces or slashes)"
+                )
+            extensions.append(ext)
         return tuple(extensions)
 
     @field_validator("nfs_incoming_dir", "nfs_processing_root", "local_staging_root")

@@ -14,6 +14,7 @@ from azure.core.exceptions import (
 )
 
 from uploader.errors import (
+    BlobNameRefused,
     Disposition,
     IntegrityError,
     NotARegularFile,
@@ -102,6 +103,7 @@ def test_classify_change_and_integrity_are_retryable(exc: Exception) -> None:
 
 def test_classify_not_a_regular_file_is_permanent() -> None:
     assert classify(NotARegularFile("a symlink")) is PERMANENT
+    assert classify(BlobNameRefused("a blob name of 1025 characters")) is PERMANENT
 
 
 @pytest.mark.parametrize("exc", [TimeoutError(), ConnectionResetError(), RuntimeError("bug")])

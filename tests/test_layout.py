@@ -19,6 +19,7 @@ from uploader.layout import (
     InvalidSessionName,
     Layout,
     blob_name,
+    blob_name_problem,
     date_prefix,
     is_date_prefix,
     is_session_name,
@@ -406,3 +407,29 @@ def test_name_with_suffix_fits_and_keeps_names_apart() -> None:
         assert len(os.fsencode(name)) + 4 <= NAME_MAX and name.endswith(".json")
     assert long_a != long_b
     assert name_with_suffix("x" * 251 + "1", ".json") != name_with_suffix("x" * 251 + "2", ".json")
+
+
+# --- blob_name_problem: Azure's limits, which Azurite does not enforce ----------------------
+
+
+def test_a_blob_name_of_1024_characters_is_taken() -> None:
+    assert blob_name_problem("20240102/s/" + "a" * (1024 - 11)) is None
+
+
+def test_a_blob_name_of_1025_characters_is_refused_saying_so() -> None:
+    assert blob_name_problem("20240102/s/" + "a" * (1025 - 11)) == (
+        "its blob name would be 1025 characters long, and Azure allows at most 1024"
+    )
+
+
+def test_characters_beyond_the_bmp_count_twice() -> None:
+    name = "20240102/s/" + "\N{FACE WITH TEARS OF JOY}" * 507  # 11 + 1014 code units
+    assert blob_name_problem(name) is not None
+    assert blob_name_problem(name[:-1]) is None
+
+
+def test_a_blob_name_of_more_than_254_segments_is_refused() -> None:
+    assert blob_name_problem("20240102/s/" + "d/" * 251 + "f") is None  # 254 segments
+    assert blob_name_problem("20240102/s/" + "d/" * 252 + "f") == (
+        "its blob name would have 255 path segments, and Azure allows at most 254"
+    )

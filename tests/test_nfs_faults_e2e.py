@@ -11,6 +11,7 @@ import signal
 import statistics
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -180,6 +181,22 @@ def test_a_file_that_cannot_be_read_is_quarantined_and_the_others_go_on(
     status = service.status()
     assert [q["file"] for q in status["quarantined"]] == ["broken.bin"]
     assert status["quarantined"][0]["path"] == reason["path"]
+
+
+def test_a_file_whose_blob_name_azure_would_refuse_is_quarantined_at_once(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory()
+    service.start_session("deep")
+    deep = Path(*["d" * 200] * 5) / "far.bin"  # a blob name of 1,026 characters
+    far = write_file(folders.session("deep") / deep, 100)
+    good = drop(folders, "deep", {"near.bin": 100})
+    wait_for(lambda: service.status()["files_quarantined"] == 1, timeout=30, what="the quarantine")
+    assert wait_for_blobs(container, set(good)) == good
+    [record] = service.status()["quarantined"]
+    assert record["attempts"] == 1 and record["disposition"] == "permanent"
+    assert "1026 characters long, and Azure allows at most 1024" in str(record["reason"])
+    assert Path(str(record["path"])).read_bytes() == far
 
 
 def test_a_hung_share_blocks_neither_probes_nor_status_nor_stop(

@@ -50,6 +50,10 @@ class NotARegularFile(Exception):
     """What was claimed is not a regular file (a symlink, a folder, a device)."""
 
 
+class BlobNameRefused(Exception):
+    """Azure would refuse the file's blob name (too long, too deep): no retry can help."""
+
+
 _RETRYABLE_ERRNOS = {
     errno.ESTALE,
     errno.EIO,
@@ -84,7 +88,7 @@ _RETRYABLE_STATUSES = {401, 403, 404, 408, 409, 412, 429}
 
 
 def classify(exc: BaseException) -> Disposition:
-    if isinstance(exc, NotARegularFile):
+    if isinstance(exc, NotARegularFile | BlobNameRefused):
         return Disposition.PERMANENT
     if isinstance(exc, SourceChanged | IntegrityError | SourceVanished):
         return Disposition.RETRYABLE

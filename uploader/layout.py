@@ -157,6 +157,30 @@ def blob_name(key: FileKey) -> str:
     return f"{key.date_prefix}/{printable(key.session)}/{printable(key.rel)}"
 
 
+# Azure's limits on a blob name (https://learn.microsoft.com/rest/api/storageservices/
+# naming-and-referencing-containers--blobs--and-metadata); Azurite does not enforce them.
+MAX_BLOB_NAME_CHARACTERS = 1024
+MAX_BLOB_NAME_SEGMENTS = 254
+
+
+def blob_name_problem(name: str) -> str | None:
+    """Why Azure would refuse ``name``, in one sentence; None when it would take it."""
+    # Counted in UTF-16 code units: the stricter count for characters beyond U+FFFF.
+    characters = len(name.encode("utf-16-le")) // 2
+    if characters > MAX_BLOB_NAME_CHARACTERS:
+        return (
+            f"its blob name would be {characters} characters long, and Azure allows at most "
+            f"{MAX_BLOB_NAME_CHARACTERS}"
+        )
+    segments = name.count("/") + 1
+    if segments > MAX_BLOB_NAME_SEGMENTS:
+        return (
+            f"its blob name would have {segments} path segments, and Azure allows at most "
+            f"{MAX_BLOB_NAME_SEGMENTS}"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class Layout:
     incoming_root: Path

@@ -21,6 +21,7 @@ from uploader import fileops
 from uploader.blobstore import BlobStore, UploadReport
 from uploader.config import Settings
 from uploader.errors import (
+    BlobNameRefused,
     Disposition,
     IntegrityError,
     SourceChanged,
@@ -31,7 +32,7 @@ from uploader.errors import (
 )
 from uploader.fileops import Claim, Claimed, StagedFile
 from uploader.lanes import Lanes
-from uploader.layout import FileKey, Layout, blob_name, printable
+from uploader.layout import FileKey, Layout, blob_name, blob_name_problem, printable
 from uploader.progress import Progress, utc_now_iso
 from uploader.staging_space import StagingSpace
 from uploader.telemetry import Metrics
@@ -291,6 +292,9 @@ class Pipeline:
             self.progress.bytes_sent += n
 
         key = item.key
+        problem = blob_name_problem(blob_name(key))
+        if problem is not None:
+            raise BlobNameRefused(f"{key} cannot be uploaded: {problem}")
         started = trio.current_time()
         with tracer.start_as_current_span("upload") as span:
             if item.staged is None:

@@ -734,6 +734,15 @@ def test_list_files_skips_dangling_symlink(tmp_path: Path) -> None:
     assert scan.skipped == []
 
 
+def test_list_files_reports_a_fifo_and_never_opens_it(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    make_file(root / "a.csv")
+    os.mkfifo(root / "pipe.csv")  # an open() of it would wait for a writer
+    scan = list_files(root)
+    assert [e.rel for e in scan.entries] == ["a.csv"]
+    assert scan.skipped == [f"{root / 'pipe.csv'} is a FIFO, socket or device, never uploaded"]
+
+
 def test_list_files_applies_extensions_case_insensitively(tmp_path: Path) -> None:
     root = tmp_path / "session"
     for name in ("a.csv", "B.CSV", "c.Tif", "d.txt", "e.tar.gz", "csv", "f.csv.bak"):

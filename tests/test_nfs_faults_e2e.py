@@ -125,6 +125,22 @@ def test_a_file_that_cannot_leave_incoming_is_not_uploaded_again_and_again(
     assert service.status()["claims_failing"] == 0
 
 
+def test_a_sub_folder_the_service_may_not_read_is_counted_until_it_can(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    service.start_session("locked")
+    refused = faultfs.fail("opendir", "incoming/locked/private", "EACCES", times=None)
+    hidden = write_file(folders.session("locked") / "private" / "in.bin", 100, seed=1)
+    seen = drop(folders, "locked", {"out.bin": 100})
+    assert wait_for_blobs(container, set(seen)) == seen
+    wait_for(lambda: service.status()["entries_skipped"] == 1, timeout=10, what="the count")
+    assert "EACCES" in service.status()["last_error"]
+    faultfs.remove(refused)
+    blob = f"{today()}/locked/private/in.bin"
+    assert wait_for_blobs(container, {*seen, blob}) == {**seen, blob: hidden}
+    assert service.status()["entries_skipped"] == 0
+
+
 def test_a_staging_disk_too_small_for_every_worker_at_once_still_empties_the_share(
     service_factory: ServiceFactory, faultfs: FaultFS, folders: Folders, container: ContainerClient
 ) -> None:

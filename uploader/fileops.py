@@ -59,7 +59,9 @@ class ScanEntry(NamedTuple):
 @dataclass(frozen=True)
 class Scan:
     entries: list[ScanEntry]
-    skipped: list[str]  # entries that could not be read this time, one line each
+    # Entries left out that a user should know of, one line each: those that could not be
+    # read this time, and FIFOs, sockets and devices (never read: a read could block for ever).
+    skipped: list[str]
 
 
 def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
@@ -90,6 +92,8 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
                         if extensions and not entry.name.lower().endswith(extensions):
                             continue
                         entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns))
+                    elif not stat.S_ISLNK(info.st_mode):  # symlinks: never followed, by design
+                        skipped.append(f"{entry.path} is a FIFO, socket or device, never uploaded")
         except OSError as exc:  # opening or reading the folder itself
             if prefix == "":
                 raise

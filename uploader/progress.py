@@ -33,6 +33,9 @@ class Progress:
     # Files in the session's folder whose claim keeps failing (a folder the service may not
     # write to, a name too long for the processing folder): retried, never quarantined.
     claims_failing: int = 0
+    # Entries of the session's folder its last scan left out (could not read them, or not
+    # regular files): they stay in incoming until someone fixes them.
+    entries_skipped: int = 0
     last_error: str | None = None
     last_error_at: str | None = None
     # Files claimed from incoming (or recovered) and not yet completed or quarantined.
@@ -74,6 +77,7 @@ class Progress:
             "in_flight": self.in_flight,
             "retry_waiting": self.retry_waiting,
             "claims_failing": self.claims_failing,
+            "entries_skipped": self.entries_skipped,
             "claimed": len(self.claimed),
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,

@@ -193,7 +193,8 @@ class Service:
                 task_status=task_status,
             )
         finally:
-            self.progress.claims_failing = 0  # a stopped session's folder is not ours to report
+            # A stopped session's folder is not ours to report.
+            self.progress.claims_failing = self.progress.entries_skipped = 0
 
 
 def _first_os_error(exc: BaseException) -> OSError | None:

@@ -192,9 +192,11 @@ async def run(
                 await trio.sleep(delay)
                 continue
             backoff.reset()
-            for problem in set(scan.skipped) - reported:
-                log.warning("skipped an entry of %s this scan: %s", folder, problem)
+            for problem in sorted(set(scan.skipped) - reported):
+                log.warning("left out of the scan of %s: %s", folder, problem)
+                progress.note_error(f"watcher: {problem}")
             reported = set(scan.skipped)
+            progress.entries_skipped = len(scan.skipped)
             stable: list[ScanEntry] = []
             for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
                 stable += found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import httpx
@@ -204,3 +205,36 @@ def test_readyz_is_503_until_start_up_is_done(service_factory: ServiceFactory) -
     wait_for(answered, timeout=20, what="/healthz")
     ready = service.http.get("/readyz")
     assert ready.status_code == 503 and ready.json() == {"ready": False}
+
+
+def read_until_closed(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``request`` on a fresh connection; what came back before the server closed it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(request)
+        received = b""
+        while chunk := conn.recv(65536):  # socket.timeout when the server keeps it open
+            received += chunk
+        return received
+
+
+@pytest.mark.parametrize("path", ["/v1/status", "/metrics", "/nowhere", "/healthz"])
+def test_a_connection_the_client_asks_to_close_is_closed_after_the_answer(
+    service: ServiceProcess, path: str
+) -> None:
+    answer = read_until_closed(service.port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 ")
+    answer = read_until_closed(
+        service.port,
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 ")
+
+
+def test_an_idle_keep_alive_connection_is_dropped_after_a_routed_request(
+    service: ServiceProcess,
+) -> None:
+    # Hypercorn's keep-alive timeout is 5 s.
+    answer = read_until_closed(
+        service.port, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n", timeout=15.0
+    )
+    assert b'"files_processed"' in answer

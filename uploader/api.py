@@ -117,8 +117,33 @@ def create_app(service: Service) -> QuartTrio:
     traced = OpenTelemetryMiddleware(
         app.asgi_app, excluded_urls="metrics", exclude_spans=["receive", "send"]
     )
-    app.asgi_app = probes_first(traced, lambda: service.ready)  # type: ignore[method-assign,assignment]
+    app.asgi_app = probes_first(  # type: ignore[method-assign,assignment]
+        sends_shielded(traced), lambda: service.ready
+    )
     return app
+
+
+def sends_shielded(app: ASGIApp) -> ASGIApp:
+    """Let every ``send`` of ``app`` run to its end, whatever cancels the app meanwhile.
+
+    Hypercorn closes a connection that is not kept alive (HTTP/1.0, ``Connection: close``)
+    and starts the keep-alive timer of one that is, from inside the ``send`` of the last
+    body chunk, after it has told the app ``http.disconnect``. Quart-trio cancels the request
+    as soon as it sees that message, which cancelled the ``send`` halfway: the connection was
+    never closed nor timed out, and each client that did not close it held a socket for good.
+    Hypercorn shields its socket writes already, so this holds nothing up that was not held.
+    """
+
+    async def asgi(
+        scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
+    ) -> None:
+        async def send_to_the_end(message: dict[str, Any]) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await app(scope, receive, send_to_the_end)
+
+    return asgi
 
 
 PROBES = ("/healthz", "/readyz")

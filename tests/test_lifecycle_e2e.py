@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from azure.storage.blob import ContainerClient
 
 from tests.conftest import ServiceFactory
@@ -30,9 +31,11 @@ def test_sigterm_exits_zero_promptly_without_traceback(service_factory: ServiceF
     assert "Traceback" not in service.log()
 
 
-def test_sigint_exits_zero(service_factory: ServiceFactory) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_sigint_and_sighup_exit_zero_like_sigterm(service_factory: ServiceFactory, sig: int) -> None:
     service = service_factory()
-    assert service.stop(signal.SIGINT) == 0
+    assert service.stop(sig) == 0
+    assert f"received {signal.Signals(sig).name}; shutting down" in service.log()
     assert "Traceback" not in service.log()
 
 

@@ -1,4 +1,5 @@
-"""``python -m uploader`` / ``uploader``: read the settings, run the service until SIGTERM or SIGINT."""
+"""``python -m uploader`` / ``uploader``: read the settings, run the service until SIGTERM, SIGINT
+or SIGHUP."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ log = logging.getLogger("uploader")
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # SIGHUP too: its default would end the process at once, with no word and no clean-up.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s; shutting down", signal.Signals(signum).name)
             scope.cancel()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from uploader import fileops
 from uploader.errors import NotARegularFile, SourceChanged, SourceVanished
 from uploader.fileops import (
     MAX_BLOCKS_PER_BLOB,
@@ -481,6 +482,44 @@ def test_a_large_staging_copy_leaves_the_page_cache_as_it_is_written(tmp_path: P
     assert target.read_bytes() == data
 
 
+@pytest.mark.parametrize("when", [1, 3], ids=["starting write-back", "waiting for it"])
+def test_a_write_error_seen_by_the_write_behind_fails_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: int
+) -> None:
+    # The kernel reports a write-back error once: if the write-behind passed over it, the
+    # final fsync would succeed on a copy with a block missing.
+    calls = []
+
+    def failing_sync_file_range(fd: int, offset: int, length: int, flags: int) -> int:
+        calls.append(flags)
+        if len(calls) == when:
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return 0
+
+    monkeypatch.setattr(fileops, "_sync_file_range", failing_sync_file_range)
+    source = make_file(tmp_path / "proc" / "a.bin", pattern(8 * BLOCK))
+    target = tmp_path / "staging" / "a.bin"
+    with pytest.raises(OSError) as failed:
+        stage_copy(source, target, BLOCK)
+    assert failed.value.errno == errno.EIO
+    assert not target.exists()
+
+
+def test_a_file_system_without_write_behind_gets_a_plain_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(fd: int, offset: int, length: int, flags: int) -> int:
+        ctypes.set_errno(errno.ESPIPE)
+        return -1
+
+    monkeypatch.setattr(fileops, "_sync_file_range", unsupported)
+    data = pattern(8 * BLOCK)
+    source = make_file(tmp_path / "proc" / "a.bin", data)
+    assert stage_copy(source, tmp_path / "staging" / "a.bin", BLOCK).size == len(data)
+    assert (tmp_path / "staging" / "a.bin").read_bytes() == data
+
+
 @pytest.mark.usefixtures("page_cache_obeys")
 def test_read_block_leaves_no_page_cache_behind(tmp_path: Path) -> None:
     path = make_file(tmp_path / "staged.bin", pattern(4 * BLOCK))
@@ -741,6 +780,13 @@ def test_list_files_reports_a_fifo_and_never_opens_it(tmp_path: Path) -> None:
     scan = list_files(root)
     assert [e.rel for e in scan.entries] == ["a.csv"]
     assert scan.skipped == [f"{root / 'pipe.csv'} is a FIFO, socket or device, never uploaded"]
+
+
+def test_list_files_says_nothing_of_a_fifo_the_extension_filter_leaves_out(tmp_path: Path) -> None:
+    root = tmp_path / "session"
+    root.mkdir()
+    os.mkfifo(root / "app.sock")
+    assert list_files(root, (".csv",)).skipped == []
 
 
 def test_list_files_applies_extensions_case_insensitively(tmp_path: Path) -> None:

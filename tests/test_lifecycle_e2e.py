@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.settings
 import httpx
 import pytest
 from azure.storage.blob import ContainerClient
@@ -37,6 +41,26 @@ def test_sigint_and_sighup_exit_zero_like_sigterm(service_factory: ServiceFactor
     assert service.stop(sig) == 0
     assert f"received {signal.Signals(sig).name}; shutting down" in service.log()
     assert "Traceback" not in service.log()
+
+
+def test_sigterm_exits_promptly_while_an_http2_client_reads_nothing(
+    service_factory: ServiceFactory,
+) -> None:
+    service = service_factory()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=5) as sock:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        # A flow-control window of zero: the answer's body can never be sent.
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        stream = client.get_next_available_stream_id()
+        client.send_headers(stream, [(":method", "GET"), (":path", "/v1/status"),
+                                     (":scheme", "http"), (":authority", "x")], end_stream=True)
+        sock.sendall(client.data_to_send())
+        assert sock.recv(65536)  # the server's settings (and maybe the answer's headers)
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert service.stop(signal.SIGTERM, timeout=20) == 0
+        assert time.monotonic() - started < 10
 
 
 def test_sigkill_during_large_uploads_loses_nothing_and_resumes_the_session(

@@ -89,9 +89,10 @@ def test_flush_and_close_give_up_on_a_stuck_stream(
     for i in range(5):
         writer.handle(record("line %d", i))
     started = time.monotonic()
-    writer.flush()
+    writer.flush()  # gives up after the budget
+    writer.flush()  # the stream has taken nothing since: no second wait
     writer.close()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 0.6
 
 
 def test_a_broken_stream_is_not_an_error_of_the_caller() -> None:

@@ -3,6 +3,7 @@ when SessionControl records it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -138,6 +139,37 @@ def test_read_state_moves_unusable_content_aside_and_says_why(tmp_path: Path, ra
     assert aside.read_bytes() == raw  # kept for a human, never overwritten by the next start
     assert not path.exists()
     assert str(path) in str(refused.value) and aside.name in str(refused.value)
+
+
+def test_a_state_file_that_cannot_be_moved_aside_is_still_refused_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "session.json"
+    path.write_bytes(b"not json")
+
+    def read_only_share(source: object, target: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(source))
+
+    monkeypatch.setattr(os, "rename", read_only_share)
+    with pytest.raises(BadStateFile, match=r"nor moved aside .*EROFS.*remove or fix it"):
+        read_state(path)
+    assert path.read_bytes() == b"not json"
+
+
+def test_a_move_aside_whose_answer_was_lost_counts_as_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "session.json"
+    path.write_bytes(b"not json")
+    real_rename = os.rename
+
+    def rename_then_lose_the_answer(source: str, target: str) -> None:
+        real_rename(source, target)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", source)
+
+    monkeypatch.setattr(os, "rename", rename_then_lose_the_answer)
+    with pytest.raises(BadStateFile, match=r"the file was kept as session\.json\.bad-"):
+        read_state(path)
 
 
 def test_read_state_deeply_nested_json_is_refused(tmp_path: Path) -> None:

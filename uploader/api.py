@@ -123,22 +123,27 @@ def create_app(service: Service) -> QuartTrio:
     return app
 
 
+# How long one send may take, shielded: a client that does not read (an HTTP/2 flow-control
+# window left at zero; HTTP/1 writes are shielded by Hypercorn itself) must not hold up
+# shutdown for ever. The API's answers are a few kilobytes.
+SEND_BUDGET_S = 2.0
+
+
 def sends_shielded(app: ASGIApp) -> ASGIApp:
-    """Let every ``send`` of ``app`` run to its end, whatever cancels the app meanwhile.
+    """Let each ``send`` of ``app`` finish, within SEND_BUDGET_S, whatever cancels the app.
 
     Hypercorn closes a connection that is not kept alive (HTTP/1.0, ``Connection: close``)
     and starts the keep-alive timer of one that is, from inside the ``send`` of the last
     body chunk, after it has told the app ``http.disconnect``. Quart-trio cancels the request
     as soon as it sees that message, which cancelled the ``send`` halfway: the connection was
     never closed nor timed out, and each client that did not close it held a socket for good.
-    Hypercorn shields its socket writes already, so this holds nothing up that was not held.
     """
 
     async def asgi(
         scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
     ) -> None:
         async def send_to_the_end(message: dict[str, Any]) -> None:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_BUDGET_S):
                 await send(message)
 
         await app(scope, receive, send_to_the_end)

@@ -92,7 +92,9 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
                         if extensions and not entry.name.lower().endswith(extensions):
                             continue
                         entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns))
-                    elif not stat.S_ISLNK(info.st_mode):  # symlinks: never followed, by design
+                    elif stat.S_ISLNK(info.st_mode):
+                        continue  # never followed, by design
+                    elif not extensions or entry.name.lower().endswith(extensions):
                         skipped.append(f"{entry.path} is a FIFO, socket or device, never uploaded")
         except OSError as exc:  # opening or reading the folder itself
             if prefix == "":
@@ -276,6 +278,8 @@ def _find_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range = _find_sync_file_range()
 # sync_file_range(2) flags
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+# What a file system without it answers; anything else is a real write error.
+_NOT_SUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE})
 
 
 class _WriteBehind:
@@ -300,16 +304,28 @@ class _WriteBehind:
     def block_written(self, offset: int, length: int) -> None:
         if not self._enabled:
             return
-        assert _sync_file_range is not None
-        if _sync_file_range(self._fd, offset, length, _WRITE) != 0:
-            self._enabled = False
+        if not self._sync(offset, length, _WRITE):
             return
         self._written.append((offset, length))
         if len(self._written) > self.LAG:
             old_offset, old_length = self._written.pop(0)
-            flags = _WAIT_BEFORE | _WRITE | _WAIT_AFTER
-            if _sync_file_range(self._fd, old_offset, old_length, flags) == 0:
+            if self._sync(old_offset, old_length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER):
                 drop_from_page_cache(self._fd, old_offset, old_length)
+
+    def _sync(self, offset: int, length: int, flags: int) -> bool:
+        """One sync_file_range call; False where the file system does not do it.
+
+        A write error is raised, never passed over: the kernel reports it once per file,
+        so once this call has seen it, the final fsync would return success.
+        """
+        assert _sync_file_range is not None
+        if _sync_file_range(self._fd, offset, length, flags) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code in _NOT_SUPPORTED:
+            self._enabled = False
+            return False
+        raise OSError(code, os.strerror(code))
 
 
 def drop_from_page_cache(fd: int, offset: int, length: int) -> None:

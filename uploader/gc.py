@@ -83,6 +83,9 @@ def sweep(layout: Layout, progress: Progress) -> Sweep:
         if not claimed(key):
             remove_quietly(layout.staging_path(key))
     for key, path in _keys_below(layout.staging_root):
+        # Asked, then removed: a claim of that very name starting in between loses its fresh
+        # copy; its upload then fails once (ENOENT) and is retried. Rare enough to keep GC
+        # free of locks shared with the workers.
         if not claimed(key):
             remove_quietly(path)
             counts["staging"] += 1

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from typing import TextIO
@@ -29,6 +31,9 @@ class BackgroundLineWriter(logging.Handler):
         # (lines dropped just before this one, the line); None stops the writer.
         self._lines: queue.Queue[tuple[int, str] | None] = queue.Queue(maxsize=capacity)
         self._dropped = 0  # only emit() changes it, and logging calls emit() under self.lock
+        # Lines unwritten when a flush gave up on the stream: flush() waits again only once
+        # the writer has moved on (logging.shutdown flushes, then closes).
+        self._stuck_at: int | None = None
         self._thread = threading.Thread(target=self._write_lines, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -75,18 +80,35 @@ class BackgroundLineWriter(logging.Handler):
         return self.format(record)
 
     def flush(self) -> None:
-        """Wait until the lines logged so far are written, for at most FLUSH_BUDGET_S."""
+        """Wait until the lines logged so far are written, for at most FLUSH_BUDGET_S; not
+        at all once a flush has found the stream stuck and nothing was written since."""
         deadline = time.monotonic() + FLUSH_BUDGET_S
         with self._lines.all_tasks_done:
+            if self._stuck_at == self._lines.unfinished_tasks:
+                return
             while self._lines.unfinished_tasks:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    self._stuck_at = self._lines.unfinished_tasks
                     return
                 self._lines.all_tasks_done.wait(remaining)
+            self._stuck_at = None
 
     def close(self) -> None:
         self.flush()
         # A writer stuck on the stream is a daemon thread: the exit goes on without it.
         with contextlib.suppress(queue.Full):
-            self._lines.put(None, timeout=FLUSH_BUDGET_S)
+            self._lines.put_nowait(None)
         super().close()
+
+
+def own_stderr() -> TextIO:
+    """A stream of its own on stderr's file: a writer blocked on a full pipe then holds no
+    lock that other writers of ``sys.stderr`` (warnings, the exit's last line) need."""
+    try:
+        fd = os.dup(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return sys.stderr  # no file behind it (a test's capture): share it
+    return open(
+        fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=True
+    )

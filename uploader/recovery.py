@@ -126,13 +126,21 @@ def _quarantined_at(record: dict[str, object]) -> str:
     return str(record.get("quarantined_at", ""))
 
 
-async def recover(layout: Layout, nfs: ThreadLane) -> Recovered:
-    state_problem = None
+async def read_stored_state(layout: Layout, nfs: ThreadLane) -> tuple[SessionState, str | None]:
+    """The stored session state, and why it was not used where it could not be."""
     try:
-        state = await nfs.run(read_state, layout.state_file)
+        return await nfs.run(read_state, layout.state_file), None
     except BadStateFile as exc:
-        state, state_problem = SessionState(), str(exc)
-        log.error("%s", state_problem)
+        log.error("%s", exc)
+        return SessionState(), str(exc)
+
+
+async def recover(
+    layout: Layout, nfs: ThreadLane, stored: tuple[SessionState, str | None] | None = None
+) -> Recovered:
+    """``stored``: the state an earlier, failed attempt has read already (a state file it
+    moved aside is not there to be read again)."""
+    state, state_problem = stored if stored is not None else await read_stored_state(layout, nfs)
     unfinished, unreadable = await nfs.run(find_unfinished, layout)
     if unfinished:
         log.info("recovery found %d unfinished files", len(unfinished))

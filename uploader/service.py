@@ -23,7 +23,7 @@ from uploader.folders import check_folders
 from uploader.lanes import Lanes, ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
-from uploader.recovery import Recovered, find_quarantined, recover
+from uploader.recovery import Recovered, find_quarantined, read_stored_state, recover
 from uploader.session import SessionControl, SessionState
 from uploader.telemetry import Metrics, Telemetry
 from uploader.worker import Pipeline, WorkItem
@@ -143,9 +143,12 @@ class Service:
     async def _recover(self) -> Recovered:
         """Recovery must finish before the service is ready; a failing share delays it."""
         delay = 0.5
+        stored = None
         while True:
             try:
-                return await recover(self.layout, self.lanes.nfs)
+                if stored is None:
+                    stored = await read_stored_state(self.layout, self.lanes.nfs)
+                return await recover(self.layout, self.lanes.nfs, stored)
             except OSError as exc:
                 message = f"cannot read {self.layout.processing_root} for recovery: {describe(exc)}"
                 log.error("%s; retrying in %.1f s", message, delay)

@@ -157,7 +157,15 @@ def read_state(path: Path) -> SessionState:
         except (ValueError, RecursionError) as exc:
             problem = str(exc) or type(exc).__name__
     aside = path.with_name(f"{path.name}.bad-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}")
-    os.rename(path, aside)
+    try:
+        os.rename(path, aside)
+    except OSError as exc:
+        # A lost NFS reply makes the retransmitted rename fail with ENOENT: done all the same.
+        if not (isinstance(exc, FileNotFoundError) and os.path.lexists(aside)):
+            raise BadStateFile(
+                f"session state {path} could not be used ({problem}) nor moved aside "
+                f"({describe(exc)}); no session resumed: remove or fix it"
+            ) from None
     raise BadStateFile(
         f"session state {path} could not be used ({problem}); no session resumed, "
         f"the file was kept as {aside.name}"

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from uploader.log_writer import BackgroundLineWriter
+from uploader.log_writer import BackgroundLineWriter, own_stderr
 from uploader.otel_settings import SIGNALS
 
 _STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -76,8 +75,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    handler = BackgroundLineWriter(sys.stderr)
+    handler = BackgroundLineWriter(own_stderr())
     handler.setFormatter(JsonFormatter())
+    logging.captureWarnings(True)  # as JSON lines too, and never a write from the event loop
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

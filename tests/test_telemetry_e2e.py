@@ -202,6 +202,25 @@ def test_logs_are_json_lines_that_carry_the_trace(
     assert record.trace_id == entry["trace_id"]  # type: ignore[attr-defined]
 
 
+def test_the_log_line_of_a_failed_attempt_names_its_session_and_file(
+    observed: ServiceProcess,
+) -> None:
+    lines = [json.loads(line) for line in observed.log().splitlines() if line.startswith("{")]
+    [failed] = [e for e in lines if e["message"].startswith("attempt 1 of ")]
+    assert failed["level"] == "warning"
+    assert (failed["session"], failed["file"]) == ("tele", "fails-once.bin")
+
+
+def test_every_counter_is_scrapeable_at_zero_before_anything_happened(
+    service_factory: ServiceFactory,
+) -> None:
+    text = service_factory().http.get("/metrics").text
+    for series in ("files_processed_total 0", "bytes_uploaded_total 0", "files_quarantined_total 0",
+                   'files_failed_total{disposition="retryable"} 0',
+                   'files_failed_total{disposition="permanent"} 0'):
+        assert series in text, series
+
+
 def test_without_an_endpoint_nothing_is_exported_and_nothing_complains(
     service_factory: ServiceFactory, folders: Folders, container: ContainerClient
 ) -> None:

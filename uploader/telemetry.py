@@ -44,6 +44,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from uploader.errors import Disposition
 from uploader.log_writer import BackgroundLineWriter, own_stderr
 from uploader.otel_settings import SIGNALS
 
@@ -192,7 +193,7 @@ class Metrics:
             "queue.depth", callbacks=[observe_queue], unit="{file}",
             description="Stable files waiting for a worker",
         )
-        return cls(
+        made = cls(
             files_processed=meter.create_counter(
                 "files.processed", unit="{file}", description="Files uploaded, verified and completed"
             ),
@@ -217,6 +218,13 @@ class Metrics:
                 "files.in_flight", unit="{file}", description="Files inside a worker"
             ),
         )
+        # Every series from the start, at 0: an alert on failures must see 0, not no data.
+        for counter in (made.files_processed, made.files_quarantined, made.bytes_uploaded):
+            counter.add(0)
+        for disposition in Disposition:
+            made.files_failed.add(0, {"disposition": disposition.value})
+        made.in_flight.add(0)
+        return made
 
 
 # --- Prometheus text exposition ----------------------------------------------------------

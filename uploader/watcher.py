@@ -193,7 +193,7 @@ async def run(
                 continue
             backoff.reset()
             for problem in sorted(set(scan.skipped) - reported):
-                log.warning("left out of the scan of %s: %s", folder, problem)
+                log.warning("left out of the scan of %s: %s", folder, problem, extra={"session": session})
                 progress.note_error(f"watcher: {problem}")
             reported = set(scan.skipped)
             progress.entries_skipped = len(scan.skipped)

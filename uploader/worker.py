@@ -74,6 +74,11 @@ def _size(path: os.PathLike[str]) -> int:
     return os.lstat(path).st_size
 
 
+def _log_fields(key: FileKey) -> dict[str, str]:
+    """The session and file of a log line about ``key``, as JSON fields."""
+    return {"session": key.session, "file": printable(key.rel)}
+
+
 def _attributes(item: WorkItem) -> dict[str, str | int]:
     return {
         "session": item.key.session,
@@ -269,7 +274,7 @@ class Pipeline:
             self.progress.files_failed += 1
             self.metrics.files_failed.add(1, {"disposition": classify(exc).value})
             self.progress.note_error(f"claim {key}: {describe(exc)}")
-            log.warning("cannot claim %s: %s", key, describe(exc))
+            log.warning("cannot claim %s: %s", key, describe(exc), extra=_log_fields(key))
             return Claimed(Claim.GONE)
         finally:
             self.progress.claim_ended(key)
@@ -284,7 +289,7 @@ class Pipeline:
         elif claimed.outcome is Claim.GONE:
             self.progress.files_skipped += 1
         else:
-            log.info("not claiming %s yet: %s", key, claimed.outcome.value)
+            log.info("not claiming %s yet: %s", key, claimed.outcome.value, extra=_log_fields(key))
         return claimed
 
     async def _upload(self, item: WorkItem) -> bool:
@@ -319,7 +324,7 @@ class Pipeline:
                 staged,
             )
         for problem in problems:
-            log.warning("cleanup after %s failed (GC retries it): %s", key, problem)
+            log.warning("cleanup after %s failed (GC retries it): %s", key, problem, extra=_log_fields(key))
         progress = self.progress
         progress.claimed.discard(key)
         progress.files_processed += 1
@@ -331,7 +336,7 @@ class Pipeline:
         self.metrics.bytes_uploaded.add(staged.size)
         log.info(
             "uploaded %s (%d bytes, %d resumed)", key, staged.size, report.bytes_resumed,
-            extra={"session": key.session, "file": printable(key.rel)},
+            extra=_log_fields(key),
         )
         span.set_attribute("outcome", "uploaded")
         span.set_attribute("size", staged.size)
@@ -356,13 +361,15 @@ class Pipeline:
             and await self._is_this_files_fault(item, exc, others_completed=others_completed)
         )
         if give_up:
-            log.error("quarantining %s after %d attempts: %s", key, item.attempts, reason)
+            log.error("quarantining %s after %d attempts: %s", key, item.attempts, reason,
+                      extra=_log_fields(key))
             if await self._quarantine(item, reason, disposition):
                 return
         delay = backoff_delay(
             item.attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s
         )
-        log.warning("attempt %d of %s failed (%s); retrying in %.1f s", item.attempts, key, reason, delay)
+        log.warning("attempt %d of %s failed (%s); retrying in %.1f s", item.attempts, key, reason, delay,
+                    extra=_log_fields(key))
         progress.files_retried += 1
         progress.retry_waiting += 1
         assert self._nursery is not None
@@ -425,13 +432,13 @@ class Pipeline:
             if await self.lanes.nfs.run(os.path.lexists, layout.processing_path(key)):
                 return False
             # Retries ran out and the file is still not there: someone removed it from NFS.
-            log.error("%s is gone from NFS; nothing left to upload", key)
+            log.error("%s is gone from NFS; nothing left to upload", key, extra=_log_fields(key))
             self.progress.claimed.discard(key)
             self.progress.files_skipped += 1
             await self._drop_staging(key)
             return True
         except OSError as exc:
-            log.error("cannot quarantine %s: %s", key, describe(exc))
+            log.error("cannot quarantine %s: %s", key, describe(exc), extra=_log_fields(key))
             return False
         record["path"] = str(where)
         self.progress.claimed.discard(key)
@@ -445,7 +452,7 @@ class Pipeline:
         try:
             await self.lanes.staging.run(fileops.remove_quietly, self.layout.staging_path(key))
         except OSError as exc:
-            log.warning("cannot remove the staging copy of %s: %s", key, describe(exc))
+            log.warning("cannot remove the staging copy of %s: %s", key, describe(exc), extra=_log_fields(key))
 
 
 def _still_staged(staged: StagedFile) -> bool:

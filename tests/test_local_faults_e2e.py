@@ -78,5 +78,31 @@ def test_a_file_larger_than_the_staging_disk_is_quarantined_and_the_others_go_up
         assert wait_for_blobs(container, set(expected)) == expected
         quarantined = service.status()["quarantined"][0]
         assert quarantined["file"] == "huge.bin" and "ENOSPC" in quarantined["reason"]
+        assert quarantined["attempts"] == 1  # no number of attempts could make room for it
         failed = folders.processing / ".failed" / "files" / today() / "big" / "huge.bin"
         assert failed.read_bytes() == huge
+
+
+def test_a_read_only_staging_disk_quarantines_nothing_and_everything_goes_up_once_writable(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    with small_disk(folders.staging, "16m") as staging:
+        service = service_factory(
+            APP_MAX_ATTEMPTS="2", APP_RETRY_BACKOFF_S="0.2", APP_RETRY_BACKOFF_MAX_S="0.5"
+        )
+        subprocess.run(["mount", "-o", "remount,ro", str(staging)], check=True)
+        service.start_session("ro")
+        expected = {
+            f"{today()}/ro/{name}": write_file(folders.session("ro") / name, 100_000, seed=i)
+            for i, name in enumerate(["a.bin", "b.bin"])
+        }
+        # Every file fails well past APP_MAX_ATTEMPTS while the disk refuses writes...
+        wait_for(lambda: service.status()["files_failed"] >= 8, timeout=60, what="failed attempts")
+        status = service.status()
+        assert status["files_quarantined"] == 0
+        assert "EROFS" in status["last_error"]
+        # ...and goes up once it takes them again.
+        subprocess.run(["mount", "-o", "remount,rw", str(staging)], check=True)
+        assert wait_for_blobs(container, set(expected)) == expected
+        wait_until_clean(folders)
+        assert service.status()["files_quarantined"] == 0

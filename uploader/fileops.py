@@ -486,6 +486,21 @@ def finish(processing: Path, completed: Path, staged: StagedFile) -> list[str]:
     return problems
 
 
+PROBE_FILE_NAME = ".uploader-probe"  # at the top of a root, where no date folder is
+
+
+def probe_writable(root: Path) -> None:
+    """Write, sync and remove a small file in ``root``: OSError where the disk refuses."""
+    probe = root / f"{PROBE_FILE_NAME}-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, b"probe")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        remove_quietly(probe)
+
+
 def remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -180,8 +180,12 @@ def _make_session_folders(layout: Layout, date: str, name: str) -> None:
         raise SessionConflict(
             f"{incoming} exists but {exc.strerror}; remove it or choose another session name."
         ) from None
-    for folder in (layout.processing_dir(date, name), layout.staging_dir(date, name)):
-        os.makedirs(folder, exist_ok=True)
+    os.makedirs(layout.processing_dir(date, name), exist_ok=True)
+    # Only a convenience: workers make staging folders as they need them, and a staging disk
+    # that refuses for a while (read-only, say) fails, counts and retries each file; it is
+    # no reason to refuse the session, nor NFS's fault.
+    with contextlib.suppress(OSError):
+        os.makedirs(layout.staging_dir(date, name), exist_ok=True)
 
 
 class StateFile:

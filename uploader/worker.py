@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 from opentelemetry import trace
@@ -356,9 +357,14 @@ class Pipeline:
         progress.files_failed += 1
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")
-        give_up = disposition is Disposition.PERMANENT or (
-            item.attempts >= self.settings.max_attempts
-            and await self._is_this_files_fault(item, exc, others_completed=others_completed)
+        give_up = (
+            disposition is Disposition.PERMANENT
+            # No number of attempts makes room for a file larger than the whole disk.
+            or (is_out_of_space(exc) and await self._larger_than_staging(item))
+            or (
+                item.attempts >= self.settings.max_attempts
+                and await self._is_this_files_fault(item, exc, others_completed=others_completed)
+            )
         )
         if give_up:
             log.error("quarantining %s after %d attempts: %s", key, item.attempts, reason,
@@ -391,6 +397,12 @@ class Pipeline:
     async def _works_for_others(self, exc: Exception) -> bool:
         """Probe the side that failed this file: is it the file, or is everything failing?"""
         with trio.move_on_after(self.settings.nfs_op_timeout_s):
+            if isinstance(exc, OSError) and self._on_staging_disk(exc):
+                try:
+                    await self.lanes.staging.run(fileops.probe_writable, self.layout.staging_root)
+                except OSError:
+                    return False
+                return True
             if isinstance(exc, OSError | SourceChanged):
                 try:
                     await self.lanes.nfs.run(os.listdir, self.layout.processing_root)
@@ -398,6 +410,13 @@ class Pipeline:
                     return False
                 return True
             return await self.store.probe()
+        return False
+
+    def _on_staging_disk(self, exc: OSError) -> bool:
+        """Whether the failure names a path on the local staging disk (read-only, failing)."""
+        for name in (exc.filename, exc.filename2):
+            if name is not None and Path(os.fsdecode(name)).is_relative_to(self.layout.staging_root):
+                return True
         return False
 
     async def _retry_later(self, item: WorkItem, delay: float) -> None:

@@ -289,9 +289,9 @@ class _WriteBehind:
     Without it, a 2 GiB file sits in 2 GiB of page cache until its blob is committed: memory
     the kernel charges to the pod's cgroup, and that a VM must find fresh pages for (on the
     benchmark's VM, writing into fresh pages cost 4.5 CPU s per GiB against 0.6 into pages
-    the kernel had just freed). Blocks still to be sent are read back from disk. Best
-    effort: where the calls are missing or refused, the copy behaves as a plain one; the
-    final fsync is what makes the copy durable either way.
+    the kernel had just freed). Blocks still to be sent are read back from disk. Where the
+    file system does not do it, the copy behaves as a plain one; a write error it reports
+    fails the copy. The final fsync is what makes the copy durable either way.
     """
 
     LAG = 2  # blocks between starting a block's write-back and waiting for it

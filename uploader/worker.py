@@ -357,15 +357,17 @@ class Pipeline:
         progress.files_failed += 1
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")
-        give_up = (
-            disposition is Disposition.PERMANENT
-            # No number of attempts makes room for a file larger than the whole disk.
-            or (is_out_of_space(exc) and await self._larger_than_staging(item))
-            or (
-                item.attempts >= self.settings.max_attempts
-                and await self._is_this_files_fault(item, exc, others_completed=others_completed)
+        if disposition is Disposition.PERMANENT:
+            give_up = True
+        elif is_out_of_space(exc):
+            # A full disk fails whoever needs room, and room comes back as files complete:
+            # only a file larger than the whole staging disk can never be copied, whatever
+            # the attempt.
+            give_up = await self._larger_than_staging(item)
+        else:
+            give_up = item.attempts >= self.settings.max_attempts and (
+                others_completed or await self._works_for_others(exc)
             )
-        )
         if give_up:
             log.error("quarantining %s after %d attempts: %s", key, item.attempts, reason,
                       extra=_log_fields(key))
@@ -380,15 +382,6 @@ class Pipeline:
         progress.retry_waiting += 1
         assert self._nursery is not None
         self._nursery.start_soon(self._retry_later, item, delay)
-
-    async def _is_this_files_fault(
-        self, item: WorkItem, exc: Exception, *, others_completed: bool
-    ) -> bool:
-        if is_out_of_space(exc):
-            # A full disk fails whoever needs room, and room comes back as files complete:
-            # only a file larger than the whole staging disk can never be copied.
-            return await self._larger_than_staging(item)
-        return others_completed or await self._works_for_others(exc)
 
     async def _larger_than_staging(self, item: WorkItem) -> bool:
         size = _known_size(item)

@@ -95,6 +95,20 @@ def test_a_pending_file_is_not_offered_again_until_released() -> None:
     assert tracker.observe([entry("a")], wall_now=100, monotonic_now=3) == [entry("a")]
 
 
+def test_a_listing_begun_before_a_release_does_not_offer_the_file_again() -> None:
+    tracker = StabilityTracker(min_age_s=0)
+    tracker.observe([entry("a")], wall_now=100, monotonic_now=0)
+    assert tracker.observe([entry("a")], wall_now=100, monotonic_now=1) == [entry("a")]
+    tracker.mark_pending("a")
+    tracker.begin_scan()
+    tracker.release("a")  # claimed while the folder was being listed: the listing is stale
+    assert tracker.observe([entry("a")], wall_now=100, monotonic_now=2) == []
+    # A listing begun after the release that still shows the file (its claim left it
+    # there) offers it again.
+    tracker.begin_scan()
+    assert tracker.observe([entry("a")], wall_now=100, monotonic_now=3) == [entry("a")]
+
+
 def test_a_file_that_left_the_folder_is_forgotten() -> None:
     tracker = StabilityTracker(min_age_s=0)
     tracker.observe([entry("a")], wall_now=100, monotonic_now=0)
@@ -207,6 +221,36 @@ async def test_a_queued_file_is_not_queued_twice(autojump_clock: trio.testing.Mo
         first.on_claim_settled(False)
         again = await receive.receive()
         assert again.key == first.key
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_file_claimed_while_the_folder_is_listed_is_not_offered_again(
+    autojump_clock: trio.testing.MockClock, layout: Layout
+) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"x")
+    claimed = trio.Event()
+
+    class ClaimDuringListing(InlineLane):
+        """The second listing sees the file, then a worker claims it before it returns."""
+
+        async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            listing = await super().run(fn, *args, **kwargs)
+            if len(self.calls) == 3:
+                first.on_claim_settled(False)
+                (folder / "a.bin").unlink()
+                claimed.set()
+            return listing
+
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, ClaimDuringListing(), min_age=0, poll=1)
+        first = await receive.receive()
+        assert first.on_claim_settled is not None
+        await claimed.wait()
+        with trio.move_on_after(30):
+            again = await receive.receive()
+            pytest.fail(f"{again.key} was offered again after its claim")
         nursery.cancel_scope.cancel()
 
 

@@ -65,6 +65,14 @@ class StabilityTracker:
         # Files whose claims failed: (failures in a row, monotonic time before which the
         # file is not offered again).
         self._held: dict[str, tuple[int, float]] = {}
+        # Files released since the listing being observed began (None: no listing begun).
+        self._released_while_listing: set[str] | None = None
+
+    def begin_scan(self) -> None:
+        """Call just before listing the folder. A file released from now until the listing
+        is observed may be listed from before its claim moved it away: that listing does not
+        offer it again (it would only be found gone); the next one tells."""
+        self._released_while_listing = set()
 
     def observe(
         self, entries: Iterable[ScanEntry], wall_now: float, monotonic_now: float
@@ -85,6 +93,8 @@ class StabilityTracker:
         stable: list[ScanEntry] = []
         current: dict[str, _Observation] = {}
         seen, pending, held = self._seen, self._pending, self._held
+        # The set itself, not a copy: releases between steps count too.
+        released = self._released_while_listing if self._released_while_listing is not None else set()
         min_age_ns = self.min_age_s * 1e9
         wall_now_ns = wall_now * 1e9
         for count, entry in enumerate(entries, 1):
@@ -92,7 +102,7 @@ class StabilityTracker:
             before = seen.get(rel)
             if before is not None and before.size == size and before.mtime_ns == mtime_ns:
                 current[rel] = before
-                if rel not in pending and (
+                if rel not in pending and rel not in released and (
                     wall_now_ns - mtime_ns >= min_age_ns
                     or monotonic_now - before.unchanged_since >= self.min_age_s
                 ) and (not held or rel not in held or held[rel][1] <= monotonic_now):
@@ -107,6 +117,7 @@ class StabilityTracker:
         self._pending.intersection_update(current)
         if held:
             self._held = {rel: hold for rel, hold in held.items() if rel in current}
+        self._released_while_listing = None
         yield stable
 
     def mark_pending(self, rel: str) -> None:
@@ -115,6 +126,8 @@ class StabilityTracker:
     def release(self, rel: str) -> None:
         self._pending.discard(rel)
         self._held.pop(rel, None)
+        if self._released_while_listing is not None:
+            self._released_while_listing.add(rel)
 
     def claim_failed(self, rel: str, monotonic_now: float) -> float:
         """Release a file whose claim failed, to be offered again only after a delay that
@@ -182,6 +195,7 @@ async def run(
     task_status.started()
     async with send:
         while True:
+            tracker.begin_scan()
             try:
                 scan = await nfs.run(scan_session_folder, folder, extensions)
             except OSError as exc:

@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from azure.storage.blob import ContainerClient
+from azure.storage.blob import BlobClient, ContainerClient
 
 from tests.support.azurite import Azurite
 from tests.support.service import random_bytes
 from uploader.blobstore import BlobStore, block_id, open_blob_store
 from uploader.config import Settings
-from uploader.errors import IntegrityError
+from uploader.errors import BlocksMissing, Disposition, IntegrityError, classify
 from uploader.fileops import StagedFile, stage_copy
 from uploader.service import make_lanes
 
@@ -100,6 +100,32 @@ async def test_a_staged_block_of_the_wrong_size_is_sent_again(
     blob.stage_block(block_id(0, staged.block_md5s[0]), data[: 64 * KiB - 1])
     report = await store.upload(staged, "d/s/f.bin")
     assert report.bytes_resumed == 0
+    assert blob.download_blob().readall() == data
+
+
+async def test_blocks_lost_before_the_commit_fail_the_attempt_retryably_and_go_again(
+    store: BlobStore, container: ContainerClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = random_bytes(64 * KiB * 3, seed=4)
+    staged = staged_file(tmp_path, data)
+    blob = container.get_blob_client("d/s/f.bin")
+    commit = BlobStore._commit
+
+    async def lose_blocks_then_commit(self: BlobStore, client: BlobClient, staged: StagedFile) -> None:
+        # Storage loses the blocks just sent, as an emulator that restarts in the middle of
+        # the upload does (another file's upload then finds the container gone and makes it
+        # again).
+        container.delete_container()
+        container.create_container()
+        await commit(self, client, staged)
+
+    monkeypatch.setattr(BlobStore, "_commit", lose_blocks_then_commit)
+    with pytest.raises(BlocksMissing) as failed:
+        await store.upload(staged, "d/s/f.bin")
+    assert classify(failed.value) is Disposition.RETRYABLE
+    monkeypatch.undo()
+    report = await store.upload(staged, "d/s/f.bin")
+    assert report.bytes_sent == len(data)
     assert blob.download_blob().readall() == data
 
 

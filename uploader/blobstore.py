@@ -35,7 +35,7 @@ from opentelemetry import trace
 
 from uploader.auth import Connection, Unusable, connections_to_try, no_fallback_note
 from uploader.config import Settings
-from uploader.errors import IntegrityError, StartupError, describe, first_leaf
+from uploader.errors import BlocksMissing, IntegrityError, StartupError, describe, first_leaf
 from uploader.fileops import StagedFile, read_block, stage_copy
 from uploader.lanes import Lanes
 
@@ -268,11 +268,18 @@ class BlobStore:
     async def _commit(self, blob: BlobClient, staged: StagedFile) -> None:
         azure = self.lanes.azure
         ids = [block_id(i, md5) for i, md5 in enumerate(staged.block_md5s)]
-        await azure.run(
-            blob.commit_block_list,
-            [BlobBlock(block_id=id_) for id_ in ids],
-            content_settings=ContentSettings(content_md5=bytearray(staged.md5)),
-        )
+        try:
+            await azure.run(
+                blob.commit_block_list,
+                [BlobBlock(block_id=id_) for id_ in ids],
+                content_settings=ContentSettings(content_md5=bytearray(staged.md5)),
+            )
+        except HttpResponseError as exc:
+            if getattr(exc, "error_code", None) == "InvalidBlockList":
+                raise BlocksMissing(
+                    f"storage no longer holds every block of {blob.blob_name}: {describe(exc)}"
+                ) from None
+            raise
         properties = await azure.run(blob.get_blob_properties)
         stored_md5 = properties.content_settings.content_md5
         if properties.size != staged.size or stored_md5 is None or bytes(stored_md5) != staged.md5:

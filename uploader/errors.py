@@ -41,6 +41,11 @@ class IntegrityError(Exception):
     """The blob in storage does not match the staged file."""
 
 
+class BlocksMissing(Exception):
+    """Storage no longer holds every block the commit names (it lost uncommitted blocks:
+    an emulator restarted, blocks expired after 7 days): the next attempt sends them again."""
+
+
 class SourceVanished(Exception):
     """NFS says the claimed file is gone. NFS can say so wrongly for a moment, so this is
     retried; a file still missing when retries run out is dropped (see worker.py)."""
@@ -90,7 +95,7 @@ _RETRYABLE_STATUSES = {401, 403, 404, 408, 409, 412, 429}
 def classify(exc: BaseException) -> Disposition:
     if isinstance(exc, NotARegularFile | BlobNameRefused):
         return Disposition.PERMANENT
-    if isinstance(exc, SourceChanged | IntegrityError | SourceVanished):
+    if isinstance(exc, SourceChanged | IntegrityError | SourceVanished | BlocksMissing):
         return Disposition.RETRYABLE
     if isinstance(exc, ClientAuthenticationError):
         # Expired or rotated credentials are the service's problem, not the file's.

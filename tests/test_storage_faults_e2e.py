@@ -57,6 +57,24 @@ def test_files_stay_on_nfs_until_storage_takes_them(
     assert status["files_processed"] == 3 and status["files_retried"] >= 6
 
 
+def test_files_waiting_for_a_retry_keep_no_staging_copy(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    # Long enough a wait that all three are seen waiting at once.
+    service = through_proxy(service_factory, azurite, proxy, retry_backoff_s=10,
+                            retry_backoff_max_s=10, azure_retry_total=0)
+    service.start_session("wait")
+    outage = proxy.error(503, method="PUT", times=None)
+    expected = drop(folders, "wait", {"a.bin": 1000, "b.bin": 3 * MiB, "c.bin": 20 * MiB})
+    wait_for(lambda: service.status()["retry_waiting"] == 3, timeout=30, what="all three waiting")
+    # An outage makes every file wait: staging holds only files in flight, never the waiting.
+    assert folders.files_in_staging() == []
+    proxy.remove(outage)
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+
+
 def test_connection_resets_in_the_middle_of_blocks(
     service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
     folders: Folders, container: ContainerClient,

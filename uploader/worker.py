@@ -24,7 +24,6 @@ from uploader.config import Settings
 from uploader.errors import (
     BlobNameRefused,
     Disposition,
-    IntegrityError,
     SourceChanged,
     backoff_delay,
     classify,
@@ -227,9 +226,8 @@ class Pipeline:
         self._enter(item)
         if stage_error is not None:
             raise stage_error
-        if item.staged is not None and await self.lanes.staging.run(_still_staged, item.staged):
-            return True  # a retry: the copy of the last attempt stands
-        item.staged = None
+        if item.staged is not None:
+            return True  # copied in the claim's trip to a thread
         processing = self.layout.processing_path(key)
         if item.claimed_size is None:
             item.claimed_size = await self.lanes.nfs.run(_size, processing)
@@ -348,8 +346,6 @@ class Pipeline:
         key, progress = item.key, self.progress
         disposition = classify(exc)
         reason = describe(exc)
-        if isinstance(exc, SourceChanged | IntegrityError):
-            item.staged = None  # the copy no longer stands for the file: make a new one
         item.attempts += 1
         if item.successes_at_first_failure is None:
             item.successes_at_first_failure = progress.successes
@@ -373,6 +369,10 @@ class Pipeline:
                       extra=_log_fields(key))
             if await self._quarantine(item, reason, disposition):
                 return
+        # A file waiting for its retry keeps no staging copy: during an outage every file
+        # waits, and staging must hold only the files in flight. The retry copies it again.
+        item.staged = None
+        await self._drop_staging(key)
         delay = backoff_delay(
             item.attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s
         )
@@ -466,10 +466,3 @@ class Pipeline:
         except OSError as exc:
             log.warning("cannot remove the staging copy of %s: %s", key, describe(exc), extra=_log_fields(key))
 
-
-def _still_staged(staged: StagedFile) -> bool:
-    """Whether an earlier attempt's staging copy can be used again (same path and size)."""
-    try:
-        return staged.path.stat().st_size == staged.size
-    except OSError:
-        return False

@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -366,6 +367,23 @@ def test_stage_copy_leaves_source_in_place(tmp_path: Path) -> None:
     assert source.read_bytes() == b"abc"
 
 
+def test_stage_copy_sees_a_change_whose_mtime_was_set_back(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "proc" / "a.bin", os.urandom(3 * BLOCK))
+    before = os.lstat(source)
+    target = tmp_path / "staging" / "a.bin"
+
+    def rewrite_first_block(index: int, offset: int, length: int, md5: bytes) -> None:
+        if index == 0:  # already copied: the copy would keep the old bytes
+            time.sleep(0.01)
+            with source.open("r+b") as f:
+                f.write(b"\0" * 16)
+            os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    with pytest.raises(SourceChanged):
+        stage_copy(source, target, BLOCK, rewrite_first_block)
+    assert not target.exists()
+
+
 def test_stage_copy_overwrites_longer_stale_copy(tmp_path: Path) -> None:
     source = make_file(tmp_path / "proc" / "a.bin", b"short")
     target = make_file(tmp_path / "staging" / "a.bin", b"a much longer stale staging copy")
@@ -615,6 +633,23 @@ def test_mark_completed_mtime_changed(tmp_path: Path) -> None:
     processing, staged = staged_for(tmp_path)
     later = staged.mtime_ns + 5_000_000_000
     os.utime(processing, ns=(later, later))
+    completed = tmp_path / "done" / "a.bin"
+
+    with pytest.raises(SourceChanged):
+        mark_completed(processing, completed, staged)
+    assert processing.exists()
+    assert not completed.exists()
+
+
+def test_mark_completed_content_changed_with_its_mtime_set_back(tmp_path: Path) -> None:
+    """A writer that rewrites the file and restores its mtime (touch -r, rsync -t) cannot
+    hide the change: the ctime moved."""
+    processing, staged = staged_for(tmp_path)
+    time.sleep(0.01)  # a ctime tick later, on coarse clocks too
+    with processing.open("r+b") as f:
+        f.write(b"PAYLOAD")
+    os.utime(processing, ns=(staged.mtime_ns, staged.mtime_ns))
+    assert (os.lstat(processing).st_size, os.lstat(processing).st_mtime_ns) == (staged.size, staged.mtime_ns)
     completed = tmp_path / "done" / "a.bin"
 
     with pytest.raises(SourceChanged):

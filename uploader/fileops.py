@@ -223,6 +223,9 @@ class StagedFile:
     path: Path
     size: int
     mtime_ns: int  # of the NFS file the copy was made from
+    # Its ctime then: a writer can set the mtime back (touch -r, rsync -t), never the ctime.
+    # Only comparable from the claim on, which changed it (link, unlink).
+    ctime_ns: int
     md5: bytes
     block_size: int
     block_md5s: tuple[bytes, ...]
@@ -405,10 +408,17 @@ def stage_copy(
         after = os.fstat(fd_in)
     finally:
         os.close(fd_in)
-    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or size != after.st_size:
+    if _identity(after) != _identity(before) or size != after.st_size:
         _remove_if_still(target, ours)
         raise SourceChanged(f"{source} changed while it was copied to staging")
-    return StagedFile(target, size, before.st_mtime_ns, digest, block_size, tuple(blocks))
+    return StagedFile(
+        target, size, before.st_mtime_ns, before.st_ctime_ns, digest, block_size, tuple(blocks)
+    )
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int]:
+    """What changes whenever the file's bytes do."""
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def _remove_if_still(path: Path, ours: os.stat_result) -> None:
@@ -443,7 +453,7 @@ def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> Non
             if (done.st_size, done.st_mtime_ns) == (staged.size, staged.mtime_ns):
                 return
         raise SourceVanished(f"{processing} is gone") from None
-    if (now.st_size, now.st_mtime_ns) != (staged.size, staged.mtime_ns):
+    if _identity(now) != (staged.size, staged.mtime_ns, staged.ctime_ns):
         raise SourceChanged(f"{processing} changed after it was uploaded")
     in_folder(completed, lambda: os.rename(processing, completed))
 

@@ -287,6 +287,7 @@ class Pipeline:
             self.progress.claimed.add(key)
         elif claimed.outcome is Claim.GONE:
             self.progress.files_skipped += 1
+            log.info("%s left incoming before it could be claimed; skipped", key, extra=_log_fields(key))
         else:
             log.info("not claiming %s yet: %s", key, claimed.outcome.value, extra=_log_fields(key))
         return claimed

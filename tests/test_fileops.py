@@ -152,6 +152,31 @@ def test_claim_finishes_interrupted_claim(tmp_path: Path) -> None:
     assert os.lstat(target).st_nlink == 1
 
 
+def test_claim_within_the_incoming_root_takes_a_file_in_sub_folders(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "in" / "s" / "sub" / "deeper" / "a.csv", b"data")
+    target = tmp_path / "proc" / "a.csv"
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.CLAIMED
+    assert target.read_bytes() == b"data" and not source.exists()
+
+
+@pytest.mark.parametrize("swapped", ["s", "s/sub"])
+def test_claim_never_follows_a_folder_replaced_by_a_symlink(tmp_path: Path, swapped: str) -> None:
+    """Between the scan and the claim, someone moves a folder away and leaves a symbolic
+    link in its place: the file behind the link is outside incoming, never to be taken."""
+    incoming = tmp_path / "in"
+    source = make_file(incoming / "s" / "sub" / "a.csv", b"inside")
+    expected = expected_of(source)
+    moved = tmp_path / "elsewhere"
+    (incoming / swapped).rename(moved)
+    (incoming / swapped).symlink_to(moved)
+    assert source.read_bytes() == b"inside"  # through the link, as a path would go
+    target = tmp_path / "proc" / "a.csv"
+
+    assert claim(source, target, expected, incoming) is Claim.GONE
+    assert source.read_bytes() == b"inside"
+    assert not target.exists()
+
+
 def refuse_links(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the kernel answers under fs.protected_hardlinks when the file is another user's."""
 
@@ -235,8 +260,8 @@ def test_claim_by_rename_done_already_is_a_claim(
     refuse_links(monkeypatch)
     rename = os.rename
 
-    def done_then_enoent(src: object, dst: object) -> None:
-        rename(src, dst)  # type: ignore[arg-type]
+    def done_then_enoent(src: object, dst: object, **dir_fds: object) -> None:
+        rename(src, dst, **dir_fds)  # type: ignore[arg-type]
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(src))
 
     monkeypatch.setattr(os, "rename", done_then_enoent)

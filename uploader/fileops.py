@@ -20,7 +20,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -67,41 +67,75 @@ class Scan:
 def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
     """List the regular files below ``root``, recursively; FileNotFoundError if it is missing.
 
-    Symlinks are never followed: nothing outside the folder is ever read. An entry that
-    vanishes or goes stale while we look (ENOENT, ESTALE) is skipped; the next scan sees
-    it again if it still exists.
+    Symlinks are never followed: nothing outside the folder is ever read. Each folder is
+    opened from its parent's descriptor without following a link, so a folder replaced by a
+    link while we look is left out rather than entered. An entry that vanishes or goes stale
+    while we look (ENOENT, ESTALE) is skipped; the next scan sees it again if it still exists.
     """
     entries: list[ScanEntry] = []
     skipped: list[str] = []
-    folders: list[tuple[str, str]] = [(os.fspath(root), "")]
-    while folders:
-        path, prefix = folders.pop()
-        try:
-            with os.scandir(path) as iterator:
-                for entry in iterator:
-                    rel = prefix + entry.name
-                    try:
-                        info = entry.stat(follow_symlinks=False)
-                    except OSError as exc:
-                        if not is_benign_race(exc):
-                            skipped.append(describe(exc))
+
+    def left_out(exc: OSError, rel: str) -> None:
+        if not is_benign_race(exc):
+            exc.filename = os.path.join(root, rel)  # the whole path, not the name in its folder
+            skipped.append(describe(exc))
+
+    def list_folder(fd: int, prefix: str) -> list[str]:
+        """List one open folder; returns its sub-folders' names."""
+        folders: list[str] = []
+        with os.scandir(fd) as iterator:
+            for entry in iterator:
+                rel = prefix + entry.name
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError as exc:
+                    left_out(exc, rel)
+                    continue
+                if stat.S_ISDIR(info.st_mode):
+                    folders.append(entry.name)
+                elif stat.S_ISREG(info.st_mode):
+                    if extensions and not entry.name.lower().endswith(extensions):
                         continue
-                    if stat.S_ISDIR(info.st_mode):
-                        folders.append((entry.path, rel + "/"))
-                    elif stat.S_ISREG(info.st_mode):
-                        if extensions and not entry.name.lower().endswith(extensions):
-                            continue
-                        entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns))
-                    elif stat.S_ISLNK(info.st_mode):
-                        continue  # never followed, by design
-                    elif not extensions or entry.name.lower().endswith(extensions):
-                        skipped.append(f"{entry.path} is a FIFO, socket or device, never uploaded")
-        except OSError as exc:  # opening or reading the folder itself
-            if prefix == "":
-                raise
-            if not is_benign_race(exc):
-                skipped.append(describe(exc))
+                    entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns))
+                elif stat.S_ISLNK(info.st_mode):
+                    continue  # never followed, by design
+                elif not extensions or entry.name.lower().endswith(extensions):
+                    skipped.append(f"{os.path.join(root, rel)} is a FIFO, socket or device, never uploaded")
+        return folders
+
+    # Depth first, so that only one descriptor per level of the tree is open at a time.
+    top = os.open(root, _FOLDER_LIST)
+    open_folders: list[tuple[int, str, list[str]]] = []
+    try:
+        open_folders.append((top, "", list_folder(top, "")))
+        while open_folders:
+            fd, prefix, folders = open_folders[-1]
+            if not folders:
+                os.close(fd)
+                open_folders.pop()
+                continue
+            rel = prefix + folders.pop()
+            try:
+                inner = os.open(os.path.basename(rel), _FOLDER_LIST, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):  # now a link or a file
+                    left_out(exc, rel)
+                continue
+            try:
+                found = list_folder(inner, rel + "/")
+            except OSError as exc:
+                os.close(inner)
+                left_out(exc, rel)
+                continue
+            open_folders.append((inner, rel + "/", found))
+    except BaseException:
+        for fd, _, _ in open_folders or [(top, "", [])]:
+            os.close(fd)
+        raise
     return Scan(entries, skipped)
+
+
+_FOLDER_LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def make_session_folder(path: Path) -> None:
@@ -147,16 +181,22 @@ _LINK_REFUSED = frozenset({errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP})
 _UNLINK_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
-def move_no_clobber(source: Path, target: Path, before: os.stat_result) -> bool:
-    """Give ``source`` (as ``before`` found it) the name ``target`` too, never replacing a
-    file already there (FileExistsError). True if ``source`` is gone (renamed), False if it
-    is still there, linked (the caller unlinks it).
+def move_no_clobber(
+    source: Path | str, target: Path, before: os.stat_result, *, source_dir_fd: int | None = None
+) -> bool:
+    """Give ``source`` (as ``before`` found it; a name in the folder ``source_dir_fd`` when
+    given) the name ``target`` too, never replacing a file already there (FileExistsError).
+    True if ``source`` is gone (renamed), False if it is still there, linked (the caller
+    unlinks it).
 
     Where the kernel will not link the file, it is renamed once the name is free: only this
     service writes those folders, and one name is never moved twice at once.
     """
     try:
-        in_folder(target, lambda: os.link(source, target, follow_symlinks=False))
+        in_folder(
+            target,
+            lambda: os.link(source, target, src_dir_fd=source_dir_fd, follow_symlinks=False),
+        )
         return False
     except OSError as exc:
         if exc.errno not in _LINK_REFUSED:
@@ -164,7 +204,7 @@ def move_no_clobber(source: Path, target: Path, before: os.stat_result) -> bool:
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, "File exists", str(target))
     try:
-        in_folder(target, lambda: os.rename(source, target))
+        in_folder(target, lambda: os.rename(source, target, src_dir_fd=source_dir_fd))
     except FileNotFoundError:
         # On NFS, a rename retransmitted after it was done answers ENOENT.
         if not _is(target, before):
@@ -172,17 +212,68 @@ def move_no_clobber(source: Path, target: Path, before: os.stat_result) -> bool:
     return True
 
 
-def _is(path: Path, before: os.stat_result) -> bool:
+def _is(path: Path | str, before: os.stat_result, *, dir_fd: int | None = None) -> bool:
     try:
-        return same_file(os.lstat(path), before)
+        return same_file(os.lstat(path, dir_fd=dir_fd), before)
     except FileNotFoundError:
         return False
 
 
-def claim(source: Path, target: Path, expected: tuple[int, int] | None) -> Claim:
-    """Move ``source`` (incoming) to ``target`` (processing) without clobbering ``target``."""
+_FOLDER_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_folder_within(root: Path, folders: Sequence[str]) -> int:
+    """A file descriptor (O_PATH) of ``root/folders[0]/folders[1]/...``, opened one folder at
+    a time without following a symbolic link: a folder on the way that someone replaced by a
+    link fails (ENOTDIR), where a path would lead outside ``root``. ``root`` itself is the
+    operator's setting and may be reached through links."""
+    fd = os.open(root, _FOLDER_WALK & ~os.O_NOFOLLOW)
     try:
-        before = os.lstat(source)
+        for name in folders:
+            inner = os.open(name, _FOLDER_WALK, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def claim(
+    source: Path, target: Path, expected: tuple[int, int] | None, within: Path | None = None
+) -> Claim:
+    """Move ``source`` (incoming) to ``target`` (processing) without clobbering ``target``.
+
+    With ``within`` (the incoming root), every folder between it and ``source`` must still be
+    a real folder: one replaced by a symbolic link since the scan would lead to files outside
+    incoming, which are never read, nor deleted. The file is then gone, as far as we know.
+    """
+    if within is None:
+        return _claim_in(None, source, source, target, expected)
+    *folders, name = source.relative_to(within).parts
+    try:
+        folder = open_folder_within(within, folders)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ESTALE, errno.ENOTDIR, errno.ELOOP):
+            return Claim.GONE
+        raise
+    try:
+        return _claim_in(folder, name, source, target, expected)
+    except OSError as exc:
+        if exc.filename == name:
+            exc.filename = os.fspath(source)  # the whole path, for logs and status
+        raise
+    finally:
+        os.close(folder)
+
+
+def _claim_in(
+    folder: int | None, name: Path | str, source: Path, target: Path,
+    expected: tuple[int, int] | None,
+) -> Claim:
+    """``claim`` of the file ``name`` in the open ``folder`` (None: ``name`` is a path)."""
+    try:
+        before = os.lstat(name, dir_fd=folder)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ESTALE):
             return Claim.GONE
@@ -193,7 +284,7 @@ def claim(source: Path, target: Path, expected: tuple[int, int] | None) -> Claim
         return Claim.CHANGED
     linked_now = False
     try:
-        if move_no_clobber(source, target, before):
+        if move_no_clobber(name, target, before, source_dir_fd=folder):
             return Claim.CLAIMED
         linked_now = True
     except FileExistsError:
@@ -203,7 +294,7 @@ def claim(source: Path, target: Path, expected: tuple[int, int] | None) -> Claim
     except FileNotFoundError:
         return Claim.GONE
     try:
-        os.unlink(source)
+        os.unlink(name, dir_fd=folder)
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -211,7 +302,7 @@ def claim(source: Path, target: Path, expected: tuple[int, int] | None) -> Claim
         # made just now is taken back, or the copy left there would be claimed and uploaded
         # again after this one. After other errors the unlink may have been done (NFS):
         # the claim stands, and the next offer finishes it (same inode).
-        if linked_now and exc.errno in _UNLINK_REFUSED and _is(source, before):
+        if linked_now and exc.errno in _UNLINK_REFUSED and _is(name, before, dir_fd=folder):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
         raise
@@ -469,11 +560,12 @@ class Claimed:
 
 
 def claim_and_stage(
-    source: Path, target: Path, staging: Path, expected: tuple[int, int] | None, block_size: int
+    source: Path, target: Path, staging: Path, expected: tuple[int, int] | None, block_size: int,
+    within: Path | None = None,
 ) -> Claimed:
     """Claim a file and copy it to staging, in one trip to a worker thread (each trip costs
     a thread wake-up and a wake-up of the event loop: per small file, that adds up)."""
-    outcome = claim(source, target, expected)
+    outcome = claim(source, target, expected, within)
     if outcome is not Claim.CLAIMED:
         return Claimed(outcome)
     with _tracer.start_as_current_span("stage"):

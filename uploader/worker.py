@@ -255,7 +255,7 @@ class Pipeline:
                     claimed = Claimed(
                         await self.lanes.nfs.run(
                             fileops.claim, layout.incoming_path(key), layout.processing_path(key),
-                            item.expected,
+                            item.expected, layout.incoming_root,
                         )
                     )
                 else:
@@ -266,6 +266,7 @@ class Pipeline:
                         layout.staging_path(key),
                         item.expected,
                         self.settings.azure_max_block_size,
+                        layout.incoming_root,
                     )
         except OSError as exc:
             # Still in incoming: the watcher offers it again after a while.

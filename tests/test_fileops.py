@@ -29,7 +29,7 @@ from uploader.fileops import (
     stage_copy,
     write_atomically,
 )
-from uploader.layout import FileKey, Layout
+from uploader.layout import FileKey, Layout, apart_folder_name
 
 BLOCK = 64 * 1024
 
@@ -767,6 +767,45 @@ def test_quarantine_of_a_longest_name_writes_its_reason_twice_over(tmp_path: Pat
     assert reason_at(reason_path) == {"n": 1}
     assert reason_at(layout.failed_reason_path(numbered)) == {"n": 2}
     assert reason_path != layout.failed_reason_path(numbered)
+
+
+def quarantine_in(layout: Layout, rel: str, data: bytes) -> Path:
+    key = FileKey("20240102", "s", rel)
+    if layout.processing_path(key).is_dir():
+        layout.processing_path(key).rmdir()  # emptied by an earlier quarantine; GC's job
+    processing = make_file(layout.processing_path(key), data)
+    failed, apart = layout.failed_path(key), layout.failed_path(key, apart_folder_name())
+    where = quarantine(
+        processing, failed, layout.failed_reason_path(failed), {"file": rel},
+        (apart, layout.failed_reason_path(apart)),
+    )
+    assert not processing.exists()
+    assert where.read_bytes() == data
+    return where
+
+
+def reasons_in(layout: Layout) -> dict[str, str]:
+    """file -> where its reason says it went, for every reason file."""
+    found = {}
+    for folder, _, names in os.walk(layout.failed_reasons_root):
+        for name in names:
+            record = json.loads((Path(folder) / name).read_bytes())
+            found[record["file"]] = record["path"]
+    return found
+
+
+@pytest.mark.parametrize("first, then", [("a", "a/b"), ("a/b", "a"), ("a", "a.json/b"), ("a.json/b", "a")])
+def test_quarantine_where_a_file_and_a_folder_of_one_name_meet(
+    tmp_path: Path, first: str, then: str
+) -> None:
+    """In the failed folder (a file 'a' there, now 'a/b'), or among the reasons (the reason
+    of 'a' is 'a.json', beside a user's folder 'a.json'): both files and reasons are kept."""
+    layout = layout_in(tmp_path)
+    where_first = quarantine_in(layout, first, b"first")
+    where_then = quarantine_in(layout, then, b"then")
+    assert reasons_in(layout) == {first: str(where_first), then: str(where_then)}
+    assert not [name for _, _, names in os.walk(layout.failed_reasons_root) for name in names
+                if name.endswith(".tmp")]
 
 
 def test_quarantine_finishes_interrupted_quarantine(tmp_path: Path) -> None:

@@ -608,41 +608,73 @@ def remove_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def quarantine(processing: Path, failed: Path, reason_path: Path, reason: dict[str, object]) -> Path:
+def quarantine(
+    processing: Path,
+    failed: Path,
+    reason_path: Path,
+    reason: dict[str, object],
+    apart: tuple[Path, Path] | None = None,
+) -> Path:
     """Move a file that cannot be uploaded to the failed folder, beside a reason file.
 
     Never overwrites an earlier quarantined file of the same name: a numbered suffix
-    keeps both. Returns where the file went.
+    keeps both. Where a file and a folder of one name meet there (a file ``a`` quarantined
+    before, now ``a/b``; a user's folder ``a.json`` among the reasons beside the reason of
+    ``a``), the file or its reason goes to ``apart`` instead: (failed path, reason path) in
+    a folder of its own. Returns where the file went.
     """
     before = os.lstat(processing)
-    candidate = failed
-    for n in range(1, 10_000):
-        try:
-            renamed = move_no_clobber(processing, candidate, before)
-            break
-        except FileExistsError:
-            if _is(candidate, before):
-                renamed = False
-                break
-            candidate = failed.with_name(name_with_suffix(failed.name, f".{n}"))
-    else:  # pragma: no cover - ten thousand failures of one name
-        raise FileExistsError(errno.EEXIST, "no free name in the failed folder", str(failed))
-    reason_file = reason_path.with_name(reason_file_name(candidate.name)) if candidate != failed else reason_path
+    try:
+        candidate, renamed = _move_to_failed(processing, failed, before)
+    except NotADirectoryError:
+        if apart is None:
+            raise
+        failed, reason_path = apart
+        candidate, renamed = _move_to_failed(processing, failed, before)
     record = {**reason, "path": str(candidate)}  # read again after a restart (recovery.py)
-    write_atomically(reason_file, json.dumps(record, indent=2, sort_keys=True).encode())
+    payload = json.dumps(record, indent=2, sort_keys=True).encode()
+    try:
+        write_atomically(_reason_of(candidate, failed, reason_path), payload)
+    except (NotADirectoryError, IsADirectoryError):
+        if apart is None:
+            raise
+        write_atomically(_reason_of(candidate, failed, apart[1]), payload)
     if not renamed:
         os.unlink(processing)
     return candidate
+
+
+def _move_to_failed(processing: Path, failed: Path, before: os.stat_result) -> tuple[Path, bool]:
+    """Give the file a free name in the failed folder: (that name, whether ``processing``
+    is gone already)."""
+    candidate = failed
+    for n in range(1, 10_000):
+        try:
+            return candidate, move_no_clobber(processing, candidate, before)
+        except FileExistsError:
+            if _is(candidate, before):
+                return candidate, False  # linked there by an attempt that stopped half-way
+            candidate = failed.with_name(name_with_suffix(failed.name, f".{n}"))
+    raise FileExistsError(errno.EEXIST, "no free name in the failed folder", str(failed))  # pragma: no cover
+
+
+def _reason_of(candidate: Path, failed: Path, reason_path: Path) -> Path:
+    return reason_path if candidate == failed else reason_path.with_name(reason_file_name(candidate.name))
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = in_folder(tmp, lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
     try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -9,7 +9,10 @@ The service owns everything under the processing root::
     <processing root>/.failed/reasons/<YYYYMMDD>/<session>/<rel>.json  why it was quarantined
 
 Date folders are always eight digits, so the dot-folders and ``session.json`` can never
-collide with a session's files, whatever those files are called.
+collide with a session's files, whatever those files are called. Within the failed folder a
+file and a folder of one name can meet over time (``a`` quarantined, later ``a/b``; a user's
+folder ``a.json`` beside the reason of ``a``): that file, or its reason, goes to
+``<session>/.apart-<UUIDv7>/<rel>`` instead, and the reason's ``path`` says where the file is.
 """
 
 from __future__ import annotations
@@ -224,12 +227,20 @@ class Layout:
     def completed_path(self, key: FileKey) -> Path:
         return self.completed_root / key.date_prefix / key.session / key.rel
 
-    def failed_path(self, key: FileKey) -> Path:
-        return self.failed_files_root / key.date_prefix / key.session / key.rel
+    def failed_path(self, key: FileKey, apart: str | None = None) -> Path:
+        """Where a quarantined file goes; ``apart`` names a folder of its own inside the
+        session's, for a file whose path meets a file of the failed folder."""
+        session = self.failed_files_root / key.date_prefix / key.session
+        return (session / apart if apart is not None else session) / key.rel
 
     def failed_reason_path(self, failed_path: Path) -> Path:
         relative = failed_path.relative_to(self.failed_files_root)
         return self.failed_reasons_root / relative.parent / reason_file_name(relative.name)
+
+
+def apart_folder_name() -> str:
+    """A folder name of the failed folder that no user path can have met before."""
+    return f".apart-{uuid_utils.uuid7()}"
 
 
 def name_with_suffix(name: str, suffix: str, *, room: int = 0) -> str:

@@ -32,7 +32,14 @@ from uploader.errors import (
 )
 from uploader.fileops import Claim, Claimed, StagedFile
 from uploader.lanes import Lanes
-from uploader.layout import FileKey, Layout, blob_name, blob_name_problem, printable
+from uploader.layout import (
+    FileKey,
+    Layout,
+    apart_folder_name,
+    blob_name,
+    blob_name_problem,
+    printable,
+)
 from uploader.progress import Progress, utc_now_iso
 from uploader.staging_space import StagingSpace
 from uploader.telemetry import Metrics
@@ -424,6 +431,7 @@ class Pipeline:
     async def _quarantine(self, item: WorkItem, reason: str, disposition: Disposition) -> bool:
         key, layout = item.key, self.layout
         failed = layout.failed_path(key)
+        apart = layout.failed_path(key, apart_folder_name())
         record: dict[str, object] = {
             "date_prefix": key.date_prefix,
             "session": key.session,
@@ -441,6 +449,7 @@ class Pipeline:
                 failed,
                 layout.failed_reason_path(failed),
                 record,
+                (apart, layout.failed_reason_path(apart)),
             )
         except FileNotFoundError:
             if await self.lanes.nfs.run(os.path.lexists, layout.processing_path(key)):

@@ -23,7 +23,7 @@ from tests.support.service import clean_environment
 from uploader import folders
 from uploader.config import Settings, load_settings
 from uploader.errors import StartupError
-from uploader.folders import check_folders, prepare_folder
+from uploader.folders import check_folders, make_folders, prepare_folder
 from uploader.lanes import ThreadLane
 
 SERVICE_UID = 10001  # the Containerfile's user
@@ -216,23 +216,25 @@ async def test_a_share_that_does_not_answer_does_not_stop_start_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     released = threading.Event()
-    real_prepare = folders.prepare_folder
 
-    def hangs_on_incoming(variable: str, path: Path) -> None:
+    def hangs_on_incoming(variable: str, path: Path) -> bool:
         if variable == "APP_NFS_INCOMING_DIR":
             released.wait(30)
-        real_prepare(variable, path)
+        return real_inspect(variable, path)
 
-    monkeypatch.setattr(folders, "prepare_folder", hangs_on_incoming)
+    real_inspect = folders.inspect_folder
+    monkeypatch.setattr(folders, "inspect_folder", hangs_on_incoming)
     settings = settings_for(tmp_path / "in", tmp_path / "proc", tmp_path / "staging", nfs_op_timeout_s=0.2)
     started = time.monotonic()
+    lane = ThreadLane("nfs", 4)
     try:
         with caplog.at_level(logging.WARNING, logger="uploader.service"):
-            await check_folders(settings, ThreadLane("nfs", 4))
+            missing = await check_folders(settings, lane)
+            await make_folders(settings, lane, missing)
     finally:
         released.set()
     assert time.monotonic() - started < 5
-    assert (tmp_path / "staging").is_dir()  # the others were still checked
+    assert (tmp_path / "staging").is_dir()  # the others were still checked, and made
     assert any(
         "cannot check APP_NFS_INCOMING_DIR" in r.getMessage() and "no answer within 0.2 s" in r.getMessage()
         for r in caplog.records
@@ -245,13 +247,31 @@ async def test_a_failing_share_does_not_stop_start_up(
     def stale(variable: str, path: Path) -> None:
         raise OSError(errno.ESTALE, "Stale file handle", str(path))
 
-    monkeypatch.setattr(folders, "prepare_folder", stale)
+    monkeypatch.setattr(folders, "inspect_folder", stale)
     settings = settings_for(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
     with caplog.at_level(logging.WARNING, logger="uploader.service"):
         await check_folders(settings, ThreadLane("nfs", 4))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 3
     assert all("ESTALE" in w for w in warnings)
+
+
+async def test_a_bad_folder_setting_makes_none_of_the_folders(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    settings = settings_for(tmp_path / "nfs" / "in", tmp_path / "nfs" / "proc", tmp_path / "file" / "staging")
+    with pytest.raises(StartupError, match=r"^APP_LOCAL_STAGING_ROOT \(.*\) cannot be a folder"):
+        await check_folders(settings, ThreadLane("nfs", 4))
+    assert not (tmp_path / "nfs").exists()
+
+
+async def test_missing_folders_are_made_only_by_make_folders(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    lane = ThreadLane("nfs", 4)
+    missing = await check_folders(settings, lane)
+    assert [variable for variable, _ in missing] == list(settings.folders)
+    assert not any(path.exists() for path in settings.folders.values())
+    await make_folders(settings, lane, missing)
+    assert all(path.is_dir() for path in settings.folders.values())
 
 
 # --- the real process ----------------------------------------------------------------------

@@ -14,7 +14,9 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -23,6 +25,7 @@ from uploader.errors import StartupError, describe
 from uploader.lanes import ThreadLane
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _PERMISSION_WORDS = ((os.R_OK, "readable"), (os.W_OK, "writable"), (os.X_OK, "searchable"))
 _USE = os.R_OK | os.W_OK | os.X_OK  # listed (recovery, GC), written, entered
@@ -118,6 +121,37 @@ def prepare_folder(variable: str, path: Path) -> None:
     log.warning("%s (%s) may not be usable: access() refuses this user (uid %d)", variable, path, os.geteuid())
 
 
+def inspect_folder(variable: str, path: Path) -> bool:
+    """Blocking, and changes nothing: check ``path`` as ``prepare_folder`` would. True when it
+    is missing and could be made (``prepare_folder`` makes it once start-up may go on)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        _check_creatable(variable, path)
+        return True
+    except NotADirectoryError:
+        raise _not_a_folder(variable, path) from None
+    except PermissionError as exc:
+        raise _unreachable(variable, path) or exc from None
+    prepare_folder(variable, path)  # there already: it only checks
+    return False
+
+
+def _check_creatable(variable: str, path: Path) -> None:
+    """Why ``os.makedirs(path)`` would fail for sure, as a StartupError; None otherwise."""
+    existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
+    if existing is None:
+        return
+    if not os.path.isdir(existing):
+        if os.path.islink(existing):  # a symlink to nothing, on the way or at the end
+            raise StartupError(f"{variable} ({path}) cannot be created: {existing} exists and is not a folder")
+        raise _not_a_folder(variable, path)
+    if problem := _cannot_create(variable, path):
+        raise problem
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise StartupError(f"{variable} ({path}) cannot be created: read-only file system")
+
+
 def _create(variable: str, path: Path) -> None:
     try:
         os.makedirs(path, exist_ok=True)
@@ -139,23 +173,43 @@ def _resolved(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
-async def check_folders(settings: Settings, nfs: ThreadLane) -> None:
-    """Prepare and check each folder in the NFS lane, each call within APP_NFS_OP_TIMEOUT_S,
-    then check that the folders, symlinks followed, are still apart (config.py compares them
-    as written: it reads no file system)."""
-    checked = {}
+async def check_folders(settings: Settings, nfs: ThreadLane) -> list[tuple[str, Path]]:
+    """Check each folder in the NFS lane, each call within APP_NFS_OP_TIMEOUT_S, and that the
+    folders, symlinks followed, are still apart (config.py compares them as written: it reads
+    no file system). Makes nothing: a bad setting must change nothing. Returns the folders
+    that are missing, for ``make_folders`` once nothing else stops start-up."""
+    checked: dict[str, Path] = {}
+    missing: list[tuple[str, Path]] = []
     for variable, path in settings.folders.items():
-        problem = f"no answer within {settings.nfs_op_timeout_s:g} s"
-        with trio.move_on_after(settings.nfs_op_timeout_s):
-            try:
-                await nfs.run(prepare_folder, variable, path)
-                checked[variable] = path
-                continue
-            except OSError as exc:
-                problem = describe(exc)
-        log.warning("cannot check %s (%s) now: %s; starting anyway", variable, path, problem)
+        answer = await _within(settings, nfs, inspect_folder, variable, path)
+        if answer is not None:
+            checked[variable] = path
+            if answer:
+                missing.append((variable, path))
     overlap = None
     with trio.move_on_after(settings.nfs_op_timeout_s):
         overlap = await nfs.run(overlapping_folders, checked, _resolved)
     if overlap:
         raise StartupError(overlap)
+    return missing
+
+
+async def make_folders(settings: Settings, nfs: ThreadLane, missing: list[tuple[str, Path]]) -> None:
+    """Make the folders ``check_folders`` found missing, and check them."""
+    for variable, path in missing:
+        await _within(settings, nfs, prepare_folder, variable, path)
+
+
+async def _within(
+    settings: Settings, nfs: ThreadLane, step: Callable[[str, Path], T], variable: str, path: Path
+) -> T | None:
+    """Run ``step`` on one folder in the NFS lane; None (logged) when the share fails or does
+    not answer within APP_NFS_OP_TIMEOUT_S. A StartupError goes through."""
+    problem = f"no answer within {settings.nfs_op_timeout_s:g} s"
+    with trio.move_on_after(settings.nfs_op_timeout_s):
+        try:
+            return await nfs.run(step, variable, path)
+        except OSError as exc:
+            problem = describe(exc)
+    log.warning("cannot check %s (%s) now: %s; starting anyway", variable, path, problem)
+    return None

@@ -19,7 +19,7 @@ from uploader import api, gc, watcher
 from uploader.blobstore import BlobStore, open_blob_store
 from uploader.config import Settings
 from uploader.errors import StartupError, describe
-from uploader.folders import check_folders
+from uploader.folders import check_folders, make_folders
 from uploader.lanes import Lanes, ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
@@ -29,6 +29,22 @@ from uploader.telemetry import Metrics, Telemetry
 from uploader.worker import Pipeline, WorkItem
 
 log = logging.getLogger(__name__)
+
+
+STORAGE_WAIT_NOTE_S = 15.0
+
+
+async def say_still_waiting_for_storage(settings: Settings) -> None:
+    """Log now and then while start-up waits for storage: an endpoint that takes connections
+    and never answers holds it for (APP_AZURE_RETRY_TOTAL + 1) read timeouts."""
+    waited = 0.0
+    while True:
+        await trio.sleep(STORAGE_WAIT_NOTE_S)
+        waited += STORAGE_WAIT_NOTE_S
+        log.warning(
+            "still waiting for Azure Blob Storage after %.0f s (each request: up to %d tries, "
+            "%g s read timeout each)", waited, settings.azure_retry_total + 1, settings.azure_read_timeout_s,
+        )
 
 
 def make_lanes(settings: Settings) -> Lanes:
@@ -89,9 +105,14 @@ class Service:
                     f"{cause.strerror or cause}"
                 ) from None
             # Before storage: a wrong folder is a mistake a user fixes, not worth an Azure wait.
-            await check_folders(settings, self.lanes.nfs)
-            self.store = await open_blob_store(settings, self.lanes)
+            # Missing folders are made only once storage works too: a bad setting changes nothing.
+            missing = await check_folders(settings, self.lanes.nfs)
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(say_still_waiting_for_storage, settings)
+                self.store = await open_blob_store(settings, self.lanes)
+                waiting.cancel_scope.cancel()
             try:
+                await make_folders(settings, self.lanes.nfs, missing)
                 await self._start_pipeline(root)
                 self.ready = True
                 log.info("ready on %s:%d", settings.host, settings.port)

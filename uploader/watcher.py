@@ -201,7 +201,7 @@ async def run(
             except OSError as exc:
                 delay = backoff.next_delay()
                 level = logging.WARNING if exc.errno in (errno.ESTALE, errno.ENOENT) else logging.ERROR
-                log.log(level, "cannot list %s (%s); next try in %.0f s", folder, describe(exc), delay)
+                log.log(level, "cannot list %s (%s); next try in %.1f s", folder, describe(exc), delay)
                 progress.note_error(f"watcher: {describe(exc)}")
                 await trio.sleep(delay)
                 continue

@@ -374,7 +374,8 @@ class Pipeline:
                 others_completed or await self._works_for_others(exc)
             )
         if give_up:
-            log.error("quarantining %s after %d attempts: %s", key, item.attempts, reason,
+            log.error("quarantining %s after %d attempt%s: %s", key, item.attempts,
+                      "" if item.attempts == 1 else "s", reason,
                       extra=_log_fields(key))
             if await self._quarantine(item, reason, disposition):
                 return

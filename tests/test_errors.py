@@ -141,6 +141,11 @@ def test_describe_os_error_names_errno_and_file() -> None:
     )
 
 
+def test_describe_os_error_names_both_files_of_a_link() -> None:
+    exc = OSError(errno.ENOTDIR, "Not a directory", "/nfs/in/s/a/b", None, "/nfs/proc/s/a/b")
+    assert describe(exc) == "ENOTDIR on '/nfs/in/s/a/b' -> '/nfs/proc/s/a/b': Not a directory"
+
+
 def test_describe_os_error_without_file() -> None:
     assert describe(OSError(errno.ENOSPC, "No space left on device")) == (
         "ENOSPC: No space left on device"

@@ -177,6 +177,14 @@ def test_claim_never_follows_a_folder_replaced_by_a_symlink(tmp_path: Path, swap
     assert not target.exists()
 
 
+def test_claim_waits_while_a_file_in_flight_has_the_name_of_one_of_its_folders(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "in" / "s" / "a" / "b", b"newer")
+    make_file(tmp_path / "proc" / "s" / "a", b"in flight")
+    target = tmp_path / "proc" / "s" / "a" / "b"
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.BUSY
+    assert source.read_bytes() == b"newer"
+
+
 def refuse_links(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the kernel answers under fs.protected_hardlinks when the file is another user's."""
 

@@ -180,6 +180,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
         where = f" on {exc.filename!r}" if exc.filename else ""  # repr: one line, whatever the name
+        if exc.filename2:  # link, rename: the second name may be the one at fault
+            where += f" -> {exc.filename2!r}"
         return f"{name}{where}: {exc.strerror}"
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -293,6 +293,12 @@ def _claim_in(
         # Same inode: an earlier claim stopped between link and unlink.
     except FileNotFoundError:
         return Claim.GONE
+    except NotADirectoryError:
+        if folder is None:
+            raise
+        # The source is a name in an open folder: a folder of the target's path is a file in
+        # flight ("a" still going up, now "a/b"); it leaves once done, like a file of this name.
+        return Claim.BUSY
     try:
         os.unlink(name, dir_fd=folder)
     except FileNotFoundError:

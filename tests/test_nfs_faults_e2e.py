@@ -227,6 +227,9 @@ def test_a_hung_share_blocks_neither_probes_nor_status_nor_stop(
     assert wait_for_blobs(container, set(others)) == others
     wait_for(lambda: service.status()["nfs_calls"]["stuck"] >= 1, timeout=10,
              what="status to report the stuck NFS call")
+    [stuck_calls] = [line for line in service.http.get("/metrics").text.splitlines()
+                     if line.startswith('calls_stuck{lane="nfs"} ')]
+    assert float(stuck_calls.split()[-1]) >= 1  # for alerts, too
     latencies = []
     with httpx.Client(base_url=service.url, timeout=5) as client:
         for _ in range(200):

@@ -68,7 +68,13 @@ class Service:
         )
         self.lanes = make_lanes(settings)
         self.progress = Progress()
-        self.metrics = Metrics.create(queue_depth=self.queue_depth)
+        lanes = (self.lanes.nfs, self.lanes.staging, self.lanes.azure)
+        self.metrics = Metrics.create(
+            queue_depth=self.queue_depth,
+            retry_waiting=lambda: self.progress.retry_waiting,
+            claimed=lambda: len(self.progress.claimed),
+            stuck_calls=lambda: {lane.name: lane.stuck() for lane in lanes},
+        )
         self.ready = False
         self.sessions: SessionControl | None = None
         self.store: BlobStore | None = None

@@ -182,16 +182,37 @@ class Metrics:
 
     @classmethod
     def create(
-        cls, meter: metrics.Meter | None = None, *, queue_depth: Callable[[], int] = lambda: 0
+        cls,
+        meter: metrics.Meter | None = None,
+        *,
+        queue_depth: Callable[[], int] = lambda: 0,
+        retry_waiting: Callable[[], int] = lambda: 0,
+        claimed: Callable[[], int] = lambda: 0,
+        stuck_calls: Callable[[], dict[str, int]] = dict,
     ) -> Metrics:
+        """The instruments; the callables are read when metrics are collected (in the
+        exporter's or the scrape's thread: reads of ints and lengths only)."""
         meter = meter or metrics.get_meter("uploader")
 
-        def observe_queue(options: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(queue_depth())
+        def gauge(name: str, read: Callable[[], int], description: str) -> None:
+            def observe(options: CallbackOptions) -> Iterable[Observation]:
+                yield Observation(read())
+
+            meter.create_observable_up_down_counter(
+                name, callbacks=[observe], unit="{file}", description=description
+            )
+
+        gauge("queue.depth", queue_depth, "Stable files waiting for a worker (retries included)")
+        gauge("files.retry_waiting", retry_waiting, "Failed files waiting out their backoff")
+        gauge("files.claimed", claimed, "Files taken from incoming and not yet completed or quarantined")
+
+        def observe_stuck(options: CallbackOptions) -> Iterable[Observation]:
+            for lane, stuck in stuck_calls().items():
+                yield Observation(stuck, {"lane": lane})
 
         meter.create_observable_up_down_counter(
-            "queue.depth", callbacks=[observe_queue], unit="{file}",
-            description="Stable files waiting for a worker",
+            "calls.stuck", callbacks=[observe_stuck], unit="{call}",
+            description="Blocking calls running longer than their lane's stuck threshold (a hung NFS share)",
         )
         made = cls(
             files_processed=meter.create_counter(

@@ -871,6 +871,52 @@ def test_list_files_does_not_follow_symlink_to_folder(tmp_path: Path) -> None:
     assert rels(root) == ["real.csv"]
 
 
+def test_list_files_does_not_enter_a_folder_replaced_by_a_symlink_while_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "session"
+    make_file(root / "sub" / "inside.csv")
+    make_file(tmp_path / "outside" / "secret.csv")
+    real_open = os.open
+
+    def swap_then_open(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if path == "sub":  # listed as a folder; replaced by a link before it is entered
+            (root / "sub").rename(tmp_path / "moved")
+            (root / "sub").symlink_to(tmp_path / "outside")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", swap_then_open)
+    scan = list_files(root)
+    assert scan.entries == [] and scan.skipped == []
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_list_files_leaves_no_descriptor_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "session"
+    for rel in ("a/b/c/1.csv", "a/b/2.csv", "a/d/3.csv", "e/4.csv", "5.csv"):
+        make_file(root / rel)
+    before = open_fds()
+    assert len(list_files(root).entries) == 5
+    assert open_fds() == before
+    real_scandir = os.scandir
+    calls = 0
+
+    def fails_in_a_sub_folder(fd: int) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise MemoryError  # not an OSError: it goes through, every descriptor closed
+        return real_scandir(fd)
+
+    monkeypatch.setattr(os, "scandir", fails_in_a_sub_folder)
+    with pytest.raises(MemoryError):
+        list_files(root)
+    assert open_fds() == before
+
+
 def test_list_files_skips_dangling_symlink(tmp_path: Path) -> None:
     root = tmp_path / "session"
     root.mkdir()

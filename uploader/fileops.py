@@ -103,16 +103,17 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
                     skipped.append(f"{os.path.join(root, rel)} is a FIFO, socket or device, never uploaded")
         return folders
 
-    # Depth first, so that only one descriptor per level of the tree is open at a time.
-    top = os.open(root, _FOLDER_LIST)
-    open_folders: list[tuple[int, str, list[str]]] = []
+    # Depth first, so that only one descriptor per level of the tree is open at a time. An
+    # entry leaves the stack before its descriptor is closed: never closed twice.
+    stack: list[tuple[int, str, list[str]]] = []
     try:
-        open_folders.append((top, "", list_folder(top, "")))
-        while open_folders:
-            fd, prefix, folders = open_folders[-1]
+        stack.append((os.open(root, _FOLDER_LIST), "", []))
+        stack[-1][2].extend(list_folder(stack[-1][0], ""))
+        while stack:
+            fd, prefix, folders = stack[-1]
             if not folders:
+                stack.pop()
                 os.close(fd)
-                open_folders.pop()
                 continue
             rel = prefix + folders.pop()
             try:
@@ -121,16 +122,17 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):  # now a link or a file
                     left_out(exc, rel)
                 continue
+            stack.append((inner, rel + "/", []))
             try:
-                found = list_folder(inner, rel + "/")
+                stack[-1][2].extend(list_folder(inner, rel + "/"))
             except OSError as exc:
+                stack.pop()
                 os.close(inner)
                 left_out(exc, rel)
-                continue
-            open_folders.append((inner, rel + "/", found))
     except BaseException:
-        for fd, _, _ in open_folders or [(top, "", [])]:
-            os.close(fd)
+        for fd, _, _ in reversed(stack):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         raise
     return Scan(entries, skipped)
 
@@ -230,11 +232,11 @@ def open_folder_within(root: Path, folders: Sequence[str]) -> int:
     fd = os.open(root, _FOLDER_WALK & ~os.O_NOFOLLOW)
     try:
         for name in folders:
-            inner = os.open(name, _FOLDER_WALK, dir_fd=fd)
-            os.close(fd)
-            fd = inner
+            fd, outer = os.open(name, _FOLDER_WALK, dir_fd=fd), fd
+            os.close(outer)
     except BaseException:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
         raise
     return fd
 

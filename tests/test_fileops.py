@@ -782,11 +782,13 @@ def quarantine_in(layout: Layout, rel: str, data: bytes) -> Path:
     if layout.processing_path(key).is_dir():
         layout.processing_path(key).rmdir()  # emptied by an earlier quarantine; GC's job
     processing = make_file(layout.processing_path(key), data)
-    failed, apart = layout.failed_path(key), layout.failed_path(key, apart_folder_name())
-    where = quarantine(
-        processing, failed, layout.failed_reason_path(failed), {"file": rel},
-        (apart, layout.failed_reason_path(apart)),
-    )
+    failed = layout.failed_path(key)
+
+    def apart(file: os.stat_result) -> tuple[Path, Path]:
+        path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino))
+        return path, layout.failed_reason_path(path)
+
+    where = quarantine(processing, failed, layout.failed_reason_path(failed), {"file": rel}, apart)
     assert not processing.exists()
     assert where.read_bytes() == data
     return where
@@ -814,6 +816,23 @@ def test_quarantine_where_a_file_and_a_folder_of_one_name_meet(
     assert reasons_in(layout) == {first: str(where_first), then: str(where_then)}
     assert not [name for _, _, names in os.walk(layout.failed_reasons_root) for name in names
                 if name.endswith(".tmp")]
+
+
+def test_quarantine_apart_finishes_an_interrupted_quarantine(tmp_path: Path) -> None:
+    layout = layout_in(tmp_path)
+    quarantine_in(layout, "a", b"first")
+    key = FileKey("20240102", "s", "a/b")
+    processing = make_file(layout.processing_path(key), b"then")
+    info = os.lstat(processing)
+    apart = layout.failed_path(key, apart_folder_name(info.st_dev, info.st_ino))
+    apart.parent.mkdir(parents=True)
+    os.link(processing, apart)  # a crash after the link, before the reason and the unlink
+
+    where = quarantine_in(layout, "a/b", b"then")
+
+    assert where == apart
+    assert sorted(p.name for p in apart.parent.iterdir()) == ["b"]  # no second copy
+    assert reasons_in(layout)["a/b"] == str(apart)
 
 
 def test_quarantine_finishes_interrupted_quarantine(tmp_path: Path) -> None:

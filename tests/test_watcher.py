@@ -293,6 +293,24 @@ async def test_a_name_still_in_flight_waits_for_the_older_file(autojump_clock: t
         nursery.cancel_scope.cancel()
 
 
+async def test_a_file_below_a_name_in_flight_waits_for_it(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    """File 'a' still going up, now a folder 'a/' with files: they cannot be claimed under
+    that name until 'a' has left the processing folder."""
+    folder = layout.incoming_dir("s")
+    (folder / "a" / "b").mkdir(parents=True)
+    (folder / "a" / "b" / "c.bin").write_bytes(b"below")
+    progress = Progress()
+    progress.claimed.add(FileKey(DATE, "s", "a"))
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane(), min_age=0, poll=1, progress=progress)
+        with trio.move_on_after(20):
+            await receive.receive()
+            pytest.fail("queued while a file of its folder's name was in flight")
+        progress.claimed.clear()
+        assert (await receive.receive()).key.rel == "a/b/c.bin"
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_full_queue_pauses_scanning(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
     folder = layout.incoming_dir("s")
     folder.mkdir(parents=True)

@@ -45,7 +45,8 @@ MAX_BLOCKS_PER_BLOB = 50_000  # Azure's limit for a block blob
 class Claim(enum.Enum):
     CLAIMED = "claimed"
     GONE = "gone"  # taken or deleted by someone else: nothing to do
-    BUSY = "busy"  # an older file of that name is still in flight
+    # An older file of that name, or named like one of its folders, is still in flight.
+    BUSY = "an older file of this name or of one of its folders is still in flight"
     CHANGED = "changed"  # changed since the watcher found it stable: still being written
 
 
@@ -214,6 +215,16 @@ def move_no_clobber(
     return True
 
 
+def _file_on_the_way(path: Path) -> bool:
+    """Whether the nearest existing folder of ``path``'s folders is a regular file."""
+    for folder in path.parents:
+        try:
+            return stat.S_ISREG(os.lstat(folder).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return False
+
+
 def _is(path: Path | str, before: os.stat_result, *, dir_fd: int | None = None) -> bool:
     try:
         return same_file(os.lstat(path, dir_fd=dir_fd), before)
@@ -296,10 +307,10 @@ def _claim_in(
     except FileNotFoundError:
         return Claim.GONE
     except NotADirectoryError:
-        if folder is None:
-            raise
         # The source is a name in an open folder: a folder of the target's path is a file in
         # flight ("a" still going up, now "a/b"); it leaves once done, like a file of this name.
+        if folder is None or not _file_on_the_way(target):
+            raise
         return Claim.BUSY
     try:
         os.unlink(name, dir_fd=folder)
@@ -621,15 +632,15 @@ def quarantine(
     failed: Path,
     reason_path: Path,
     reason: dict[str, object],
-    apart: tuple[Path, Path] | None = None,
+    apart: Callable[[os.stat_result], tuple[Path, Path]] | None = None,
 ) -> Path:
     """Move a file that cannot be uploaded to the failed folder, beside a reason file.
 
     Never overwrites an earlier quarantined file of the same name: a numbered suffix
     keeps both. Where a file and a folder of one name meet there (a file ``a`` quarantined
     before, now ``a/b``; a user's folder ``a.json`` among the reasons beside the reason of
-    ``a``), the file or its reason goes to ``apart`` instead: (failed path, reason path) in
-    a folder of its own. Returns where the file went.
+    ``a``), the file or its reason goes to ``apart(the file's stat)`` instead: (failed path,
+    reason path) in a folder of its own. Returns where the file went.
     """
     before = os.lstat(processing)
     try:
@@ -637,7 +648,7 @@ def quarantine(
     except NotADirectoryError:
         if apart is None:
             raise
-        failed, reason_path = apart
+        failed, reason_path = apart(before)
         candidate, renamed = _move_to_failed(processing, failed, before)
     record = {**reason, "path": str(candidate)}  # read again after a restart (recovery.py)
     payload = json.dumps(record, indent=2, sort_keys=True).encode()
@@ -646,7 +657,7 @@ def quarantine(
     except (NotADirectoryError, IsADirectoryError):
         if apart is None:
             raise
-        write_atomically(_reason_of(candidate, failed, apart[1]), payload)
+        write_atomically(_reason_of(candidate, failed, apart(before)[1]), payload)
     if not renamed:
         os.unlink(processing)
     return candidate

@@ -12,7 +12,7 @@ Date folders are always eight digits, so the dot-folders and ``session.json`` ca
 collide with a session's files, whatever those files are called. Within the failed folder a
 file and a folder of one name can meet over time (``a`` quarantined, later ``a/b``; a user's
 folder ``a.json`` beside the reason of ``a``): that file, or its reason, goes to
-``<session>/.apart-<UUIDv7>/<rel>`` instead, and the reason's ``path`` says where the file is.
+``<session>/.apart-<device>-<inode>/<rel>`` instead, and the reason's ``path`` says where the file is.
 """
 
 from __future__ import annotations
@@ -238,9 +238,10 @@ class Layout:
         return self.failed_reasons_root / relative.parent / reason_file_name(relative.name)
 
 
-def apart_folder_name() -> str:
-    """A folder name of the failed folder that no user path can have met before."""
-    return f".apart-{uuid_utils.uuid7()}"
+def apart_folder_name(device: int, inode: int) -> str:
+    """A folder of the failed folder for one file apart, named after the file itself so that
+    an attempt that stopped half-way (a crash) is found and finished by the next one."""
+    return f".apart-{device:x}-{inode:x}"
 
 
 def name_with_suffix(name: str, suffix: str, *, room: int = 0) -> str:

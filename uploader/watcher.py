@@ -166,6 +166,14 @@ class Backoff:
         self.failures = 0
 
 
+def _below_a_file_in_flight(progress: Progress, key: FileKey) -> bool:
+    folders = key.rel.split("/")[:-1]
+    return any(
+        progress.is_claimed(FileKey(key.date_prefix, key.session, "/".join(folders[: depth + 1])))
+        for depth in range(len(folders))
+    )
+
+
 async def run(
     send: trio.MemorySendChannel[WorkItem],
     *,
@@ -218,8 +226,10 @@ async def run(
             progress.claims_failing = tracker.claims_failing
             for entry in stable:
                 key = FileKey(date_prefix, session, entry.rel)
-                if progress.is_claimed(key):
-                    # An older file of the same name is still in flight: it goes first.
+                if progress.is_claimed(key) or _below_a_file_in_flight(progress, key):
+                    # An older file of the same name is still in flight: it goes first. So
+                    # does a file named like one of its folders ("a" still going up, now
+                    # "a/b"), which holds that name in the processing folder.
                     continue
                 tracker.mark_pending(entry.rel)
                 await send.send(

@@ -432,7 +432,11 @@ class Pipeline:
     async def _quarantine(self, item: WorkItem, reason: str, disposition: Disposition) -> bool:
         key, layout = item.key, self.layout
         failed = layout.failed_path(key)
-        apart = layout.failed_path(key, apart_folder_name())
+
+        def apart(file: os.stat_result) -> tuple[Path, Path]:
+            path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino))
+            return path, layout.failed_reason_path(path)
+
         record: dict[str, object] = {
             "date_prefix": key.date_prefix,
             "session": key.session,
@@ -450,7 +454,7 @@ class Pipeline:
                 failed,
                 layout.failed_reason_path(failed),
                 record,
-                (apart, layout.failed_reason_path(apart)),
+                apart,
             )
         except FileNotFoundError:
             if await self.lanes.nfs.run(os.path.lexists, layout.processing_path(key)):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from uploader.fileops import quarantine
 from uploader.layout import FileKey, Layout
-from uploader.recovery import find_quarantined
+from uploader.recovery import find_quarantined, find_unfinished
 
 
 def quarantined_file(layout: Layout, name: str, at: str) -> Path:
@@ -55,3 +56,32 @@ def test_a_record_written_before_records_named_their_file_is_found_by_its_place(
     count, recent = find_quarantined(layout)
 
     assert count == 1 and recent[0]["path"] == str(failed)
+
+
+def interrupted_claim(tmp_path: Path) -> tuple[Layout, Path, Path]:
+    """A crash between the claim's link and its unlink: one file under two names."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    key = FileKey("20240102", "s", "sub/a.bin")
+    incoming, processing = layout.incoming_path(key), layout.processing_path(key)
+    incoming.parent.mkdir(parents=True)
+    incoming.write_bytes(b"data")
+    processing.parent.mkdir(parents=True)
+    os.link(incoming, processing)
+    return layout, incoming, processing
+
+
+def test_recovery_finishes_a_claim_a_crash_interrupted(tmp_path: Path) -> None:
+    layout, incoming, processing = interrupted_claim(tmp_path)
+    unfinished, _ = find_unfinished(layout)
+    assert unfinished == [FileKey("20240102", "s", "sub/a.bin")]
+    assert not incoming.exists() and processing.read_bytes() == b"data"
+
+
+def test_recovery_deletes_nothing_behind_a_folder_replaced_by_a_symlink(tmp_path: Path) -> None:
+    layout, incoming, _ = interrupted_claim(tmp_path)
+    moved = tmp_path / "elsewhere"
+    incoming.parent.rename(moved)  # the user's folder, moved out, a link left in its place
+    incoming.parent.symlink_to(moved)
+    unfinished, _ = find_unfinished(layout)
+    assert unfinished == [FileKey("20240102", "s", "sub/a.bin")]
+    assert (moved / "a.bin").read_bytes() == b"data"  # outside incoming: never touched

@@ -181,7 +181,7 @@ async def check_folders(settings: Settings, nfs: ThreadLane) -> list[tuple[str, 
     checked: dict[str, Path] = {}
     missing: list[tuple[str, Path]] = []
     for variable, path in settings.folders.items():
-        answer = await _within(settings, nfs, inspect_folder, variable, path)
+        answer = await _within(settings, nfs, inspect_folder, variable, path, "check")
         if answer is not None:
             checked[variable] = path
             if answer:
@@ -197,11 +197,12 @@ async def check_folders(settings: Settings, nfs: ThreadLane) -> list[tuple[str, 
 async def make_folders(settings: Settings, nfs: ThreadLane, missing: list[tuple[str, Path]]) -> None:
     """Make the folders ``check_folders`` found missing, and check them."""
     for variable, path in missing:
-        await _within(settings, nfs, prepare_folder, variable, path)
+        await _within(settings, nfs, prepare_folder, variable, path, "make")
 
 
 async def _within(
-    settings: Settings, nfs: ThreadLane, step: Callable[[str, Path], T], variable: str, path: Path
+    settings: Settings, nfs: ThreadLane, step: Callable[[str, Path], T], variable: str, path: Path,
+    doing: str,
 ) -> T | None:
     """Run ``step`` on one folder in the NFS lane; None (logged) when the share fails or does
     not answer within APP_NFS_OP_TIMEOUT_S. A StartupError goes through."""
@@ -211,5 +212,5 @@ async def _within(
             return await nfs.run(step, variable, path)
         except OSError as exc:
             problem = describe(exc)
-    log.warning("cannot check %s (%s) now: %s; starting anyway", variable, path, problem)
+    log.warning("cannot %s %s (%s) now: %s; starting anyway", doing, variable, path, problem)
     return None

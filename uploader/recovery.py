@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uploader.errors import describe
-from uploader.fileops import list_files, same_file
+from uploader.fileops import list_files, open_folder_within, same_file
 from uploader.lanes import ThreadLane
 from uploader.layout import FileKey, Layout, is_date_prefix, is_session_name
 from uploader.session import BadStateFile, SessionState, read_state
@@ -44,14 +44,24 @@ def _subfolders(path: Path) -> list[str]:
 
 
 def _drop_incoming_twin(layout: Layout, key: FileKey) -> None:
+    """Finish a claim a crash stopped between link and unlink: the name in incoming goes.
+    Its folders are walked without following links: a folder replaced by a link since then
+    leads outside incoming, where nothing is ever deleted."""
+    *folders, name = layout.incoming_path(key).relative_to(layout.incoming_root).parts
     try:
-        twin = os.lstat(layout.incoming_path(key))
+        folder = open_folder_within(layout.incoming_root, folders)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    try:
+        twin = os.lstat(name, dir_fd=folder)
         claimed = os.lstat(layout.processing_path(key))
+        if same_file(twin, claimed):
+            os.unlink(name, dir_fd=folder)
+            log.info("finished an interrupted claim of %s", key)
     except FileNotFoundError:
         return
-    if same_file(twin, claimed):
-        os.unlink(layout.incoming_path(key))
-        log.info("finished an interrupted claim of %s", key)
+    finally:
+        os.close(folder)
 
 
 def find_unfinished(layout: Layout) -> tuple[list[FileKey], list[str]]:

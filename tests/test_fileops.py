@@ -818,6 +818,20 @@ def test_quarantine_where_a_file_and_a_folder_of_one_name_meet(
                 if name.endswith(".tmp")]
 
 
+def test_quarantine_of_a_path_too_long_for_the_failed_folder_goes_apart(tmp_path: Path) -> None:
+    """Its processing path fits in PATH_MAX; with '.failed/files/' in front it would not."""
+    layout = layout_in(tmp_path)
+    room = 4090 - len(os.fsencode(layout.processing_dir("20240102", "s"))) - 1
+    folders = []
+    while room > 251:
+        folders.append("d" * 250)
+        room -= 251
+    rel = "/".join([*folders, "f" * room])
+    where = quarantine_in(layout, rel, b"long")
+    assert where.parent.name.startswith(".apart-") and where.name == "f" * room
+    assert reasons_in(layout) == {rel: str(where)}
+
+
 def test_quarantine_apart_finishes_an_interrupted_quarantine(tmp_path: Path) -> None:
     layout = layout_in(tmp_path)
     quarantine_in(layout, "a", b"first")

@@ -645,8 +645,8 @@ def quarantine(
     before = os.lstat(processing)
     try:
         candidate, renamed = _move_to_failed(processing, failed, before)
-    except NotADirectoryError:
-        if apart is None:
+    except OSError as exc:
+        if apart is None or not _cannot_be_kept_there(exc):
             raise
         failed, reason_path = apart(before)
         candidate, renamed = _move_to_failed(processing, failed, before)
@@ -654,13 +654,18 @@ def quarantine(
     payload = json.dumps(record, indent=2, sort_keys=True).encode()
     try:
         write_atomically(_reason_of(candidate, failed, reason_path), payload)
-    except (NotADirectoryError, IsADirectoryError):
-        if apart is None:
+    except OSError as exc:
+        if apart is None or not _cannot_be_kept_there(exc):
             raise
         write_atomically(_reason_of(candidate, failed, apart(before)[1]), payload)
     if not renamed:
         os.unlink(processing)
     return candidate
+
+
+def _cannot_be_kept_there(exc: OSError) -> bool:
+    """A file and a folder of one name meet, or the path is too long: no retry helps."""
+    return exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)
 
 
 def _move_to_failed(processing: Path, failed: Path, before: os.stat_result) -> tuple[Path, bool]:

@@ -11,8 +11,9 @@ The service owns everything under the processing root::
 Date folders are always eight digits, so the dot-folders and ``session.json`` can never
 collide with a session's files, whatever those files are called. Within the failed folder a
 file and a folder of one name can meet over time (``a`` quarantined, later ``a/b``; a user's
-folder ``a.json`` beside the reason of ``a``): that file, or its reason, goes to
-``<session>/.apart-<device>-<inode>/<rel>`` instead, and the reason's ``path`` says where the file is.
+folder ``a.json`` beside the reason of ``a``), and a path can be too long with the failed
+folder's prefix: that file, or its reason, goes to ``<session>/.apart-<device>-<inode>/<name>``
+instead, and the reason's ``path`` says where the file is (its ``file``, where it came from).
 """
 
 from __future__ import annotations
@@ -229,9 +230,12 @@ class Layout:
 
     def failed_path(self, key: FileKey, apart: str | None = None) -> Path:
         """Where a quarantined file goes; ``apart`` names a folder of its own inside the
-        session's, for a file whose path meets a file of the failed folder."""
+        session's, for a file whose path cannot be kept there (it meets a file of the failed
+        folder, or is too long): there it keeps only its name, its path being in its reason."""
         session = self.failed_files_root / key.date_prefix / key.session
-        return (session / apart if apart is not None else session) / key.rel
+        if apart is None:
+            return session / key.rel
+        return session / apart / key.rel.rsplit("/", 1)[-1]
 
     def failed_reason_path(self, failed_path: Path) -> Path:
         relative = failed_path.relative_to(self.failed_files_root)

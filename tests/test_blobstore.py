@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from azure.storage.blob import BlobClient, ContainerClient
 
 from tests.support.azurite import Azurite
 from tests.support.service import random_bytes
+from uploader import blobstore
 from uploader.blobstore import BlobStore, block_id, open_blob_store
 from uploader.config import Settings
-from uploader.errors import BlocksMissing, Disposition, IntegrityError, classify
+from uploader.errors import BlocksMissing, Disposition, IntegrityError, SourceChanged, classify
 from uploader.fileops import StagedFile, stage_copy
 from uploader.service import make_lanes
 
@@ -127,6 +130,30 @@ async def test_blocks_lost_before_the_commit_fail_the_attempt_retryably_and_go_a
     report = await store.upload(staged, "d/s/f.bin")
     assert report.bytes_sent == len(data)
     assert blob.download_blob().readall() == data
+
+
+async def test_a_failed_copy_is_the_cause_not_the_blocks_its_cleanup_removed(
+    store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "proc" / "big.bin"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(random_bytes(64 * KiB * 4 + 1, seed=5))
+    real_copy, real_read = blobstore.stage_copy, blobstore.read_block
+
+    def copy_then_find_it_changed(source: Path, target: Path, *args: Any) -> StagedFile:
+        real_copy(source, target, *args)
+        target.unlink()  # what stage_copy does when the file changed under it
+        time.sleep(0.5)  # the senders find the copy gone first
+        raise SourceChanged(f"{source} changed while it was copied to staging")
+
+    def read_late(*args: Any) -> bytes:
+        time.sleep(0.1)
+        return real_read(*args)
+
+    monkeypatch.setattr(blobstore, "stage_copy", copy_then_find_it_changed)
+    monkeypatch.setattr(blobstore, "read_block", read_late)
+    with pytest.raises(SourceChanged):
+        await store.upload_while_staging(source, tmp_path / "stage" / "big.bin", "d/s/big.bin")
 
 
 async def test_the_probe_writes_nothing_visible(store: BlobStore, container: ContainerClient) -> None:

@@ -42,6 +42,7 @@ from uploader.lanes import Lanes
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PROBE_BLOB = ".uploader-probe"
+COPY_FAILURE_WAIT_S = 5.0
 tracer = trace.get_tracer(__name__)
 
 
@@ -190,6 +191,7 @@ class BlobStore:
 
         staged: StagedFile | None = None
         copy_failure: Exception | None = None
+        copy_ended = trio.Event()
 
         async def copy() -> None:
             nonlocal staged, copy_failure
@@ -203,11 +205,15 @@ class BlobStore:
                     except Exception as exc:
                         copy_failure = exc
                         raise
+                    finally:
+                        copy_ended.set()
 
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(copy)
-                sent, resumed = await self._send_blocks(blob, staging, ready_receive, on_sent)
+                sent, resumed = await self._send_blocks(
+                    blob, staging, ready_receive, on_sent, copy_ended=copy_ended
+                )
         except ExceptionGroup as group:
             # A copy that fails (the file changed under it, say) removes its staging copy, and
             # the block being sent fails on the missing file: the copy's failure is the cause.
@@ -222,9 +228,12 @@ class BlobStore:
         path: Path,
         blocks: trio.MemoryReceiveChannel[_Block],
         on_sent: Callable[[int], None],
+        *,
+        copy_ended: trio.Event | None = None,
     ) -> tuple[int, int]:
         """Stage every block that comes through ``blocks`` and is not in storage already;
-        returns (bytes sent, bytes found already staged)."""
+        returns (bytes sent, bytes found already staged). ``copy_ended``: set when the copy
+        that feeds ``blocks`` has ended."""
         azure = self.lanes.azure
         try:
             _, uncommitted = await azure.run(blob.get_block_list, "uncommitted")
@@ -250,7 +259,15 @@ class BlobStore:
                     if already.get(block_id(block.index, block.md5)) == block.length:
                         resumed += block.length
                         continue
-                    await azure.run(stage_block, block)
+                    try:
+                        await azure.run(stage_block, block)
+                    except FileNotFoundError:
+                        if copy_ended is not None:
+                            # A copy that fails removes its staging file: its failure (the
+                            # file changed, say) is the cause; give it a moment to be known.
+                            with trio.move_on_after(COPY_FAILURE_WAIT_S):
+                                await copy_ended.wait()
+                        raise
                     sent += block.length
                     on_sent(block.length)
 

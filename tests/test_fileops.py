@@ -21,7 +21,6 @@ from uploader.fileops import (
     Claim,
     StagedFile,
     claim,
-    finish,
     in_folder,
     list_files,
     mark_completed,
@@ -636,17 +635,6 @@ def staged_for(tmp_path: Path, data: bytes = b"payload") -> tuple[Path, StagedFi
     processing = make_file(tmp_path / "proc" / "20240102" / "s" / "a.bin", data)
     staged = stage_copy(processing, tmp_path / "staging" / "a.bin", BLOCK)
     return processing, staged
-
-
-def test_finish_removes_the_sub_folders_it_leaves_empty(tmp_path: Path) -> None:
-    session = tmp_path / "proc" / "20240102" / "s"
-    processing = make_file(session / "a" / "b" / "c.bin", b"payload")
-    make_file(session / "x" / "kept.bin")
-    staged = stage_copy(processing, tmp_path / "staging" / "c.bin", BLOCK)
-
-    assert finish(processing, tmp_path / "done" / "c.bin", staged, session) == []
-
-    assert sorted(p.name for p in session.iterdir()) == ["x"]  # a/b and a went; s stays
 
 
 def test_mark_completed_moves_file(tmp_path: Path) -> None:

@@ -594,15 +594,10 @@ def claim_and_stage(
             return Claimed(outcome, stage_error=exc)
 
 
-def finish(
-    processing: Path, completed: Path, staged: StagedFile, session_folder: Path | None = None
-) -> list[str]:
+def finish(processing: Path, completed: Path, staged: StagedFile) -> list[str]:
     """Mark a verified file completed and delete it and its staging copy; returns the
-    cleanup that failed (GC's sweep repeats it), one line each. Sub-folders of
-    ``session_folder`` it leaves empty go too: a file of the folder's name waits for that."""
+    cleanup that failed (GC's sweep repeats it), one line each."""
     mark_completed(processing, completed, staged)
-    if session_folder is not None:
-        remove_empty_folders(processing.parent, session_folder)
     problems = []
     for path in (completed, staged.path):
         try:
@@ -625,16 +620,6 @@ def probe_writable(root: Path) -> None:
     finally:
         os.close(fd)
         remove_quietly(probe)
-
-
-def remove_empty_folders(folder: Path, up_to: Path) -> None:
-    """Remove ``folder`` and its parents below ``up_to`` while they are empty."""
-    while folder != up_to and folder.is_relative_to(up_to):
-        try:
-            os.rmdir(folder)
-        except OSError:  # not empty (or someone's file arrived): GC's sweep is there too
-            return
-        folder = folder.parent
 
 
 def remove_quietly(path: Path) -> None:

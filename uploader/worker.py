@@ -9,7 +9,6 @@ on NFS) succeeds. An outage of NFS or storage, which fails everyone, quarantines
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -127,8 +126,6 @@ class Pipeline:
         self._nursery: trio.Nursery | None = None
         # Files inside the pipeline: one file is never worked on twice at once.
         self._active: set[FileKey] = set()
-        # Files whose claim had to wait (busy, changed), said once in the log, not each poll.
-        self._said_waiting: set[FileKey] = set()
 
     async def run(
         self,
@@ -291,7 +288,6 @@ class Pipeline:
             if item.on_claim_settled is not None:
                 item.on_claim_settled(failed)
         if claimed.outcome is Claim.CLAIMED:
-            self._said_waiting.discard(key)
             if owned:
                 return Claimed(Claim.GONE)
             item.claimed = True
@@ -300,10 +296,7 @@ class Pipeline:
         elif claimed.outcome is Claim.GONE:
             self.progress.files_skipped += 1
             log.info("%s left incoming before it could be claimed; skipped", key, extra=_log_fields(key))
-        elif key not in self._said_waiting:
-            if len(self._said_waiting) >= 10_000:  # names that never came back: forget them
-                self._said_waiting.clear()
-            self._said_waiting.add(key)
+        else:
             log.info("not claiming %s yet: %s", key, claimed.outcome.value, extra=_log_fields(key))
         return claimed
 
@@ -336,7 +329,7 @@ class Pipeline:
         with tracer.start_as_current_span("complete"):
             problems = await self.lanes.nfs.run(
                 fileops.finish, self.layout.processing_path(key), self.layout.completed_path(key),
-                staged, self.layout.processing_dir(key.date_prefix, key.session),
+                staged,
             )
         for problem in problems:
             log.warning("cleanup after %s failed (GC retries it): %s", key, problem, extra=_log_fields(key))
@@ -476,12 +469,6 @@ class Pipeline:
             log.error("cannot quarantine %s: %s", key, describe(exc), extra=_log_fields(key))
             return False
         record["path"] = str(where)
-        if "/" in key.rel:  # its emptied folders would keep a file of their name waiting
-            with contextlib.suppress(OSError):
-                await self.lanes.nfs.run(
-                    fileops.remove_empty_folders, layout.processing_path(key).parent,
-                    layout.processing_dir(key.date_prefix, key.session),
-                )
         self.progress.claimed.discard(key)
         self.progress.files_quarantined += 1
         self.progress.quarantined.append(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,45 @@ async def test_a_gc_sweep_during_a_claim_keeps_the_copy_being_staged(
     assert sweeps and sweeps[0].counts["staging"] == 0
     assert progress.files_failed == 0  # counted before any retry, so before `finished`
     assert container.download_blob(blob_name(key)).readall() == data
+
+
+async def test_a_claim_that_must_wait_is_logged_once_not_at_every_offer(
+    settings: Settings, store: BlobStore, container: ContainerClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="uploader.worker")
+    layout = Layout(settings.nfs_incoming_dir, settings.nfs_processing_root, settings.local_staging_root)
+    key = FileKey("20240102", "s", "a/b.bin")
+    source = layout.incoming_path(key)
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"below a name in flight")
+    in_flight = layout.processing_path(FileKey("20240102", "s", "a"))
+    in_flight.parent.mkdir(parents=True)
+    in_flight.write_bytes(b"older file a, still going up")
+    settled = trio.Semaphore(0)
+    send, receive = trio.open_memory_channel[WorkItem](10)
+    pipeline = Pipeline(
+        settings=settings, layout=layout, lanes=store.lanes, store=store, progress=Progress(),
+        metrics=Metrics.create(), retry_send=send.clone(),
+    )
+
+    def offer() -> WorkItem:
+        stat = source.stat()
+        return WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns),
+                        on_claim_settled=lambda failed: settled.release())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        for _ in range(3):  # three polls while "a" is in flight
+            await send.send(offer())
+            with trio.fail_after(10):
+                await settled.acquire()
+        in_flight.unlink()  # "a" is done
+        await send.send(offer())
+        with trio.fail_after(20):
+            while not container.get_blob_client(blob_name(key)).exists():  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+    waits = [r for r in caplog.records if r.getMessage().startswith("not claiming")]
+    assert len(waits) == 1

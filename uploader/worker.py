@@ -126,6 +126,9 @@ class Pipeline:
         self._nursery: trio.Nursery | None = None
         # Files inside the pipeline: one file is never worked on twice at once.
         self._active: set[FileKey] = set()
+        # Files whose claim has to wait (busy, changed) and was said so in the log: once, not
+        # at every poll while they wait.
+        self._said_waiting: dict[FileKey, Claim] = {}
 
     async def run(
         self,
@@ -277,6 +280,7 @@ class Pipeline:
                     )
         except OSError as exc:
             # Still in incoming: the watcher offers it again after a while.
+            self._said_waiting.pop(key, None)
             failed = True
             self.progress.files_failed += 1
             self.metrics.files_failed.add(1, {"disposition": classify(exc).value})
@@ -287,6 +291,8 @@ class Pipeline:
             self.progress.claim_ended(key)
             if item.on_claim_settled is not None:
                 item.on_claim_settled(failed)
+        if claimed.outcome in (Claim.CLAIMED, Claim.GONE):
+            self._said_waiting.pop(key, None)
         if claimed.outcome is Claim.CLAIMED:
             if owned:
                 return Claimed(Claim.GONE)
@@ -296,7 +302,10 @@ class Pipeline:
         elif claimed.outcome is Claim.GONE:
             self.progress.files_skipped += 1
             log.info("%s left incoming before it could be claimed; skipped", key, extra=_log_fields(key))
-        else:
+        elif self._said_waiting.get(key) is not claimed.outcome:
+            if len(self._said_waiting) >= 10_000:  # names that never came back: forget them
+                self._said_waiting.clear()
+            self._said_waiting[key] = claimed.outcome
             log.info("not claiming %s yet: %s", key, claimed.outcome.value, extra=_log_fields(key))
         return claimed
 

@@ -637,6 +637,25 @@ def staged_for(tmp_path: Path, data: bytes = b"payload") -> tuple[Path, StagedFi
     return processing, staged
 
 
+def test_an_empty_folder_left_where_a_copy_or_a_completed_file_goes_is_replaced(tmp_path: Path) -> None:
+    """'a/b' done and gone, its folders not yet swept by GC: now the file 'a'."""
+    processing = make_file(tmp_path / "proc" / "20240102" / "s" / "a", b"payload")
+    (tmp_path / "staging" / "a").mkdir(parents=True)
+    completed = tmp_path / "done" / "a"
+    completed.mkdir(parents=True)
+    staged = stage_copy(processing, tmp_path / "staging" / "a", BLOCK)
+    mark_completed(processing, completed, staged)
+    assert staged.path.read_bytes() == completed.read_bytes() == b"payload"
+
+
+def test_a_folder_in_use_where_a_copy_goes_is_left_alone(tmp_path: Path) -> None:
+    processing = make_file(tmp_path / "proc" / "a", b"payload")
+    make_file(tmp_path / "staging" / "a" / "b", b"someone's copy")
+    with pytest.raises(IsADirectoryError):
+        stage_copy(processing, tmp_path / "staging" / "a", BLOCK)
+    assert (tmp_path / "staging" / "a" / "b").read_bytes() == b"someone's copy"
+
+
 def test_mark_completed_moves_file(tmp_path: Path) -> None:
     processing, staged = staged_for(tmp_path)
     inode = os.lstat(processing).st_ino

@@ -177,6 +177,22 @@ def in_folder(path: Path, operation: Callable[[], T], *, attempts: int = 4) -> T
     return operation()
 
 
+def instead_of_an_empty_folder(path: Path, make: Callable[[], T]) -> T:
+    """Run ``make``, which puts a file at ``path`` in one of the service's own trees (staging,
+    completed). An empty folder of that name, left by the files that were in it ("a/b" done,
+    now the file "a") until GC's sweep removes it, is removed first."""
+    try:
+        return make()
+    except IsADirectoryError:
+        try:
+            os.rmdir(path)  # only if empty: a folder in use stays, and so does the error
+        except OSError:
+            pass
+        else:
+            return make()
+        raise
+
+
 # link() refused for the file, not the name: fs.protected_hardlinks (on by default) lets only
 # a file's owner link it, and some file systems have no hard links.
 _LINK_REFUSED = frozenset({errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP})
@@ -473,10 +489,10 @@ def stage_copy(
             raise NotARegularFile(f"{source} is not a regular file")
         # A file too large for 50,000 blocks of the configured size gets larger blocks.
         block_size = max(block_size, -(-before.st_size // MAX_BLOCKS_PER_BLOB))
-        fd_out = in_folder(
+        fd_out = instead_of_an_empty_folder(target, lambda: in_folder(
             target,
             lambda: os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
-        )
+        ))
         ours = os.fstat(fd_out)
         whole = _WholeFileHash(in_background=before.st_size > block_size)
         write_behind = _WriteBehind(fd_out)
@@ -565,7 +581,7 @@ def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> Non
         raise SourceVanished(f"{processing} is gone") from None
     if _identity(now) != (staged.size, staged.mtime_ns, staged.ctime_ns):
         raise SourceChanged(f"{processing} changed after it was uploaded")
-    in_folder(completed, lambda: os.rename(processing, completed))
+    instead_of_an_empty_folder(completed, lambda: in_folder(completed, lambda: os.rename(processing, completed)))
 
 
 @dataclass(frozen=True)

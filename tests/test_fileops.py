@@ -804,7 +804,7 @@ def quarantine_in(layout: Layout, rel: str, data: bytes) -> Path:
     failed = layout.failed_path(key)
 
     def apart(file: os.stat_result) -> tuple[Path, Path]:
-        path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino))
+        path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino, key.rel))
         return path, layout.failed_reason_path(path)
 
     where = quarantine(processing, failed, layout.failed_reason_path(failed), {"file": rel}, apart)
@@ -851,13 +851,33 @@ def test_quarantine_of_a_path_too_long_for_the_failed_folder_goes_apart(tmp_path
     assert reasons_in(layout) == {rel: str(where)}
 
 
+def test_two_hard_links_of_one_file_quarantined_apart_keep_both_reasons(tmp_path: Path) -> None:
+    layout = layout_in(tmp_path)
+    quarantine_in(layout, "p", b"in the way")
+    first, second = FileKey("20240102", "s", "p/q/n"), FileKey("20240102", "s", "p/r/n")
+    make_file(layout.processing_path(first), b"one file")
+    layout.processing_path(second).parent.mkdir(parents=True)
+    os.link(layout.processing_path(first), layout.processing_path(second))
+    for key in (first, second):
+        failed = layout.failed_path(key)
+
+        def apart(file: os.stat_result, key: FileKey = key) -> tuple[Path, Path]:
+            path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino, key.rel))
+            return path, layout.failed_reason_path(path)
+
+        quarantine(layout.processing_path(key), failed, layout.failed_reason_path(failed),
+                   {"file": key.rel}, apart)
+    reasons = reasons_in(layout)
+    assert set(reasons) == {"p", "p/q/n", "p/r/n"} and reasons["p/q/n"] != reasons["p/r/n"]
+
+
 def test_quarantine_apart_finishes_an_interrupted_quarantine(tmp_path: Path) -> None:
     layout = layout_in(tmp_path)
     quarantine_in(layout, "a", b"first")
     key = FileKey("20240102", "s", "a/b")
     processing = make_file(layout.processing_path(key), b"then")
     info = os.lstat(processing)
-    apart = layout.failed_path(key, apart_folder_name(info.st_dev, info.st_ino))
+    apart = layout.failed_path(key, apart_folder_name(info.st_dev, info.st_ino, key.rel))
     apart.parent.mkdir(parents=True)
     os.link(processing, apart)  # a crash after the link, before the reason and the unlink
 

@@ -12,7 +12,7 @@ Date folders are always eight digits, so the dot-folders and ``session.json`` ca
 collide with a session's files, whatever those files are called. Within the failed folder a
 file and a folder of one name can meet over time (``a`` quarantined, later ``a/b``; a user's
 folder ``a.json`` beside the reason of ``a``), and a path can be too long with the failed
-folder's prefix: that file, or its reason, goes to ``<session>/.apart-<device>-<inode>/<name>``
+folder's prefix: that file, or its reason, goes to ``<session>/.apart-<device>-<inode>-<hash of rel>/<name>``
 instead, and the reason's ``path`` says where the file is (its ``file``, where it came from).
 """
 
@@ -242,10 +242,12 @@ class Layout:
         return self.failed_reasons_root / relative.parent / reason_file_name(relative.name)
 
 
-def apart_folder_name(device: int, inode: int) -> str:
-    """A folder of the failed folder for one file apart, named after the file itself so that
-    an attempt that stopped half-way (a crash) is found and finished by the next one."""
-    return f".apart-{device:x}-{inode:x}"
+def apart_folder_name(device: int, inode: int, rel: str) -> str:
+    """A folder of the failed folder for one file apart, named after the file itself (and its
+    path: two hard links of one file are two files) so that an attempt that stopped half-way
+    (a crash) is found and finished by the next one."""
+    digest = hashlib.sha256(os.fsencode(rel)).hexdigest()[:12]
+    return f".apart-{device:x}-{inode:x}-{digest}"
 
 
 def name_with_suffix(name: str, suffix: str, *, room: int = 0) -> str:

@@ -443,7 +443,7 @@ class Pipeline:
         failed = layout.failed_path(key)
 
         def apart(file: os.stat_result) -> tuple[Path, Path]:
-            path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino))
+            path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino, key.rel))
             return path, layout.failed_reason_path(path)
 
         record: dict[str, object] = {

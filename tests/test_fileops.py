@@ -185,6 +185,23 @@ def test_claim_waits_while_a_file_in_flight_has_the_name_of_one_of_its_folders(t
     assert source.read_bytes() == b"newer"
 
 
+def test_claim_replaces_an_empty_folder_of_its_name_left_in_processing(tmp_path: Path) -> None:
+    """'a/b' done, its folder not yet swept by GC: the file 'a' need not wait for the sweep."""
+    source = make_file(tmp_path / "in" / "s" / "a", b"data")
+    target = tmp_path / "proc" / "s" / "a"
+    target.mkdir(parents=True)
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.CLAIMED
+    assert target.read_bytes() == b"data"
+
+
+def test_claim_waits_for_a_folder_of_its_name_still_in_use(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "in" / "s" / "a", b"data")
+    make_file(tmp_path / "proc" / "s" / "a" / "b", b"in flight")
+    target = tmp_path / "proc" / "s" / "a"
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.BUSY
+    assert (target / "b").read_bytes() == b"in flight" and source.exists()
+
+
 def refuse_links(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the kernel answers under fs.protected_hardlinks when the file is another user's."""
 
@@ -833,6 +850,8 @@ def test_quarantine_where_a_file_and_a_folder_of_one_name_meet(
     where_first = quarantine_in(layout, first, b"first")
     where_then = quarantine_in(layout, then, b"then")
     assert reasons_in(layout) == {first: str(where_first), then: str(where_then)}
+    if first.startswith(f"{then}/"):  # a folder of the name: apart, not a numbered look-alike
+        assert where_then.parent.name.startswith(".apart-")
     assert not [name for _, _, names in os.walk(layout.failed_reasons_root) for name in names
                 if name.endswith(".tmp")]
 

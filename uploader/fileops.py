@@ -231,6 +231,20 @@ def move_no_clobber(
     return True
 
 
+def _move_in(name: Path | str, target: Path, before: os.stat_result, folder: int | None) -> bool:
+    """``move_no_clobber`` into the processing folder, where an empty folder of the target's
+    name (left by the files that were in it, "a/b" done, now the file "a") is removed first
+    rather than waited for until GC's sweep."""
+    try:
+        return move_no_clobber(name, target, before, source_dir_fd=folder)
+    except FileExistsError:
+        try:
+            os.rmdir(target)  # only an empty folder: a file, or a folder in use, stays
+        except OSError:
+            raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+        return move_no_clobber(name, target, before, source_dir_fd=folder)
+
+
 def _file_on_the_way(path: Path) -> bool:
     """Whether the nearest existing folder of ``path``'s folders is a regular file."""
     for folder in path.parents:
@@ -313,7 +327,7 @@ def _claim_in(
         return Claim.CHANGED
     linked_now = False
     try:
-        if move_no_clobber(name, target, before, source_dir_fd=folder):
+        if _move_in(name, target, before, folder):
             return Claim.CLAIMED
         linked_now = True
     except FileExistsError:
@@ -694,6 +708,8 @@ def _move_to_failed(processing: Path, failed: Path, before: os.stat_result) -> t
         except FileExistsError:
             if _is(candidate, before):
                 return candidate, False  # linked there by an attempt that stopped half-way
+            if stat.S_ISDIR(os.lstat(candidate).st_mode):  # a folder of quarantined files
+                raise IsADirectoryError(errno.EISDIR, "a folder has this name", str(candidate)) from None
             candidate = failed.with_name(name_with_suffix(failed.name, f".{n}"))
     raise FileExistsError(errno.EEXIST, "no free name in the failed folder", str(failed))  # pragma: no cover
 

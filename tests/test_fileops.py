@@ -11,11 +11,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from uploader import fileops
-from uploader.errors import NotARegularFile, SourceChanged, SourceVanished
+from uploader.errors import Disposition, NotARegularFile, SourceChanged, SourceVanished, classify
 from uploader.fileops import (
     MAX_BLOCKS_PER_BLOB,
     Claim,
@@ -200,6 +201,30 @@ def test_claim_waits_for_a_folder_of_its_name_still_in_use(tmp_path: Path) -> No
     target = tmp_path / "proc" / "s" / "a"
     assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.BUSY
     assert (target / "b").read_bytes() == b"in flight" and source.exists()
+
+
+def test_claim_racing_a_file_that_took_its_folders_name_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'a/b' is claimed while the claim of the file 'a' removes the empty folder 'a' and
+    takes its name: 'a/b' waits for 'a', it has not failed."""
+    source = make_file(tmp_path / "in" / "s" / "a" / "b", b"data")
+    target = tmp_path / "proc" / "s" / "a" / "b"
+    target.parent.mkdir(parents=True)
+    real_makedirs = os.makedirs
+
+    def folder_gone(*args: Any, **kwargs: Any) -> None:
+        target.parent.rmdir()  # the claim of "a" removed the empty folder...
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(target))
+
+    def file_a_there_first(path: Any, *args: Any, **kwargs: Any) -> None:
+        make_file(target.parent, b"the file a")  # ...and linked its file there first
+        real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", folder_gone)
+    monkeypatch.setattr(os, "makedirs", file_a_there_first)
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.BUSY
+    assert source.read_bytes() == b"data"
 
 
 def refuse_links(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -668,8 +693,11 @@ def test_an_empty_folder_left_where_a_copy_or_a_completed_file_goes_is_replaced(
 def test_a_folder_in_use_where_a_copy_goes_is_left_alone(tmp_path: Path) -> None:
     processing = make_file(tmp_path / "proc" / "a", b"payload")
     make_file(tmp_path / "staging" / "a" / "b", b"someone's copy")
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(OSError) as failed:
         stage_copy(processing, tmp_path / "staging" / "a", BLOCK)
+    # Not the file's fault: its turn comes once that copy is cleaned up.
+    assert failed.value.errno == errno.EBUSY
+    assert classify(failed.value) is Disposition.RETRYABLE
     assert (tmp_path / "staging" / "a" / "b").read_bytes() == b"someone's copy"
 
 

@@ -45,8 +45,9 @@ MAX_BLOCKS_PER_BLOB = 50_000  # Azure's limit for a block blob
 class Claim(enum.Enum):
     CLAIMED = "claimed"
     GONE = "gone"  # taken or deleted by someone else: nothing to do
-    # An older file of that name, or named like one of its folders, is still in flight.
-    BUSY = "an older file of this name or of one of its folders is still in flight"
+    # An older file of that name, or named like one of its folders, or files in a folder of
+    # its name, are still in flight.
+    BUSY = "a file of this name, of one of its folders or in a folder of its name is still in flight"
     CHANGED = "changed"  # changed since the watcher found it stable: still being written
 
 
@@ -179,18 +180,23 @@ def in_folder(path: Path, operation: Callable[[], T], *, attempts: int = 4) -> T
 
 def instead_of_an_empty_folder(path: Path, make: Callable[[], T]) -> T:
     """Run ``make``, which puts a file at ``path`` in one of the service's own trees (staging,
-    completed). An empty folder of that name, left by the files that were in it ("a/b" done,
-    now the file "a") until GC's sweep removes it, is removed first."""
+    completed). Where a folder has that name, left by the files that were in it ("a/b" done,
+    now the file "a") until GC's sweep removes it, the folder goes and ``make`` runs again;
+    a folder that still holds files (their cleanup is not done yet) fails the attempt with
+    EBUSY, which is retried.
+    """
     try:
         return make()
     except IsADirectoryError:
         try:
-            os.rmdir(path)  # only if empty: a folder in use stays, and so does the error
-        except OSError:
-            pass
-        else:
-            return make()
-        raise
+            os.rmdir(path)  # only if empty
+        except FileNotFoundError:
+            pass  # GC's sweep took it meanwhile
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OSError(errno.EBUSY, "a folder of this name still holds files", str(path)) from None
+            raise
+        return make()
 
 
 # link() refused for the file, not the name: fs.protected_hardlinks (on by default) lets only
@@ -240,6 +246,8 @@ def _move_in(name: Path | str, target: Path, before: os.stat_result, folder: int
     except FileExistsError:
         try:
             os.rmdir(target)  # only an empty folder: a file, or a folder in use, stays
+        except FileNotFoundError:
+            pass  # GC's sweep took it meanwhile
         except OSError:
             raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
         return move_no_clobber(name, target, before, source_dir_fd=folder)
@@ -258,7 +266,7 @@ def _file_on_the_way(path: Path) -> bool:
 def _is(path: Path | str, before: os.stat_result, *, dir_fd: int | None = None) -> bool:
     try:
         return same_file(os.lstat(path, dir_fd=dir_fd), before)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a file now holds a folder's name)
         return False
 
 

@@ -230,8 +230,9 @@ class Layout:
 
     def failed_path(self, key: FileKey, apart: str | None = None) -> Path:
         """Where a quarantined file goes; ``apart`` names a folder of its own inside the
-        session's, for a file whose path cannot be kept there (it meets a file of the failed
-        folder, or is too long): there it keeps only its name, its path being in its reason."""
+        session's, for a file whose path cannot be kept there (it meets a file or a folder of
+        the failed folder, or is too long): there it keeps only its name, its path being in
+        its reason."""
         session = self.failed_files_root / key.date_prefix / key.session
         if apart is None:
             return session / key.rel

@@ -64,7 +64,7 @@ def test_claim_moves_file_keeping_inode(tmp_path: Path) -> None:
     target.parent.mkdir()
     inode = os.lstat(source).st_ino
 
-    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.CLAIMED
 
     assert not source.exists()
     assert target.read_bytes() == b"data"
@@ -75,20 +75,20 @@ def test_claim_moves_file_keeping_inode(tmp_path: Path) -> None:
 def test_claim_without_expected_attributes(tmp_path: Path) -> None:
     source = make_file(tmp_path / "in" / "a.csv")
     target = tmp_path / "proc" / "a.csv"
-    assert claim(source, target, None) is Claim.CLAIMED
+    assert claim(source, target, None, tmp_path / "in") is Claim.CLAIMED
     assert target.exists() and not source.exists()
 
 
 def test_claim_creates_missing_target_folders(tmp_path: Path) -> None:
     source = make_file(tmp_path / "in" / "a.csv")
     target = tmp_path / "proc" / "20240102" / "s" / "deep" / "er" / "a.csv"
-    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.CLAIMED
     assert target.read_bytes() == b"hello"
 
 
 def test_claim_missing_source_is_gone(tmp_path: Path) -> None:
     target = tmp_path / "proc" / "a.csv"
-    assert claim(tmp_path / "in" / "a.csv", target, None) is Claim.GONE
+    assert claim(tmp_path / "in" / "a.csv", target, None, tmp_path / "in") is Claim.GONE
     assert not target.exists()
 
 
@@ -99,7 +99,7 @@ def test_claim_symlink_source_is_gone_and_not_followed(tmp_path: Path) -> None:
     source.symlink_to(outside)
     target = tmp_path / "proc" / "link.txt"
 
-    assert claim(source, target, None) is Claim.GONE
+    assert claim(source, target, None, tmp_path / "in") is Claim.GONE
 
     assert not os.path.lexists(target)
     assert source.is_symlink()
@@ -110,7 +110,7 @@ def test_claim_folder_source_is_gone(tmp_path: Path) -> None:
     source = tmp_path / "in" / "folder"
     source.mkdir(parents=True)
     target = tmp_path / "proc" / "folder"
-    assert claim(source, target, None) is Claim.GONE
+    assert claim(source, target, None, tmp_path / "in") is Claim.GONE
     assert source.is_dir()
     assert not os.path.lexists(target)
 
@@ -119,7 +119,7 @@ def test_claim_busy_when_target_is_another_file(tmp_path: Path) -> None:
     source = make_file(tmp_path / "in" / "a.csv", b"new")
     target = make_file(tmp_path / "proc" / "a.csv", b"older, in flight")
 
-    assert claim(source, target, expected_of(source)) is Claim.BUSY
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.BUSY
 
     assert source.read_bytes() == b"new"
     assert target.read_bytes() == b"older, in flight"
@@ -134,7 +134,7 @@ def test_claim_changed_when_attributes_differ(tmp_path: Path, what: str) -> None
     expected = (size + 1, mtime_ns) if what == "size" else (size, mtime_ns - 1_000_000_000)
     target = tmp_path / "proc" / "a.csv"
 
-    assert claim(source, target, expected) is Claim.CHANGED
+    assert claim(source, target, expected, tmp_path / "in") is Claim.CHANGED
 
     assert source.read_bytes() == b"data"
     assert not target.exists()
@@ -146,7 +146,7 @@ def test_claim_finishes_interrupted_claim(tmp_path: Path) -> None:
     target.parent.mkdir()
     os.link(source, target)  # a crash between link() and unlink()
 
-    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.CLAIMED
 
     assert not source.exists()
     assert target.read_bytes() == b"data"
@@ -244,7 +244,7 @@ def test_claim_renames_a_file_the_kernel_will_not_link(
     inode = os.lstat(source).st_ino
     refuse_links(monkeypatch)
 
-    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.CLAIMED
 
     assert not source.exists()
     assert os.lstat(target).st_ino == inode
@@ -257,7 +257,7 @@ def test_claim_by_rename_never_replaces_a_file_in_flight(
     target = make_file(tmp_path / "proc" / "a.csv", b"older, in flight")
     refuse_links(monkeypatch)
 
-    assert claim(source, target, expected_of(source)) is Claim.BUSY
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.BUSY
 
     assert source.read_bytes() == b"new"
     assert target.read_bytes() == b"older, in flight"
@@ -273,13 +273,13 @@ def test_claim_stands_when_the_unlink_failed_but_may_have_been_done(
 
     def done_but_failed(path: object, *args: object, **kwargs: object) -> None:
         unlink(path, *args, **kwargs)  # type: ignore[arg-type]
-        if Path(os.fsdecode(path)).parent == source.parent:  # type: ignore[arg-type]
+        if kwargs.get("dir_fd") is not None:  # the name in incoming, in its open folder
             raise OSError(errno.EIO, "Input/output error", str(path))
 
     monkeypatch.setattr(os, "unlink", done_but_failed)
 
     with pytest.raises(OSError):
-        claim(source, target, expected_of(source))
+        claim(source, target, expected_of(source), tmp_path / "in")
 
     assert target.read_bytes() == b"data"
 
@@ -295,7 +295,7 @@ def test_an_interrupted_claim_is_not_taken_back_when_incoming_refuses_the_unlink
     refuse_unlink_in(monkeypatch, source.parent)
 
     with pytest.raises(PermissionError):
-        claim(source, target, expected_of(source))
+        claim(source, target, expected_of(source), tmp_path / "in")
 
     assert target.read_bytes() == b"data"
 
@@ -316,7 +316,7 @@ def test_claim_by_rename_done_already_is_a_claim(
 
     monkeypatch.setattr(os, "rename", done_then_enoent)
 
-    assert claim(source, target, expected_of(source)) is Claim.CLAIMED
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.CLAIMED
     assert target.read_bytes() == b"data"
 
 
@@ -337,10 +337,12 @@ def test_quarantine_moves_a_file_the_kernel_will_not_link(
 
 
 def refuse_unlink_in(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Refuse unlinks in ``folder``: by path, or by name in an open folder (claims open
+    incoming's folders, and nothing else here does)."""
     unlink = os.unlink
 
     def refuse(path: object, *args: object, **kwargs: object) -> None:
-        if Path(os.fsdecode(path)).parent == folder:  # type: ignore[arg-type]
+        if kwargs.get("dir_fd") is not None or Path(os.fsdecode(path)).parent == folder:  # type: ignore[arg-type]
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         unlink(path, *args, **kwargs)  # type: ignore[arg-type]
 
@@ -355,7 +357,7 @@ def test_claim_is_taken_back_when_the_file_cannot_leave_incoming(
     refuse_unlink_in(monkeypatch, source.parent)
 
     with pytest.raises(PermissionError):
-        claim(source, target, expected_of(source))
+        claim(source, target, expected_of(source), tmp_path / "in")
 
     assert source.read_bytes() == b"data"
     assert not os.path.lexists(target)  # nothing left for recovery to upload a second time

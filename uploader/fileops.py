@@ -237,7 +237,7 @@ def move_no_clobber(
     return True
 
 
-def _move_in(name: Path | str, target: Path, before: os.stat_result, folder: int | None) -> bool:
+def _move_in(name: str, target: Path, before: os.stat_result, folder: int) -> bool:
     """``move_no_clobber`` into the processing folder, where an empty folder of the target's
     name (left by the files that were in it, "a/b" done, now the file "a") is removed first
     rather than waited for until GC's sweep."""
@@ -290,17 +290,13 @@ def open_folder_within(root: Path, folders: Sequence[str]) -> int:
     return fd
 
 
-def claim(
-    source: Path, target: Path, expected: tuple[int, int] | None, within: Path | None = None
-) -> Claim:
+def claim(source: Path, target: Path, expected: tuple[int, int] | None, within: Path) -> Claim:
     """Move ``source`` (incoming) to ``target`` (processing) without clobbering ``target``.
 
-    With ``within`` (the incoming root), every folder between it and ``source`` must still be
-    a real folder: one replaced by a symbolic link since the scan would lead to files outside
+    Every folder between ``within`` (the incoming root) and ``source`` must still be a real
+    folder: one replaced by a symbolic link since the scan would lead to files outside
     incoming, which are never read, nor deleted. The file is then gone, as far as we know.
     """
-    if within is None:
-        return _claim_in(None, source, source, target, expected)
     *folders, name = source.relative_to(within).parts
     try:
         folder = open_folder_within(within, folders)
@@ -319,10 +315,9 @@ def claim(
 
 
 def _claim_in(
-    folder: int | None, name: Path | str, source: Path, target: Path,
-    expected: tuple[int, int] | None,
+    folder: int, name: str, source: Path, target: Path, expected: tuple[int, int] | None
 ) -> Claim:
-    """``claim`` of the file ``name`` in the open ``folder`` (None: ``name`` is a path)."""
+    """``claim`` of the file ``name`` in the open ``folder``."""
     try:
         before = os.lstat(name, dir_fd=folder)
     except OSError as exc:
@@ -347,7 +342,7 @@ def _claim_in(
     except NotADirectoryError:
         # The source is a name in an open folder: a folder of the target's path is a file in
         # flight ("a" still going up, now "a/b"); it leaves once done, like a file of this name.
-        if folder is None or not _file_on_the_way(target):
+        if not _file_on_the_way(target):
             raise
         return Claim.BUSY
     try:
@@ -618,7 +613,7 @@ class Claimed:
 
 def claim_and_stage(
     source: Path, target: Path, staging: Path, expected: tuple[int, int] | None, block_size: int,
-    within: Path | None = None,
+    within: Path,
 ) -> Claimed:
     """Claim a file and copy it to staging, in one trip to a worker thread (each trip costs
     a thread wake-up and a wake-up of the event loop: per small file, that adds up)."""

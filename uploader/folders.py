@@ -138,7 +138,7 @@ def inspect_folder(variable: str, path: Path) -> bool:
 
 
 def _check_creatable(variable: str, path: Path) -> None:
-    """Why ``os.makedirs(path)`` would fail for sure, as a StartupError; None otherwise."""
+    """Raise a StartupError where ``os.makedirs(path)`` would fail for sure."""
     existing = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
     if existing is None:
         return

@@ -172,7 +172,7 @@ def render_markdown(results: dict[str, Any], analysis: str) -> str:
     add(f"| RAM | {m['ram_gib']} GiB |")
     add(f"| kernel / OS | {m['kernel']} / {m['os']} |")
     add(f"| Python | {m['python']} (trio {m['trio']}) |")
-    add(f"| Azurite | {m['azurite']} on Node.js {m['node']}, in memory, `--skipApiVersionCheck`, loopback |")
+    add(f"| Azurite | {m['azurite']} on Node.js {m['node']}, in memory, `--skipApiVersionCheck`, `--disableTelemetry`, loopback |")
     add(f"| rclone | {m['rclone']} |")
     add(f"| SDK | azure-storage-blob {m['azure_storage_blob']}, azure-core {m['azure_core']} |")
     dirty = ", ".join(m["git_dirty"]) or "none"

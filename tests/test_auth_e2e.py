@@ -54,7 +54,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
 @pytest.fixture(scope="module")
 def oauth_azurite(tls: CertificateFiles) -> Iterator[Azurite]:
     """One Azurite for the module: HTTPS, basic OAuth (and the well-known account key)."""
-    with run_azurite("--disableTelemetry", cert=tls.cert, key=tls.key, oauth="basic") as server:
+    with run_azurite(cert=tls.cert, key=tls.key, oauth="basic") as server:
         assert server.scheme == "https"
         yield server
 

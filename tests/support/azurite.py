@@ -112,6 +112,8 @@ def run_azurite(
             "--blobPort", str(port),
             "--inMemoryPersistence",
             "--skipApiVersionCheck",
+            # Azurite otherwise reports usage to Application Insights: never off loopback.
+            "--disableTelemetry",
             "--silent",
             *extra_args,
         ],

@@ -182,6 +182,16 @@ def test_describe_os_error_with_newline_in_file_name_is_one_line() -> None:
     assert len(text.splitlines()) == 1
 
 
+def test_describe_never_shows_a_sas_signature() -> None:
+    # The SDK puts the request's URL, query string and all, into some transport errors.
+    exc = ServiceResponseError(
+        "Failed to parse: http://127.0.0.1:99999/x/c?restype=container&sv=2020-10-02&sig=SECRETsig%3D"
+    )
+    text = describe(exc)
+    assert "SECRETsig" not in text
+    assert "sig=***" in text
+
+
 # --- backoff_delay -----------------------------------------------------------------------
 
 

@@ -23,6 +23,8 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from uploader.config import redact
+
 
 class Disposition(enum.Enum):
     RETRYABLE = "retryable"
@@ -135,8 +137,12 @@ def is_benign_race(exc: OSError) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """One line for status and logs."""
+    """One line for status and logs, without secrets: the SDK puts a request's URL, SAS
+    signature included, into some of its messages."""
+    return redact(_describe(exc))
 
+
+def _describe(exc: BaseException) -> str:
     def one_line(text: str) -> str:
         return " ".join(text.split())
 

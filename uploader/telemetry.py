@@ -44,6 +44,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from uploader.config import redact
 from uploader.errors import Disposition
 from uploader.log_writer import BackgroundLineWriter, own_stderr
 from uploader.otel_settings import SIGNALS
@@ -61,7 +62,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         context = trace.get_current_span().get_span_context()
         if context.is_valid:
@@ -71,7 +72,7 @@ class JsonFormatter(logging.Formatter):
             if name not in _STANDARD_RECORD_FIELDS and not name.startswith("otel"):
                 entry[name] = value
         if record.exc_info and record.exc_info[0] is not None:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 

@@ -9,7 +9,14 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 from pydantic import ValidationError
 
-from uploader.config import MiB, SettingsError, blob_endpoint, load_settings, overlapping_folders
+from uploader.config import (
+    MiB,
+    SettingsError,
+    blob_endpoint,
+    load_settings,
+    overlapping_folders,
+    unknown_settings,
+)
 
 ACCOUNT_URL = "https://acct.blob.core.windows.net"
 ACCOUNT_KEY = "c2VjcmV0LWFjY291bnQta2V5LXZhbHVl/Zz+Qw=="  # base64, as real keys are
@@ -102,7 +109,7 @@ def test_a_wildcard_extension_is_refused_naming_it() -> None:
     )
 
 
-@pytest.mark.parametrize("raw", ["", " ", " , ,"])
+@pytest.mark.parametrize("raw", ["", " "])
 def test_empty_file_extensions_mean_all_files(clean_env: pytest.MonkeyPatch, raw: str) -> None:
     clean_env.setenv("APP_FILE_EXTENSIONS", raw)
     assert load_settings().file_extensions == ()
@@ -199,6 +206,19 @@ BAD_VALUES = [
     ("APP_FILE_EXTENSIONS", ".c sv"),
     ("APP_FILE_EXTENSIONS", "csv,tif."),
     ("APP_AZURE_ACCOUNT_KEY", "not-base64!"),
+    ("APP_AZURE_ACCOUNT_KEY", "!!!!"),
+    ("APP_AZURE_ACCOUNT_URL", "https://not a url"),
+    ("APP_AZURE_ACCOUNT_URL", "http://127.0.0.1:99999/devstoreaccount1"),
+    ("APP_AZURE_ACCOUNT_URL", "https://acct.blob.core.windows.net:/"),
+    ("APP_AZURE_ACCOUNT_URL", "https://999.1.1.1"),
+    ("APP_HOST", ""),
+    ("APP_HOST", " 127.0.0.1 "),
+    ("APP_HOST", "999.1.1.1"),
+    ("APP_HOST", "not a host"),
+    ("APP_NFS_INCOMING_DIR", "/mnt/nfs/in "),
+    ("APP_LOCAL_STAGING_ROOT", " /mnt/staging"),
+    ("APP_FILE_EXTENSIONS", ","),
+    ("APP_FILE_EXTENSIONS", " , "),
 ]
 
 
@@ -357,6 +377,10 @@ BAD_CONNECTION_STRINGS = {
     "only-secondary": f"BlobSecondaryEndpoint=https://x-secondary.blob.core.windows.net;AccountName=acct;AccountKey={KEY}",
     "bad-protocol": f"DefaultEndpointsProtocol=ftp;AccountName=acct;AccountKey={KEY}",
     "dev-storage-capitalised": "UseDevelopmentStorage=True",
+    "endpoint-not-http": f"BlobEndpoint=ftp://127.0.0.1:10000/x;AccountName=acct;AccountKey={KEY}",
+    "endpoint-with-space": f"BlobEndpoint=not a url;AccountName=acct;AccountKey={KEY}",
+    "endpoint-bad-port": f"BlobEndpoint=http://127.0.0.1:99999/x;AccountName=acct;AccountKey={KEY}",
+    "key-not-only-base64": "AccountName=acct;AccountKey=!!!!",
 }
 
 
@@ -400,6 +424,51 @@ def test_token_auth_without_account_url_is_refused(mode: str) -> None:
     message = settings_error(APP_AZURE_AUTH=mode, APP_AZURE_ACCOUNT_URL=None)
     assert "\n" not in message
     assert "APP_AZURE_ACCOUNT_URL" in message
+
+
+def test_auto_auth_refuses_a_fallback_to_another_account() -> None:
+    other = "DefaultEndpointsProtocol=https;AccountName=other;AccountKey=eQ==;EndpointSuffix=core.windows.net"
+    message = settings_error(APP_AZURE_AUTH="auto", APP_AZURE_CONNECTION_STRING=other)
+    assert message == (
+        "APP_AZURE_CONNECTION_STRING names the blob endpoint https://other.blob.core.windows.net, "
+        f"not APP_AZURE_ACCOUNT_URL ({ACCOUNT_URL}): APP_AZURE_AUTH=auto would fall back to "
+        "another account; make them the same, or use APP_AZURE_AUTH=default"
+    )
+
+
+def test_auto_auth_accepts_a_fallback_to_the_same_account_written_otherwise(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv("APP_AZURE_ACCOUNT_URL", "https://ACCT.blob.core.windows.net:443/")
+    clean_env.setenv("APP_AZURE_CONNECTION_STRING", CONNECTION_STRING)
+    assert load_settings().fallback_account_url == ACCOUNT_URL
+
+
+def test_default_auth_ignores_the_connection_string_s_account(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_AZURE_AUTH", "default")
+    clean_env.setenv("APP_AZURE_CONNECTION_STRING", "BlobEndpoint=https://other.example;SharedAccessSignature=sv=x&sig=y")
+    assert load_settings().token_account_url == ACCOUNT_URL
+
+
+def test_whitespace_around_the_account_url_is_dropped(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("APP_AZURE_ACCOUNT_URL", f" {ACCOUNT_URL}\n")
+    assert load_settings().azure_account_url == ACCOUNT_URL
+
+
+@pytest.mark.parametrize("name", ["app_port", "App_Port"])
+def test_a_setting_not_in_upper_case_is_refused(clean_env: pytest.MonkeyPatch, name: str) -> None:
+    clean_env.setenv("APP_PORT", "9000")
+    message = settings_error(**{name: "abc"})
+    assert message == f"{name}: setting names are upper case; write APP_PORT"
+
+
+def test_unknown_app_variables_are_named_with_the_likely_setting() -> None:
+    notes = unknown_settings({"APP_WORKER_CONCURENCY": "8", "APP_PORT": "1", "APP_XYZZY": "1", "PATH": "/bin"})
+    assert notes == [
+        "APP_WORKER_CONCURENCY is not a setting of this service and is ignored "
+        "(did you mean APP_WORKER_CONCURRENCY?)",
+        "APP_XYZZY is not a setting of this service and is ignored",
+    ]
 
 
 def test_backoff_cap_below_base_is_refused() -> None:

@@ -285,14 +285,23 @@ def no_app_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _settings_from_manifest(monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings built from the Deployment's literal values (the Secret's are left out)."""
+    """Settings built from the Deployment's literal values (the Secret's are left out), with
+    the placeholders filled in as README's deployment section asks."""
     for name, value in literal_env().items():
         if name.startswith(ENV_PREFIX):
-            monkeypatch.setenv(name, value)
+            monkeypatch.setenv(name, value.replace("<account>", "myaccount"))
     try:
         return load_settings()
     except SettingsError as exc:
         pytest.fail(f"the Deployment's settings do not start the service: {exc}")
+
+
+@pytest.mark.usefixtures("no_app_environment")
+def test_the_account_url_placeholder_left_as_shipped_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APP_AZURE_ACCOUNT_URL", literal_env()["APP_AZURE_ACCOUNT_URL"])
+    monkeypatch.setenv("APP_AZURE_CONTAINER", "uploads")
+    with pytest.raises(SettingsError, match=r"^APP_AZURE_ACCOUNT_URL: has a host, '<account>\.blob"):
+        load_settings()
 
 
 @pytest.mark.usefixtures("no_app_environment")

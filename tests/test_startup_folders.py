@@ -212,6 +212,30 @@ async def test_a_file_where_a_folder_should_be_stops_start_up(tmp_path: Path) ->
         await check_folders(settings, ThreadLane("nfs", 4))
 
 
+@pytest.fixture
+def other_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another file system than ``tmp_path`` (tmpfs at /dev/shm)."""
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's folders")
+    folder = Path(tempfile.mkdtemp(prefix="uploader-test-", dir="/dev/shm"))
+    yield folder
+    shutil.rmtree(folder)
+
+
+async def test_nfs_folders_on_two_file_systems_stop_start_up(tmp_path: Path, other_file_system: Path) -> None:
+    settings = settings_for(other_file_system / "in", tmp_path / "proc", tmp_path / "staging")
+    with pytest.raises(StartupError, match=r"^APP_NFS_INCOMING_DIR \(.*\) and APP_NFS_PROCESSING_ROOT \(.*\) are on different file systems"):
+        await check_folders(settings, ThreadLane("nfs", 4))
+    assert not (other_file_system / "in").exists() and not (tmp_path / "proc").exists()
+
+
+async def test_a_symlink_loop_stops_start_up(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    settings = settings_for(tmp_path / "loop" / "in", tmp_path / "proc", tmp_path / "staging")
+    with pytest.raises(StartupError, match=r"^APP_NFS_INCOMING_DIR \(.*\) cannot be used: ELOOP"):
+        await check_folders(settings, ThreadLane("nfs", 4))
+
+
 async def test_a_share_that_does_not_answer_does_not_stop_start_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from uploader.config import Settings, SettingsError, load_settings
+from uploader.config import Settings, SettingsError, load_settings, unknown_settings
 from uploader.errors import StartupError
 from uploader.otel_settings import otel_setting_problems
 
@@ -78,6 +78,8 @@ def main() -> None:
     except ValueError as exc:  # a value the checks above let through and the SDK refuses
         print(f"uploader: bad setting: OpenTelemetry: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    for note in unknown_settings(os.environ):
+        log.warning(note)
     service = Service(settings, telemetry)
     code = 0
     try:
@@ -97,6 +99,7 @@ def main() -> None:
     logging.shutdown()
     # Threads abandoned on a hung NFS call must not hold up the exit.
     os._exit(code)
+
 
 if __name__ == "__main__":
     main()

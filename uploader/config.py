@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -90,11 +92,11 @@ class Settings(BaseSettings):
     @field_validator("azure_account_url")
     @classmethod
     def _account_url(cls, value: str | None) -> str | None:
-        if value is None or value == "":
+        if value is None or not value.strip():
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http(s) URL such as https://<account>.blob.core.windows.net")
+        value = value.strip()  # a ConfigMap's or a secret file's newline is not part of it
+        if problem := url_problem(value):
+            raise ValueError(f"{problem}; give a URL such as https://<account>.blob.core.windows.net")
         return value.rstrip("/")
 
     @field_validator("azure_connection_string", mode="before")
@@ -123,6 +125,8 @@ class Settings(BaseSettings):
     @classmethod
     def _extensions(cls, value: Any) -> tuple[str, ...]:
         if isinstance(value, str):
+            if value.strip() and not value.replace(",", "").strip():
+                raise ValueError("names no extension; leave it empty for all files, or give a list such as .csv,.tif")
             value = value.split(",")
         extensions = []
         for raw in value:
@@ -138,12 +142,28 @@ class Settings(BaseSettings):
             extensions.append(ext)
         return tuple(extensions)
 
+    @field_validator("nfs_incoming_dir", "nfs_processing_root", "local_staging_root", mode="before")
+    @classmethod
+    def _no_surrounding_spaces(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != value.strip():
+            raise ValueError("must not start or end with a space (a folder name rarely does; a typo often)")
+        return value
+
     @field_validator("nfs_incoming_dir", "nfs_processing_root", "local_staging_root")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         if not value.is_absolute():
             raise ValueError("must be an absolute path")
         return Path(*value.parts)  # drops a trailing slash and duplicate separators
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must be an address to listen on, such as 0.0.0.0 or 127.0.0.1")
+        if not is_host(value):
+            raise ValueError("must be an IP address or a host name, such as 0.0.0.0 or 127.0.0.1")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -157,6 +177,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 "APP_AZURE_AUTH=key needs APP_AZURE_CONNECTION_STRING, or APP_AZURE_ACCOUNT_URL "
                 "with APP_AZURE_ACCOUNT_NAME and APP_AZURE_ACCOUNT_KEY"
+            )
+        fallback = self.fallback_account_url
+        if (
+            self.azure_auth == "auto"
+            and self.azure_account_url is not None
+            and fallback is not None
+            and _same_endpoint(fallback) != _same_endpoint(self.azure_account_url)
+        ):
+            # The fallback would upload, with only a warning, to another account than the
+            # one the token was for: surely a leftover secret, not a plan.
+            raise ValueError(
+                f"APP_AZURE_CONNECTION_STRING names the blob endpoint {fallback}, not "
+                f"APP_AZURE_ACCOUNT_URL ({self.azure_account_url}): APP_AZURE_AUTH=auto would "
+                "fall back to another account; make them the same, or use APP_AZURE_AUTH=default"
             )
         if self.azure_auth != "key" and self.token_account_url is None:
             raise ValueError(
@@ -182,6 +216,11 @@ class Settings(BaseSettings):
         string's blob endpoint."""
         if self.azure_account_url is not None:
             return self.azure_account_url
+        return self.fallback_account_url
+
+    @property
+    def fallback_account_url(self) -> str | None:
+        """The blob endpoint of the connection string, which key auth talks to."""
         if self.azure_connection_string is None:
             return None
         return blob_endpoint(self.azure_connection_string.get_secret_value())
@@ -235,9 +274,8 @@ def check_connection_string(connection_string: str) -> None:
         raise ValueError("UseDevelopmentStorage must be written 'true', in lower case")
     endpoint = fields.get("BLOBENDPOINT")
     if endpoint is not None:
-        parts = urlsplit(_with_scheme(endpoint))
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError("BlobEndpoint must be an http(s) URL")
+        if problem := url_problem(endpoint if "://" in endpoint else _with_scheme(endpoint)):
+            raise ValueError(f"BlobEndpoint {problem}")
     elif "BLOBSECONDARYENDPOINT" in fields:
         raise ValueError("names only a secondary endpoint: BlobEndpoint is missing")
     elif not fields.get("ACCOUNTNAME"):
@@ -253,19 +291,62 @@ def check_connection_string(connection_string: str) -> None:
         raise ValueError("AccountKey is not a base64 key")
 
 
+# A host name as DNS has them (underscores too, as container networks name hosts), or an
+# IP address; whatever else the SDK would send to a resolver or fail on much later.
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+_LOOKS_NUMERIC = re.compile(r"^[0-9.]+$")
+
+
+def is_host(host: str) -> bool:
+    """Whether ``host`` is an IP address or a well-formed host name."""
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.match(host)) and not _LOOKS_NUMERIC.match(host)
+
+
+def url_problem(url: str) -> str | None:
+    """Why the storage SDK could not send requests to ``url``, in a few words that start
+    with a verb ("must be", "has"), or None when it is an http(s) URL with a usable host."""
+    if any(c.isspace() for c in url):
+        return "must not contain spaces"
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        return "must be an http(s) URL"
+    if not parts.hostname:
+        return "must be an http(s) URL with a host"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if (port == 0 and ":" in parts.netloc.rsplit("]", 1)[-1]) or parts.netloc.endswith(":"):
+        return "has a port that is not a number in 1-65535"
+    if not is_host(parts.hostname):
+        return f"has a host, {parts.hostname!r}, that is neither an IP address nor a host name"
+    return None
+
+
+def _same_endpoint(url: str) -> tuple[str, str, int | None, str]:
+    """What makes two account URLs one endpoint: scheme, host (any case), port, path."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+
 def _with_scheme(endpoint: str) -> str:
     # As the SDK's clients read an account URL: https unless it says http(s).
     return endpoint if endpoint.lower().startswith("http") else f"https://{endpoint}"
 
 
 def _is_key(key: str) -> bool:
-    """Whether the storage SDK can decode ``key`` to sign requests (else every request fails
-    with 'Incorrect padding')."""
+    """Whether ``key`` is base64 that decodes to a key. The SDK skips characters outside
+    base64 and fails only on bad padding ('Incorrect padding' on every request), so it would
+    sign with what is left of a mistyped key and be refused much later (403)."""
     try:
-        base64.b64decode(key)  # as the SDK decodes it: characters outside base64 are skipped
+        return bool(base64.b64decode("".join(key.split()), validate=True))
     except binascii.Error:
         return False
-    return True
 
 
 def blob_endpoint(connection_string: str) -> str | None:
@@ -288,10 +369,41 @@ def blob_endpoint(connection_string: str) -> str | None:
 
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning pydantic's report into one line that names the variable."""
+    if miswritten := _not_in_upper_case(os.environ):
+        raise SettingsError("; ".join(miswritten))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
+
+
+def _setting_names() -> set[str]:
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+
+
+def _not_in_upper_case(environ: Mapping[str, str]) -> list[str]:
+    """A sentence for each variable that names a setting in other than upper case: pydantic
+    would read it as that setting (which one wins, when both are set, depends on the
+    environment's order), where environment names are case-sensitive everywhere else."""
+    names = _setting_names()
+    return [
+        f"{name}: setting names are upper case; write {name.upper()}"
+        for name in environ
+        if name != name.upper() and name.upper() in names
+    ]
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """A sentence for each ``APP_*`` variable that is no setting (a typo, most likely, that
+    leaves the setting at its default), with the setting it may stand for."""
+    names = _setting_names()
+    notes = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in names:
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            notes.append(f"{name} is not a setting of this service and is ignored{hint}")
+    return notes
 
 
 # Values of these are never repeated in an error message, wherever they turn up.

@@ -10,6 +10,7 @@ for a while: that is logged, start-up goes on, and recovery waits for the share
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,6 +30,8 @@ T = TypeVar("T")
 
 _PERMISSION_WORDS = ((os.R_OK, "readable"), (os.W_OK, "writable"), (os.X_OK, "searchable"))
 _USE = os.R_OK | os.W_OK | os.X_OK  # listed (recovery, GC), written, entered
+# What the path itself causes, whatever the share does: a loop of symlinks, a name too long.
+_NEVER_PASSES = (errno.ELOOP, errno.ENAMETOOLONG)
 
 
 def _missing_permissions(path: Path, need: int) -> int:
@@ -191,7 +194,29 @@ async def check_folders(settings: Settings, nfs: ThreadLane) -> list[tuple[str, 
         overlap = await nfs.run(overlapping_folders, checked, _resolved)
     if overlap:
         raise StartupError(overlap)
+    if {"APP_NFS_INCOMING_DIR", "APP_NFS_PROCESSING_ROOT"} <= checked.keys():
+        with trio.move_on_after(settings.nfs_op_timeout_s):
+            await nfs.run(_check_one_file_system, settings.nfs_incoming_dir, settings.nfs_processing_root)
     return missing
+
+
+def _device(path: Path) -> int:
+    """The file system ``path`` is on, or will be on once made (its nearest existing folder's)."""
+    for folder in (path, *path.parents):
+        with contextlib.suppress(FileNotFoundError):
+            return os.stat(folder).st_dev
+    raise FileNotFoundError(errno.ENOENT, "no folder of the path exists", str(path))
+
+
+def _check_one_file_system(incoming: Path, processing: Path) -> None:
+    """Raise a StartupError when the two NFS folders are on different file systems: a claim
+    is a link() from one to the other, which no file system does across (EXDEV)."""
+    if _device(incoming) != _device(processing):
+        raise StartupError(
+            f"APP_NFS_INCOMING_DIR ({incoming}) and APP_NFS_PROCESSING_ROOT ({processing}) are on "
+            "different file systems: files are claimed by a link from one to the other, which "
+            "works only within one file system (one NFS mount)"
+        )
 
 
 async def make_folders(settings: Settings, nfs: ThreadLane, missing: list[tuple[str, Path]]) -> None:
@@ -211,6 +236,8 @@ async def _within(
         try:
             return await nfs.run(step, variable, path)
         except OSError as exc:
+            if exc.errno in _NEVER_PASSES:
+                raise StartupError(f"{variable} ({path}) cannot be used: {describe(exc)}") from None
             problem = describe(exc)
     log.warning("cannot %s %s (%s) now: %s; starting anyway", doing, variable, path, problem)
     return None

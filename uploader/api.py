@@ -11,15 +11,19 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import hypercorn.trio.run
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.tcp_server import TCPServer
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from uploader.config import Settings
+from uploader.errors import describe, first_leaf
 from uploader.layout import InvalidSessionName
 from uploader.session import NfsRefused, NfsUnavailable, SessionConflict
 
@@ -207,6 +211,29 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
+class ConnectionServer(TCPServer):
+    """Hypercorn's trio connection handler, made unable to end the service.
+
+    Hypercorn runs each connection in its server nursery, inside the root nursery: whatever
+    escapes one connection would stop the whole service (a client hanging up in the middle
+    of a request body did, exit 70). Hypercorn 0.18 sends its EOF (``_close``) without the
+    send lock its other sends take, so an answer racing it fails with BusyResourceError.
+    """
+
+    async def protocol_send(self, event: Event) -> None:
+        try:
+            await super().protocol_send(event)
+        except trio.BusyResourceError:
+            # The stream is being closed by another task: for this send, as good as closed.
+            await self.protocol.handle(Closed())
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except* Exception as failure:
+            log.warning("an HTTP connection failed and was dropped: %s", describe(first_leaf(failure)))
+
+
 async def serve(
     app: QuartTrio,
     settings: Settings,
@@ -214,6 +241,9 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    # Hypercorn's trio worker builds its connections from this module attribute; there is no
+    # setting for it.
+    hypercorn.trio.run.TCPServer = ConnectionServer  # type: ignore[attr-defined]
     await hypercorn_serve(
         app,
         hypercorn_config(settings),

@@ -217,7 +217,7 @@ def render_markdown(results: dict[str, Any], analysis: str) -> str:
         "`incoming/bench/`, so it is complete when it appears. The clock stops when the service has "
         "logged `uploaded <blob>` for every file (it logs that after the commit, the read-back check "
         "and the completion on NFS) and no file is left under the incoming and processing folders "
-        "except `.processing/session.json` (the harness polls every 10-20 ms). A's time therefore "
+        "except `.processing/session.json` and `.processing/.uploader.lock` (the harness polls every 10-20 ms). A's time therefore "
         "includes the stability rule: a file is taken no sooner than `APP_MIN_FILE_AGE_S` after its "
         "mtime, at the next scan (the `drop → stable` column). The service process is fresh for "
         "each run; its CPU time (utime+stime of all its threads, from `/proc/<pid>/stat`) is counted "

@@ -139,12 +139,12 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _files_left(nfs: Path, keep: Path) -> list[Path]:
+def _files_left(nfs: Path, keep: set[Path]) -> list[Path]:
     left = []
     for base, _, names in os.walk(nfs):
         for name in names:
             path = Path(base) / name
-            if path != keep:
+            if path not in keep:
                 left.append(path)
     return left
 
@@ -260,7 +260,7 @@ def run_service(ctx: RunContext) -> dict[str, Any]:
 
         wait_for(all_uploaded, timeout=ctx.timeout_s(), interval=0.02, what="every 'uploaded' log line")
         events = watch.stop()  # our own listing below must not count as a scan
-        keep = processing / "session.json"
+        keep = {processing / "session.json", processing / ".uploader.lock"}
         wait_for(lambda: not _files_left(nfs, keep), timeout=60, interval=0.01, what="NFS to be clean")
         ended = time.time()
         cpu_s = cpu_seconds(proc.pid) - cpu_before

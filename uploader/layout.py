@@ -3,12 +3,13 @@
 The service owns everything under the processing root::
 
     <processing root>/session.json                        the session state, kept across restarts
+    <processing root>/.uploader.lock                      held by the one service on this root
     <processing root>/<YYYYMMDD>/<session>/<rel>          claimed, in flight (the contract's path)
     <processing root>/.completed/<YYYYMMDD>/<session>/<rel>   uploaded and verified, GC deletes it
     <processing root>/.failed/files/<YYYYMMDD>/<session>/<rel>    quarantined, never deleted
     <processing root>/.failed/reasons/<YYYYMMDD>/<session>/<rel>.json  why it was quarantined
 
-Date folders are always eight digits, so the dot-folders and ``session.json`` can never
+Date folders are always eight digits, so the dot-entries and ``session.json`` can never
 collide with a session's files, whatever those files are called. Within the failed folder a
 file and a folder of one name can meet over time (``a`` quarantined, later ``a/b``; a user's
 folder ``a.json`` beside the reason of ``a``), and a path can be too long with the failed
@@ -33,6 +34,7 @@ SESSION_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_.\-]+$")
 MAX_SESSION_NAME_LENGTH = 255
 DATE_PREFIX_PATTERN = re.compile(r"^\d{8}$")
 STATE_FILE_NAME = "session.json"
+LOCK_FILE_NAME = ".uploader.lock"
 NAME_MAX = 255  # bytes in one file name, on Linux and on NFS
 COMPLETED_DIR_NAME = ".completed"
 FAILED_DIR_NAME = ".failed"
@@ -194,6 +196,10 @@ class Layout:
     @property
     def state_file(self) -> Path:
         return self.processing_root / STATE_FILE_NAME
+
+    @property
+    def lock_file(self) -> Path:
+        return self.processing_root / LOCK_FILE_NAME
 
     @property
     def completed_root(self) -> Path:

@@ -5,6 +5,7 @@
      ├── session control ── session scope (only while a session is active) ── watcher
      ├── pipeline ── workers x N (and their retry timers)
      ├── GC
+     ├── instance lock (held while the service runs: one service per processing root)
      └── recovery feed (re-queues what a previous run left unfinished, then ends)
 """
 
@@ -15,7 +16,7 @@ from functools import partial
 
 import trio
 
-from uploader import api, gc, watcher
+from uploader import api, gc, instance_lock, watcher
 from uploader.blobstore import BlobStore, open_blob_store
 from uploader.config import Settings
 from uploader.errors import StartupError, describe
@@ -119,6 +120,8 @@ class Service:
                 waiting.cancel_scope.cancel()
             try:
                 await make_folders(settings, self.lanes.nfs, missing)
+                # Before recovery: what is claimed under the processing root is the holder's.
+                await root.start(instance_lock.run, self.layout.lock_file, self.lanes.nfs, self.progress)
                 await self._start_pipeline(root)
                 self.ready = True
                 log.info("ready on %s:%d", settings.host, settings.port)

@@ -79,12 +79,13 @@ class Folders:
         return self.incoming / name
 
     def files_on_nfs(self) -> list[Path]:
-        """Every file on the NFS side, except the service's session record."""
+        """Every file on the NFS side, except the service's session record and lock."""
+        own = {self.processing / "session.json", self.processing / ".uploader.lock"}
         found = []
         for base, _, names in os.walk(self.nfs):
             for name in names:
                 path = Path(base) / name
-                if path != self.processing / "session.json":
+                if path not in own:
                     found.append(path)
         return sorted(found)
 

@@ -1,0 +1,120 @@
+"""One service per processing root (instance_lock.py): a second one waits, not ready, and
+says who holds the share, until the first is gone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from azure.storage.blob import ContainerClient
+
+from tests.conftest import ServiceFactory
+from tests.support.service import Folders, wait_for, write_file
+from tests.test_upload_e2e import today, wait_for_blobs
+from uploader import instance_lock
+from uploader.instance_lock import HeldElsewhere, take
+from uploader.lanes import ThreadLane
+from uploader.progress import Progress
+
+# POSIX record locks belong to a process: only another process can be refused one.
+HOLDER = """
+import sys
+from pathlib import Path
+from uploader.instance_lock import take
+take(Path(sys.argv[1]))
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def held_by_another_process(path: Path) -> Iterator[subprocess.Popen[str]]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "locked\n"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_lock_another_process_holds_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    path = tmp_path / ".uploader.lock"
+    with held_by_another_process(path) as child, pytest.raises(
+        HeldElsewhere, match=rf"^{socket.gethostname()} pid {child.pid} since \d{{4}}-"
+    ):
+        take(path)
+
+
+def test_the_lock_is_free_again_once_its_holder_ends(tmp_path: Path) -> None:
+    path = tmp_path / ".uploader.lock"
+    with held_by_another_process(path):
+        pass
+    os.close(take(path))
+    assert path.read_text().startswith(f"{socket.gethostname()} pid {os.getpid()} since ")
+
+
+async def test_run_waits_for_the_holder_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(instance_lock, "RETRY_S", 0.05)
+    path = tmp_path / ".uploader.lock"
+    progress = Progress()
+    with held_by_another_process(path) as child, caplog.at_level(logging.WARNING):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(instance_lock.run, path, ThreadLane("nfs", 2), progress)
+            await trio.sleep(0.5)
+            assert progress.last_error is not None
+            assert progress.last_error.startswith(f"another uploader holds {path} (")
+            assert f"pid {child.pid}" in progress.last_error
+            child.kill()
+            child.wait()
+            with trio.fail_after(5):
+                await nursery.start(instance_lock.run, path, ThreadLane("nfs", 2), progress)
+            nursery.cancel_scope.cancel()
+    assert sum("another uploader holds" in r.getMessage() for r in caplog.records) == 1  # not every retry
+
+
+async def test_run_releases_the_lock_when_cancelled(tmp_path: Path) -> None:
+    path = tmp_path / ".uploader.lock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(instance_lock.run, path, ThreadLane("nfs", 2), Progress())
+        nursery.cancel_scope.cancel()
+    with held_by_another_process(path):
+        pass  # the child got it
+
+
+def test_a_second_service_on_the_same_share_waits_until_the_first_is_gone(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    first = service_factory()
+    first.start_session("one")
+    second = service_factory(start=False, APP_LOCAL_STAGING_ROOT=str(folders.root / "staging-2"))
+    second.start(wait_ready=False)
+
+    def says_who_holds_the_share() -> bool:
+        try:
+            return "another uploader holds" in str(second.status().get("last_error"))
+        except httpx.TransportError:
+            return False  # not listening yet
+
+    wait_for(says_who_holds_the_share, timeout=30, what="the second service to say who holds the share")
+    assert second.http.get("/readyz").status_code == 503
+    assert second.status()["ready"] is False
+    expected = {f"{today()}/one/a.bin": write_file(folders.session("one") / "a.bin", 1000)}
+    assert wait_for_blobs(container, set(expected)) == expected  # the first works on
+    first.kill()
+    second.wait_ready(timeout=30)
+    status = second.status()
+    assert (status["active"], status["session_name"]) == (True, "one")  # it took over the session

@@ -1,0 +1,107 @@
+"""One service per processing root: a lock held for the process's whole life.
+
+Two services on one share (a Deployment scaled to 2, a second release pointed at the same
+volume) would each recover the other's claimed files, upload them twice, count each other's
+completions as failures and overwrite each other's session state. The lock is a POSIX
+record lock (``fcntl``) on ``<processing root>/.uploader.lock`` (``Layout.lock_file``): NFS v4 carries it to the
+server, so it holds across hosts, and the kernel releases it when the process ends, however
+it ends (after a lost node, once the server's lease runs out, 90 s by default). A second
+service waits for it, not ready, and says who holds it. Where the share has no locks
+(ENOLCK: NFS v3 mounted ``nolock``), the service runs unprotected and says so.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from uploader.errors import describe
+from uploader.lanes import ThreadLane
+from uploader.progress import Progress
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 2.0  # how often a waiting service tries again
+NOTE_EVERY_S = 30.0  # how often it says it is still waiting
+_HELD_ELSEWHERE = (errno.EAGAIN, errno.EACCES)  # what F_SETLK answers when another holds it
+
+
+class HeldElsewhere(Exception):
+    """Another process holds the lock; the message says who, as it wrote in the file."""
+
+
+def holder_description() -> str:
+    """Who this process is, for a second service's message: host (the pod), pid, start."""
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    return f"{socket.gethostname()} pid {os.getpid()} since {started}"
+
+
+def take(path: Path) -> int:
+    """Blocking: open ``path`` and lock it at once, or raise HeldElsewhere. Returns the open
+    descriptor, which holds the lock until it is closed (or the process ends)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _HELD_ELSEWHERE:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
+                raise HeldElsewhere(holder or "a process that has not said who it is") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder_description()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def run(
+    path: Path,
+    nfs: ThreadLane,
+    progress: Progress,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Take the lock at ``path``, waiting as long as another service holds it or the share
+    fails (logged now and then, and shown as the status's last error), then report started
+    and hold it until cancelled."""
+    last_note = -NOTE_EVERY_S
+    while True:
+        try:
+            fd = await nfs.run(take, path)
+            break
+        except HeldElsewhere as exc:
+            problem = (
+                f"another uploader holds {path} ({exc}); waiting for it to stop, since two on one "
+                "share would upload files twice and overwrite each other's session state"
+            )
+        except OSError as exc:
+            if exc.errno == errno.ENOLCK:
+                log.warning(
+                    "cannot lock %s: the share has no file locks (%s); nothing keeps a second "
+                    "service off this processing root", path, describe(exc),
+                )
+                task_status.started()
+                return
+            problem = f"cannot lock {path} now: {describe(exc)}; trying again"
+        if trio.current_time() - last_note >= NOTE_EVERY_S:
+            log.warning("%s", problem)
+            progress.note_error(problem)
+            last_note = trio.current_time()
+        await trio.sleep(RETRY_S)
+    try:
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        # Closing releases the lock, a call to the server that may hang with it: bounded,
+        # and the process's end releases it anyway.
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await nfs.run(os.close, fd)

@@ -1112,6 +1112,22 @@ def test_write_atomically_replaces_content_and_leaves_no_tmp(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["session.json"]
 
 
+def test_write_atomically_never_writes_through_a_symlink_at_its_tmp_name(tmp_path: Path) -> None:
+    outside = make_file(tmp_path / "outside.txt", b"not the service's")
+    (tmp_path / "nfs").mkdir()
+    (tmp_path / "nfs" / "session.json.tmp").symlink_to(outside)
+    write_atomically(tmp_path / "nfs" / "session.json", b"state")
+    assert outside.read_bytes() == b"not the service's"
+    assert not (tmp_path / "nfs" / "session.json").is_symlink()
+    assert (tmp_path / "nfs" / "session.json").read_bytes() == b"state"
+
+
+def test_write_atomically_removes_an_empty_folder_at_its_tmp_name(tmp_path: Path) -> None:
+    (tmp_path / "session.json.tmp").mkdir()
+    write_atomically(tmp_path / "session.json", b"state")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["session.json"]
+
+
 def test_write_atomically_overwrites_leftover_tmp(tmp_path: Path) -> None:
     path = tmp_path / "session.json"
     make_file(tmp_path / "session.json.tmp", b"half-written garbage from a crash")

@@ -722,8 +722,10 @@ def _reason_of(candidate: Path, failed: Path, reason_path: Path) -> Path:
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
+    """Blocking: put ``payload`` at ``path`` all at once (a crash leaves the old content or
+    the new, never a mix), through ``<name>.tmp``, on disk before it counts."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = in_folder(tmp, lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    fd = in_folder(tmp, lambda: _open_new(tmp))
     try:
         try:
             view = memoryview(payload)
@@ -737,3 +739,35 @@ def write_atomically(path: Path, payload: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _sync_folder(path.parent)
+
+
+def _open_new(path: Path) -> int:
+    """Create ``path`` as a new file of this process. Whatever has the name already (a
+    crash's leftover, a symlink someone put there) is removed first, never written through:
+    a link would carry the write outside the service's folders."""
+    while True:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            try:
+                os.unlink(path)
+            except IsADirectoryError:
+                os.rmdir(path)  # an empty folder goes; one with files in it fails the write
+            except FileNotFoundError:
+                pass
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a power cut, not only a crash); best effort, as
+    some file systems cannot sync a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from uploader.lanes import ThreadLane
 from uploader.layout import Layout
@@ -229,6 +230,63 @@ async def test_stop_has_recorded_the_stopped_state_when_it_answers(tmp_path: Pat
         assert read_state(layout.state_file).active is True
         await control.stop()
         assert read_state(layout.state_file).active is False
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_start_whose_caller_goes_away_is_carried_through(tmp_path: Path) -> None:
+    """A client hanging up cancels its request: the start must not stop half-way, recorded
+    as active on NFS (and resumed after a restart) while the service says it is not."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    release, watching = trio.Event(), trio.Event()
+
+    async def slow_watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
+        await release.wait()
+        task_status.started()
+        watching.set()
+        await trio.sleep_forever()
+
+    control = SessionControl(layout, ThreadLane("nfs", 2), slow_watch, nfs_timeout_s=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        with trio.move_on_after(1):
+            await control.start("run-1")
+        assert not control.state.active  # the caller gave up; the start goes on
+        release.set()
+        with trio.fail_after(5):
+            await watching.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert control.state.active and control.state.session_name == "run-1"
+        assert read_state(layout.state_file).active is True
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stop_that_cannot_be_recorded_yet_says_so_and_is_recorded_later(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    noted: list[str] = []
+
+    async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5, note_error=noted.append)
+    blocker = layout.processing_root / "session.json.tmp" / "something"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        await control.start("run-1")
+        blocker.mkdir(parents=True)  # the state file cannot be written for now
+        stopped = await control.stop()
+        assert stopped.active is False and control.state.active is False
+        assert noted == [
+            "session run-1 is stopped, but the stop is not recorded on NFS yet: a restart "
+            "before it is would resume the session"
+        ]
+        assert read_state(layout.state_file).active is True
+        blocker.rmdir()
+        for _ in range(100):  # the background retry waits 1 s, then 2 s
+            await trio.sleep(0.1)
+            if not read_state(layout.state_file).active:
+                break
+        assert read_state(layout.state_file) == stopped
         nursery.cancel_scope.cancel()
 
 

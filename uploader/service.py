@@ -161,7 +161,10 @@ class Service:
                 interval_s=settings.gc_interval_s,
             )
         )
-        control = SessionControl(layout, lanes.nfs, self._watch, nfs_timeout_s=settings.nfs_op_timeout_s)
+        control = SessionControl(
+            layout, lanes.nfs, self._watch,
+            nfs_timeout_s=settings.nfs_op_timeout_s, note_error=self.progress.note_error,
+        )
         self.sessions = await root.start(control.run)
         root.start_soon(self._feed_recovered, send.clone(), recovered.unfinished)
         root.start_soon(self._recall_quarantined)

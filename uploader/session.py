@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -35,6 +36,7 @@ from uploader.layout import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # How long a stop waits to record the state before it answers (then it goes on in the
@@ -230,8 +232,10 @@ class SessionControl:
         *,
         nfs_timeout_s: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        note_error: Callable[[str], None] = lambda message: None,
     ) -> None:
         self.layout = layout
+        self._note_error = note_error  # the status's last_error
         self.nfs = nfs
         self._watch = watch
         self._nfs_timeout_s = nfs_timeout_s
@@ -252,6 +256,38 @@ class SessionControl:
         """Start a session; raises InvalidSessionName, SessionConflict, NfsRefused or
         NfsUnavailable."""
         name = new_session_name() if requested_name is None else validate_new_session_name(requested_name)
+        return await self._to_the_end(self._start, name)
+
+    async def stop(self) -> SessionState:
+        """Stop the active session's watcher (the workers drain the queue); the state after."""
+        return await self._to_the_end(self._stop)
+
+    async def _to_the_end(self, operation: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run ``operation`` in this control's own nursery and wait for its outcome. A caller
+        that goes away (a client hanging up cancels its request) must not leave a start or a
+        stop half done: the state recorded on NFS, not in memory, nor the watcher started."""
+        assert self._nursery is not None
+        done = trio.Event()
+        result: list[T] = []
+        failure: list[Exception] = []
+
+        async def run() -> None:
+            try:
+                result.append(await operation(*args))
+            except Exception as exc:  # the caller's to handle, not the nursery's
+                failure.append(exc)
+            finally:
+                done.set()
+
+        self._nursery.start_soon(run)
+        await done.wait()
+        if failure:
+            raise failure[0]
+        if not result:  # cancelled with the whole service
+            raise NfsUnavailable("the service is shutting down.")
+        return result[0]
+
+    async def _start(self, name: str) -> SessionState:
         async with self._lock:
             if self.state.active:
                 raise SessionConflict(
@@ -272,7 +308,7 @@ class SessionControl:
             await self._start_watcher(state)
             log.info("session %s resumed", state.session_name, extra={"session": state.session_name})
 
-    async def stop(self) -> SessionState:
+    async def _stop(self) -> SessionState:
         async with self._lock:
             if not self.state.active:
                 return self.state
@@ -291,10 +327,16 @@ class SessionControl:
             # session; a hung share must not hold the answer up for long, though.
             saved = False
             with trio.move_on_after(min(self._nfs_timeout_s, STOP_SAVE_WAIT_S)):
-                with contextlib.suppress(NfsUnavailable):
+                with contextlib.suppress(NfsUnavailable, NfsRefused):
                     await self._save(stopped)
                     saved = True
             if not saved:
+                problem = (
+                    f"session {stopped.session_name} is stopped, but the stop is not recorded on "
+                    "NFS yet: a restart before it is would resume the session"
+                )
+                log.error("%s; retrying", problem)
+                self._note_error(problem)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._save_in_background)
             log.info("session %s stopped", stopped.session_name, extra={"session": stopped.session_name})
@@ -320,8 +362,9 @@ class SessionControl:
             async with self._lock:
                 try:
                     await self._save(self.state)
+                    log.info("session state recorded at last: %s", "active" if self.state.active else "stopped")
                     return
-                except NfsUnavailable as exc:
+                except (NfsUnavailable, NfsRefused) as exc:
                     log.error("cannot record the session state (%s); retrying in %.0f s", exc, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, 60.0)

@@ -43,6 +43,30 @@ def test_sigint_and_sighup_exit_zero_like_sigterm(service_factory: ServiceFactor
     assert "Traceback" not in service.log()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_modules_load_is_a_clean_shutdown(service_factory: ServiceFactory, sig: int) -> None:
+    service = service_factory(start=False)
+    service.start(wait_ready=False)
+    time.sleep(0.3)  # the interpreter runs; the service's modules are still loading
+    assert service.proc is not None
+    service.proc.send_signal(sig)
+    assert service.proc.wait(timeout=15) == 0, service.log()
+    assert f"received {signal.Signals(sig).name}; shutting down" in service.log()
+    assert "Traceback" not in service.log()
+
+
+@pytest.mark.parametrize("gap_s", [0.002, 0.005, 0.01])
+def test_a_second_sigterm_does_not_cut_the_shutdown_short(service_factory: ServiceFactory, gap_s: float) -> None:
+    service = service_factory()
+    service.start_session("twice")
+    assert service.proc is not None
+    service.proc.send_signal(signal.SIGTERM)
+    time.sleep(gap_s)
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(timeout=15) == 0
+    assert '"message": "stopped"' in service.log()
+
+
 def test_sigterm_exits_promptly_while_an_http2_client_reads_nothing(
     service_factory: ServiceFactory,
 ) -> None:

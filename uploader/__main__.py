@@ -3,9 +3,20 @@ or SIGHUP."""
 
 from __future__ import annotations
 
+import signal
+
+# From the first instant: a signal that arrives while the modules below load (most of a
+# second), or during shutdown, is only noted here. The default action would end the process
+# with no word (exit 143, or a KeyboardInterrupt traceback), and a second SIGTERM while
+# shutting down would cut the clean-up short. A noted signal stops the service as soon as it
+# runs; the signal receiver takes over while it runs and hands back to this on its way out.
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+noted_signals: list[int] = []
+for _signum in SHUTDOWN_SIGNALS:
+    signal.signal(_signum, lambda signum, frame: noted_signals.append(signum))
+
 import logging
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -23,11 +34,11 @@ log = logging.getLogger("uploader")
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
     # SIGHUP too: its default would end the process at once, with no word and no clean-up.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s; shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        # A signal noted before the receiver was there counts first.
+        signum = noted_signals[0] if noted_signals else await anext(aiter(signals))
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        scope.cancel()
 
 
 async def serve(service: Service) -> None:

@@ -64,6 +64,12 @@ async def test_sweep_reports_a_claimed_file_no_worker_owns(layout: Layout) -> No
     assert (await sweep_once(layout, Progress())).unowned == {KEY}
 
 
+async def test_sweep_leaves_files_in_a_folder_that_is_no_session(layout: Layout) -> None:
+    # Recovery ignores it too: its name was never a session's, so it is not the service's.
+    put(layout.processing_root / "20240102" / "bad name" / "a.bin")
+    assert (await sweep_once(layout, Progress())).unowned == set()
+
+
 def test_removes_nested_empty_folders(tmp_path: Path) -> None:
     (tmp_path / "a" / "b" / "c").mkdir(parents=True)
     (tmp_path / "d").mkdir()

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 
+import pytest
+import trio
+import trio.testing
+
+from uploader import recovery
+from uploader.config import load_settings
 from uploader.fileops import quarantine
 from uploader.layout import FileKey, Layout
 from uploader.recovery import find_quarantined, find_unfinished
+from uploader.service import STATE_REFUSED_GIVE_UP_S, Service
+from uploader.session import SessionState
 
 
 def quarantined_file(layout: Layout, name: str, at: str) -> Path:
@@ -85,3 +94,34 @@ def test_recovery_deletes_nothing_behind_a_folder_replaced_by_a_symlink(tmp_path
     unfinished, _ = find_unfinished(layout)
     assert unfinished == [FileKey("20240102", "s", "sub/a.bin")]
     assert (moved / "a.bin").read_bytes() == b"data"  # outside incoming: never touched
+
+
+# --- Service._recover: a state file this user may not read ----------------------------------
+
+
+async def test_a_state_file_refused_for_long_costs_the_session_not_the_claimed_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    settings = load_settings(
+        azure_container="abc", azure_auth="key", azure_connection_string="UseDevelopmentStorage=true",
+        nfs_incoming_dir=tmp_path / "in", nfs_processing_root=tmp_path / "proc",
+        local_staging_root=tmp_path / "staging",
+    )
+    claimed = tmp_path / "proc" / "20240102" / "run-1" / "a.csv"
+    claimed.parent.mkdir(parents=True)
+    claimed.write_bytes(b"a")
+
+    def refused(path: Path) -> SessionState:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(recovery, "read_state", refused)
+    service = Service(settings)
+    started = trio.current_time()
+    recovered = await service._recover()
+    assert trio.current_time() - started >= STATE_REFUSED_GIVE_UP_S  # it was given time first
+    assert recovered.unfinished == [FileKey("20240102", "run-1", "a.csv")]
+    assert recovered.state == SessionState()
+    assert recovered.state_problem is not None
+    assert recovered.state_problem.startswith(
+        f"session state {tmp_path / 'proc' / 'session.json'} cannot be read (EACCES"
+    )

@@ -19,7 +19,7 @@ import trio
 from uploader.errors import describe
 from uploader.fileops import list_files, remove_quietly
 from uploader.lanes import Lanes
-from uploader.layout import FileKey, Layout, is_date_prefix
+from uploader.layout import FileKey, Layout, is_date_prefix, is_session_name
 from uploader.progress import Progress
 from uploader.worker import WorkItem
 
@@ -55,6 +55,8 @@ def _keys_below(root: Path) -> list[tuple[FileKey, Path]]:
         except (FileNotFoundError, NotADirectoryError):
             continue
         for session in sessions:
+            if not is_session_name(session):
+                continue  # not the service's (recovery says so at start-up): never uploaded
             try:
                 scan = list_files(root / date / session)
             except (FileNotFoundError, NotADirectoryError):

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 
 STORAGE_WAIT_NOTE_S = 15.0
+# An NFS server may refuse a read for a while; a state file refused this long is not read.
+STATE_REFUSED_GIVE_UP_S = 30.0
 
 
 async def say_still_waiting_for_storage(settings: Settings) -> None:
@@ -174,13 +176,28 @@ class Service:
             control.state = recovered.state
 
     async def _recover(self) -> Recovered:
-        """Recovery must finish before the service is ready; a failing share delays it."""
+        """Recovery must finish before the service is ready; a failing share delays it. A
+        state file this user may not read (for STATE_REFUSED_GIVE_UP_S) only costs the
+        session's resumption: the claimed files are not held back for it."""
         delay = 0.5
         stored = None
+        refused_since: float | None = None
         while True:
             try:
                 if stored is None:
-                    stored = await read_stored_state(self.layout, self.lanes.nfs)
+                    try:
+                        stored = await read_stored_state(self.layout, self.lanes.nfs)
+                    except PermissionError as exc:
+                        refused_since = trio.current_time() if refused_since is None else refused_since
+                        if trio.current_time() - refused_since < STATE_REFUSED_GIVE_UP_S:
+                            raise
+                        problem = (
+                            f"session state {self.layout.state_file} cannot be read "
+                            f"({describe(exc)}); no session resumed: let this user read it and "
+                            "restart, or start a session, which replaces it"
+                        )
+                        log.error("%s", problem)
+                        stored = (SessionState(), problem)
                 return await recover(self.layout, self.lanes.nfs, stored)
             except OSError as exc:
                 message = f"cannot read {self.layout.processing_root} for recovery: {describe(exc)}"

@@ -173,6 +173,9 @@ def test_unknown_paths_and_methods_answer_json(service: ServiceProcess) -> None:
     wrong = service.http.get("/v1/watch/start")
     assert wrong.status_code == 405
     assert "GET is not allowed" in wrong.json()["error"]
+    assert wrong.headers["Allow"] == "OPTIONS, POST"
+    long = service.http.get("/" + "x" * 20_000)
+    assert long.status_code == 404 and len(long.content) < 400
 
 
 def test_oversized_body_is_refused(service: ServiceProcess) -> None:

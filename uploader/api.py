@@ -20,7 +20,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from uploader.config import Settings
 from uploader.errors import describe, first_leaf
@@ -104,10 +104,15 @@ def create_app(service: Service) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
+        # A path is the client's own, of any length: shown in part, never echoed whole.
+        path = request.path if len(request.path) <= 200 else f"{request.path[:200]}..."
         if status == 404:
-            return error(404, f"There is no {request.path} here; see the README for the API.")
+            return error(404, f"There is no {path} here; see the README for the API.")
         if status == 405:
-            return error(405, f"{request.method} is not allowed on {request.path}.")
+            answer = error(405, f"{request.method} is not allowed on {path}.")
+            if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+                answer.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+            return answer
         if status == 413:
             return error(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
         return error(status, f"{exc.name}.")

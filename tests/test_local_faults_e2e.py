@@ -78,6 +78,7 @@ def test_a_file_larger_than_the_staging_disk_is_quarantined_and_the_others_go_up
         assert wait_for_blobs(container, set(expected)) == expected
         quarantined = service.status()["quarantined"][0]
         assert quarantined["file"] == "huge.bin" and "ENOSPC" in quarantined["reason"]
+        assert "larger than the whole staging disk" in quarantined["reason"]
         assert quarantined["attempts"] == 1  # no number of attempts could make room for it
         failed = folders.processing / ".failed" / "files" / today() / "big" / "huge.bin"
         assert failed.read_bytes() == huge

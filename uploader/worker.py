@@ -378,6 +378,12 @@ class Pipeline:
             # only a file larger than the whole staging disk can never be copied, whatever
             # the attempt.
             give_up = await self._larger_than_staging(item)
+            if give_up:  # the reason kept with the file says what no retry can change
+                reason = (
+                    f"{_known_size(item)} bytes, larger than the whole staging disk "
+                    f"({self.layout.staging_root}): {reason}"
+                )
+                disposition = Disposition.PERMANENT
         else:
             give_up = item.attempts >= self.settings.max_attempts and (
                 others_completed or await self._works_for_others(exc)

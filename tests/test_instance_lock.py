@@ -8,8 +8,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -73,7 +75,7 @@ async def test_run_waits_for_the_holder_and_says_so(
     progress = Progress()
     with held_by_another_process(path) as child, caplog.at_level(logging.WARNING):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(instance_lock.run, path, ThreadLane("nfs", 2), progress)
+            nursery.start_soon(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), progress)
             await trio.sleep(0.5)
             assert progress.last_error is not None
             assert progress.last_error.startswith(f"another uploader holds {path} (")
@@ -81,15 +83,42 @@ async def test_run_waits_for_the_holder_and_says_so(
             child.kill()
             child.wait()
             with trio.fail_after(5):
-                await nursery.start(instance_lock.run, path, ThreadLane("nfs", 2), progress)
+                await nursery.start(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), progress)
             nursery.cancel_scope.cancel()
     assert sum("another uploader holds" in r.getMessage() for r in caplog.records) == 1  # not every retry
+
+
+async def test_run_waits_out_a_share_that_does_not_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(instance_lock, "RETRY_S", 0.05)
+    released = threading.Event()
+    calls: list[Path] = []
+
+    def hangs_once(path: Path) -> int:
+        calls.append(path)
+        if len(calls) == 1:
+            released.wait(10)  # a hard-mounted share whose server went away
+        return take(path)
+
+    monkeypatch.setattr(instance_lock, "take", hangs_once)
+    progress = Progress()
+    path = tmp_path / ".uploader.lock"
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(5):
+                await nursery.start(partial(instance_lock.run, timeout_s=0.2), path, ThreadLane("nfs", 2), progress)
+            nursery.cancel_scope.cancel()
+    finally:
+        released.set()
+    assert len(calls) == 2
+    assert progress.last_error == f"cannot lock {path} now: no answer within 0.2 s; trying again"
 
 
 async def test_run_releases_the_lock_when_cancelled(tmp_path: Path) -> None:
     path = tmp_path / ".uploader.lock"
     async with trio.open_nursery() as nursery:
-        await nursery.start(instance_lock.run, path, ThreadLane("nfs", 2), Progress())
+        await nursery.start(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), Progress())
         nursery.cancel_scope.cancel()
     with held_by_another_process(path):
         pass  # the child got it

@@ -68,16 +68,21 @@ async def run(
     nfs: ThreadLane,
     progress: Progress,
     *,
+    timeout_s: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Take the lock at ``path``, waiting as long as another service holds it or the share
-    fails (logged now and then, and shown as the status's last error), then report started
-    and hold it until cancelled."""
+    fails or does not answer within ``timeout_s`` (logged now and then, and shown as the
+    status's last error), then report started and hold it until cancelled."""
     last_note = -NOTE_EVERY_S
     while True:
+        problem = f"cannot lock {path} now: no answer within {timeout_s:g} s; trying again"
         try:
-            fd = await nfs.run(take, path)
-            break
+            # A call abandoned here may still take the lock in its thread: for this process,
+            # whose next try then succeeds (POSIX locks belong to the process).
+            with trio.move_on_after(timeout_s):
+                fd = await nfs.run(take, path)
+                break
         except HeldElsewhere as exc:
             problem = (
                 f"another uploader holds {path} ({exc}); waiting for it to stop, since two on one "

@@ -123,7 +123,10 @@ class Service:
             try:
                 await make_folders(settings, self.lanes.nfs, missing)
                 # Before recovery: what is claimed under the processing root is the holder's.
-                await root.start(instance_lock.run, self.layout.lock_file, self.lanes.nfs, self.progress)
+                await root.start(
+                    partial(instance_lock.run, timeout_s=settings.nfs_op_timeout_s),
+                    self.layout.lock_file, self.lanes.nfs, self.progress,
+                )
                 await self._start_pipeline(root)
                 self.ready = True
                 log.info("ready on %s:%d", settings.host, settings.port)

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from uploader import log_writer
+from uploader import log_writer, telemetry
 from uploader.log_writer import BackgroundLineWriter
-from uploader.telemetry import JsonFormatter
+from uploader.telemetry import JsonFormatter, OncePerInterval
 
 
 class StuckStream(io.StringIO):
@@ -22,8 +22,10 @@ class StuckStream(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
         self.unstuck = threading.Event()
+        self.writing = threading.Event()  # a write has begun (and waits)
 
     def write(self, text: str) -> int:
+        self.writing.set()
         self.unstuck.wait()
         return super().write(text)
 
@@ -60,12 +62,14 @@ def test_a_stuck_stream_drops_and_counts_what_does_not_fit_and_says_so_where(
     stuck: StuckStream,
 ) -> None:
     writer = writer_on(stuck, capacity=10)
+    writer.handle(record("line %d", 0))
+    assert stuck.writing.wait(5)  # the writer holds line 0, stuck on the stream
     started = time.monotonic()
-    for i in range(100):
+    for i in range(1, 100):
         writer.handle(record("line %d", i))
     assert time.monotonic() - started < 1  # logging never waited for the stream
     dropped = writer.dropped()
-    assert 80 <= dropped <= 90  # ten lines fit in the queue, one more in the writer's hands
+    assert dropped == 89  # ten lines fit in the queue
 
     stuck.unstuck.set()
     writer.flush()
@@ -102,3 +106,25 @@ def test_a_broken_stream_is_not_an_error_of_the_caller() -> None:
     writer.handle(record("nowhere to go"))
     writer.flush()
     writer.close()
+
+
+def test_the_sdk_s_repeated_complaints_are_let_through_once_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(telemetry.time, "monotonic", lambda: now[0])
+    only = OncePerInterval(interval_s=60)
+
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, ("x",), None)
+
+    exporter = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+    failed = "Failed to export span batch code: %s"
+    assert only.filter(record(exporter, failed))
+    assert not any(only.filter(record(exporter, failed)) for _ in range(50))
+    assert only.filter(record(exporter, "another message"))  # counted apart
+    assert only.filter(record("uploader.worker", failed))  # the service's own lines all pass
+    now[0] += 61
+    again = record(exporter, failed)
+    assert only.filter(again)
+    assert again.held_back == 50  # type: ignore[attr-defined]

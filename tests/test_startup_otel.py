@@ -50,7 +50,7 @@ def test_blank_values_count_as_not_set() -> None:
 
 
 def test_variables_the_service_does_not_read_are_not_checked() -> None:
-    assert otel_setting_problems({"OTEL_EXPORTER_OTLP_HEADERS": "%%%", "OTEL_SERVICE_NAME": ""}) == []
+    assert otel_setting_problems({"OTEL_EXPORTER_ZIPKIN_ENDPOINT": "%%%", "OTEL_SERVICE_NAME": ""}) == []
 
 
 def test_the_sampler_argument_is_not_checked_for_a_sampler_that_does_not_read_it() -> None:
@@ -83,6 +83,14 @@ BAD = [
     ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "abc"),
     ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
     ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+    ("OTEL_RESOURCE_ATTRIBUTES", "foo"),
+    ("OTEL_RESOURCE_ATTRIBUTES", "a=b,,c=d"),
+    ("OTEL_RESOURCE_ATTRIBUTES", "=value"),
+    ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization: Bearer s3cr3t"),
+    ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "api-key"),
+    ("OTEL_PYTHON_CONTEXT", "bogus"),
+    ("OTEL_PYTHON_EXPORTER_OTLP_HTTP_METRICS_CREDENTIAL_PROVIDER", "nope"),
+    ("OTEL_METRICS_EXEMPLAR_FILTER", "x"),
 ]
 
 
@@ -103,6 +111,25 @@ def test_a_batch_larger_than_the_default_queue_is_named() -> None:
     """The SDK raises ValueError (a traceback at start-up) for it."""
     problems = otel_setting_problems({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096"})
     assert [p.split(":")[0] for p in problems] == ["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"]
+
+
+def test_headers_are_not_echoed() -> None:
+    problems = otel_setting_problems({"OTEL_EXPORTER_OTLP_HEADERS": "Authorization: Bearer s3cr3t"})
+    assert "s3cr3t" not in problems[0]
+
+
+def test_well_formed_headers_and_resource_attributes_pass() -> None:
+    assert otel_setting_problems({
+        "OTEL_EXPORTER_OTLP_HEADERS": "api-key=abc, authorization=Bearer tok%20x",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod, service.namespace = lab",
+    }) == []
+
+
+def test_the_resource_and_context_are_checked_even_when_the_sdk_is_disabled() -> None:
+    problems = otel_setting_problems(
+        {"OTEL_SDK_DISABLED": "true", "OTEL_RESOURCE_ATTRIBUTES": "foo", "OTEL_PYTHON_CONTEXT": "x"}
+    )
+    assert [p.split(":")[0] for p in problems] == ["OTEL_RESOURCE_ATTRIBUTES", "OTEL_PYTHON_CONTEXT"]
 
 
 def test_an_endpoint_is_not_echoed() -> None:

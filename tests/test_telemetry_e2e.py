@@ -125,6 +125,24 @@ def test_api_requests_get_server_spans_but_probes_do_not(
     assert "/healthz" not in server_paths()
 
 
+def test_the_start_request_s_trace_ends_with_the_request(
+    observed: ServiceProcess, receiver: OtlpReceiver
+) -> None:
+    """The watcher it starts runs for the session's life; its scans are not the request's."""
+
+    def start_span() -> SpanRecord | None:
+        with receiver.lock:
+            found = [s for s in receiver.spans if s.kind == SERVER and "/v1/watch/start" in (
+                str(s.attributes.get("url.path")), str(s.attributes.get("http.target")))]
+        return found[0] if found else None
+
+    start = wait_for(start_span, timeout=20, what="the start request's span")
+    with receiver.lock:
+        in_its_trace = {s.name for s in receiver.spans if s.trace_id == start.trace_id}
+    assert "nfs write" in in_its_trace  # the session state, recorded by the request
+    assert not any("scan" in name for name in in_its_trace), in_its_trace
+
+
 def test_the_five_metrics_have_the_workloads_values(
     observed: ServiceProcess, receiver: OtlpReceiver
 ) -> None:
@@ -221,6 +239,12 @@ def test_every_counter_is_scrapeable_at_zero_before_anything_happened(
                    'files_failed_total{disposition="retryable"} 0',
                    'files_failed_total{disposition="permanent"} 0'):
         assert series in text, series
+
+
+def test_metrics_switched_off_with_the_sdk_say_so(service_factory: ServiceFactory) -> None:
+    answer = service_factory(OTEL_SDK_DISABLED="true").http.get("/metrics")
+    assert answer.status_code == 503
+    assert "OTEL_SDK_DISABLED=true" in answer.json()["error"]
 
 
 def test_without_an_endpoint_nothing_is_exported_and_nothing_complains(

@@ -98,6 +98,9 @@ def create_app(service: Service) -> QuartTrio:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        if service.telemetry is not None and service.telemetry.sdk_disabled:
+            # Not an empty 200: a scrape would see every series vanish, not why.
+            return error(503, "Metrics are off: OTEL_SDK_DISABLED=true turns off the OpenTelemetry SDK, which counts them.")
         text = service.telemetry.prometheus_text() if service.telemetry else ""
         return Response(text, content_type=PROMETHEUS_TEXT)
 

@@ -9,6 +9,7 @@ settings (``python -m uploader`` exits 2). Nothing here imports OpenTelemetry.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -56,12 +57,52 @@ _LIMIT_VARIABLES = (
 )
 # The only OTLP protocol the exporters in use speak.
 OTLP_PROTOCOL = "http/protobuf"
+# OTEL_EXPORTER_OTLP_*HEADERS: name=value pairs, comma-separated, as the OTLP exporter
+# specification and the SDK (opentelemetry.util.re, liberal: spaces allowed in values) read
+# them. The SDK logs a malformed pair, whole, and drops it: the header, a credential most
+# often, would be in the log and missing from every export.
+_HEADER_NAME = r"[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+"
+_HEADER = re.compile(rf"[ \t]*{_HEADER_NAME}[ \t]*=[ \t]*[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*")
+_HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
+_HEADER_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    *(f"OTEL_EXPORTER_OTLP_{signal.upper()}_HEADERS" for signal in SIGNALS),
+)
+# Components the SDK looks up by name among installed entry points, and fails on with a
+# traceback (at import, for the context) when there is none of that name.
+_COMPONENT_VARIABLES = {
+    "OTEL_PYTHON_CONTEXT": "opentelemetry_context",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER": "opentelemetry_otlp_credential_provider",
+    **{
+        f"OTEL_PYTHON_EXPORTER_OTLP_HTTP_{signal.upper()}_CREDENTIAL_PROVIDER": "opentelemetry_otlp_credential_provider"
+        for signal in SIGNALS
+    },
+}
+EXEMPLAR_FILTERS = ("always_on", "always_off", "trace_based")
+
+
+def _installed(group: str) -> list[str]:
+    from importlib.metadata import entry_points
+
+    return sorted({entry.name for entry in entry_points(group=group)})
 
 
 def _installed_propagators() -> list[str]:
-    from importlib.metadata import entry_points
+    return sorted({*_installed("opentelemetry_propagator"), "none"})
 
-    return sorted({entry.name for entry in entry_points(group="opentelemetry_propagator")} | {"none"})
+
+def resource_attribute_problem(raw: str) -> str | None:
+    """Why OTEL_RESOURCE_ATTRIBUTES is not ``key=value,...`` as the SDK splits it (it logs
+    each bad entry as raw text, before logging is set up, and drops it), or None."""
+    for item in raw.split(","):
+        key, equals, _ = item.partition("=")
+        if not equals or not key.strip():
+            shown = repr(item.strip()) if item.strip() else "an empty entry"
+            return (
+                f"OTEL_RESOURCE_ATTRIBUTES: {shown} is not key=value; give a comma-separated "
+                "list such as deployment.environment=prod,service.namespace=lab"
+            )
+    return None
 
 
 def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
@@ -73,8 +114,26 @@ def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
     def value(name: str) -> str:
         return environ.get(name, "").strip()
 
+    # Read whatever else is off: the resource is made, and the context chosen, regardless.
+    if value("OTEL_RESOURCE_ATTRIBUTES") and (problem := resource_attribute_problem(value("OTEL_RESOURCE_ATTRIBUTES"))):
+        problems.append(problem)
+    for name, group in _COMPONENT_VARIABLES.items():
+        if value(name) and value(name) not in (known := _installed(group)):
+            problems.append(
+                f"{name}: {value(name)!r} is not installed here"
+                + (f" (use {', '.join(known)})" if known else " (none is)")
+            )
     if value("OTEL_SDK_DISABLED").lower() == "true":
-        return problems  # nothing of it is read
+        return problems  # nothing else of it is read
+
+    for name in _HEADER_VARIABLES:
+        pairs = [p for p in _HEADER_DELIMITER.split(value(name)) if p]
+        if any(not _HEADER.fullmatch(pair.strip()) for pair in pairs):
+            # Not echoed: it carries credentials.
+            problems.append(f"{name}: must be name=value pairs separated by commas, such as api-key=<key>")
+    filter_ = value("OTEL_METRICS_EXEMPLAR_FILTER")
+    if filter_ and filter_.lower() not in EXEMPLAR_FILTERS:
+        problems.append(f"OTEL_METRICS_EXEMPLAR_FILTER: must be one of {', '.join(EXEMPLAR_FILTERS)} (got {filter_!r})")
 
     for name in _ENDPOINT_VARIABLES:
         if value(name):

@@ -15,6 +15,7 @@ import logging
 from functools import partial
 
 import trio
+from opentelemetry import context as otel_context
 
 from uploader import api, gc, instance_lock, watcher
 from uploader.blobstore import BlobStore, open_blob_store
@@ -235,6 +236,9 @@ class Service:
     ) -> None:
         assert self._send is not None
         settings = self.settings
+        # The watcher runs for the session's life: its calls must not join the trace of the
+        # request that started the session (as spans of a request long answered).
+        detached = otel_context.attach(otel_context.Context())
         try:
             await watcher.run(
                 self._send.clone(),
@@ -249,6 +253,7 @@ class Service:
                 task_status=task_status,
             )
         finally:
+            otel_context.detach(detached)
             # A stopped session's folder is not ours to report.
             self.progress.claims_failing = self.progress.entries_skipped = 0
 

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -76,9 +77,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class OncePerInterval(logging.Filter):
+    """At most one line per logger and message per ``interval_s`` from the loggers under
+    ``prefix``. The OpenTelemetry SDK logs every failed export: a collector that is down or
+    refuses makes several lines a second, for as long as it lasts. The next line let through
+    says how many like it were held back (``held_back``)."""
+
+    def __init__(self, prefix: str = "opentelemetry", interval_s: float = 60.0) -> None:
+        super().__init__()
+        self.prefix, self.interval_s = prefix, interval_s
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key, now = (record.name, str(record.msg)), time.monotonic()
+        with self._lock:
+            last, held = self._seen.get(key, (-math.inf, 0))
+            if now - last < self.interval_s:
+                self._seen[key] = (last, held + 1)
+                return False
+            if len(self._seen) > 1000:  # messages are templates: a handful in practice
+                self._seen.clear()
+            self._seen[key] = (now, 0)
+        if held:
+            record.held_back = held
+        return True
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     handler = BackgroundLineWriter(own_stderr())
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(OncePerInterval())
     logging.captureWarnings(True)  # as JSON lines too, and never a write from the event loop
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -87,9 +118,13 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _sdk_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"  # as the SDK reads it
+
+
 def _endpoint_set(signal: str) -> bool:
     """Whether OTLP export of ``signal`` (traces, metrics, logs) is configured and wanted."""
-    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    if _sdk_disabled():
         return False
     if os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp").strip().lower() == "none":
         return False
@@ -106,6 +141,8 @@ class Telemetry:
     logger_provider: LoggerProvider
     scrape_reader: InMemoryMetricReader
     exporting: dict[str, bool] = field(default_factory=dict)
+    # OTEL_SDK_DISABLED=true makes the SDK's providers no-ops: no metrics to scrape either.
+    sdk_disabled: bool = False
 
     def prometheus_text(self) -> str:
         return render_prometheus(self.scrape_reader.get_metrics_data())
@@ -159,7 +196,9 @@ def setup_telemetry() -> Telemetry:
         bridge.addFilter(lambda record: not record.name.startswith("opentelemetry"))
         logging.getLogger().addHandler(bridge)
     _logs.set_logger_provider(logger_provider)
-    return Telemetry(tracer_provider, meter_provider, logger_provider, scrape_reader, exporting)
+    return Telemetry(
+        tracer_provider, meter_provider, logger_provider, scrape_reader, exporting, _sdk_disabled()
+    )
 
 
 # The SDK's default boundaries (0 to 10,000) fit milliseconds: every file over 10 kB would

@@ -181,6 +181,8 @@ class Pipeline:
                 return await step(item)
             except Exception as exc:
                 item.span.set_attribute("outcome", "failed")
+                if (size := _known_size(item)) is not None:
+                    item.span.set_attribute("size", size)
                 item.span.record_exception(exc)
                 item.span.set_status(trace.StatusCode.ERROR, describe(exc))
                 self._leave(item)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -269,3 +270,22 @@ def test_clients_hanging_up_mid_body_do_not_stop_the_service(service: ServicePro
         assert service.proc is not None and service.proc.poll() is None, service.log()[-3000:]
     assert service.http.get("/healthz").status_code == 200
     assert "stopped by an unexpected error" not in service.log()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /v1/status HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+        (b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    ],
+    ids=["garbage", "bad-content-length", "huge-header"],
+)
+def test_requests_the_http_server_refuses_get_a_json_error_too(
+    service: ServiceProcess, request_bytes: bytes, status: int
+) -> None:
+    answer = read_until_closed(service.port, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"].endswith(".")

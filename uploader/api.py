@@ -11,10 +11,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import h11
+import hypercorn.protocol
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -219,6 +222,32 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
+# What a request Hypercorn refuses before the app sees it gets (h11's status hints).
+PROTOCOL_ERRORS = {
+    400: "The request is not valid HTTP/1.1.",
+    431: "The request's header fields are too large.",
+}
+
+
+class JsonErrorsH11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol, whose own error answers (a malformed request, headers
+    too large) are JSON with one sentence, as every other error of the API."""
+
+    async def _send_error_response(self, status_code: int) -> None:
+        body = json.dumps(
+            {"error": PROTOCOL_ERRORS.get(status_code, f"The request could not be read (HTTP {status_code}).")}
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+
 class ConnectionServer(TCPServer):
     """Hypercorn's trio connection handler, made unable to end the service.
 
@@ -249,9 +278,10 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    # Hypercorn's trio worker builds its connections from this module attribute; there is no
-    # setting for it.
+    # Hypercorn's trio worker builds its connections, and their HTTP/1.1 protocol, from these
+    # module attributes; there is no setting for either.
     hypercorn.trio.run.TCPServer = ConnectionServer  # type: ignore[attr-defined]
+    hypercorn.protocol.H11Protocol = JsonErrorsH11Protocol  # type: ignore[attr-defined]
     await hypercorn_serve(
         app,
         hypercorn_config(settings),

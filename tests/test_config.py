@@ -15,6 +15,7 @@ from uploader.config import (
     blob_endpoint,
     load_settings,
     overlapping_folders,
+    redact,
     unknown_settings,
 )
 
@@ -211,6 +212,8 @@ BAD_VALUES = [
     ("APP_AZURE_ACCOUNT_URL", "http://127.0.0.1:99999/devstoreaccount1"),
     ("APP_AZURE_ACCOUNT_URL", "https://acct.blob.core.windows.net:/"),
     ("APP_AZURE_ACCOUNT_URL", "https://999.1.1.1"),
+    ("APP_AZURE_ACCOUNT_URL", "https://user:hunter2@acct.blob.core.windows.net"),
+    ("APP_AZURE_ACCOUNT_URL", "https://acct.blob.core.windows.net/?sv=x"),
     ("APP_HOST", ""),
     ("APP_HOST", " 127.0.0.1 "),
     ("APP_HOST", "999.1.1.1"),
@@ -381,6 +384,12 @@ BAD_CONNECTION_STRINGS = {
     "endpoint-with-space": f"BlobEndpoint=not a url;AccountName=acct;AccountKey={KEY}",
     "endpoint-bad-port": f"BlobEndpoint=http://127.0.0.1:99999/x;AccountName=acct;AccountKey={KEY}",
     "key-not-only-base64": "AccountName=acct;AccountKey=!!!!",
+    "endpoint-with-password": f"BlobEndpoint=http://user:hunter2@127.0.0.1:10000/x;AccountName=acct;AccountKey={KEY}",
+    "endpoint-mistyped-scheme": f"BlobEndpoint=htp//127.0.0.1;AccountName=acct;AccountKey={KEY}",
+    "endpoint-bracket-junk": f"BlobEndpoint=http://[::1]x:10000/;AccountName=acct;AccountKey={KEY}",
+    "account-placeholder": f"DefaultEndpointsProtocol=https;AccountName=<account>;AccountKey={KEY}",
+    "account-with-space": f"AccountName=a c c;AccountKey={KEY}",
+    "suffix-with-space": f"AccountName=acct;AccountKey={KEY};EndpointSuffix=core .windows.net",
 }
 
 
@@ -390,6 +399,15 @@ def test_a_malformed_connection_string_is_one_line_naming_the_variable(connectio
     assert "\n" not in message
     assert message.startswith("APP_AZURE_CONNECTION_STRING: ")
     assert ACCOUNT_KEY not in message
+
+
+def test_a_password_in_a_url_is_never_shown() -> None:
+    message = settings_error(
+        APP_AZURE_AUTH="key",
+        APP_AZURE_CONNECTION_STRING=f"BlobEndpoint=http://user:hunter2@127.0.0.1:10000/x;AccountName=acct;AccountKey={KEY}",
+    )
+    assert "hunter2" not in message
+    assert "hunter2" not in redact("at http://user:hunter2@127.0.0.1:10000/x/c: refused")
 
 
 def test_a_malformed_connection_string_is_not_echoed() -> None:
@@ -463,11 +481,16 @@ def test_a_setting_not_in_upper_case_is_refused(clean_env: pytest.MonkeyPatch, n
 
 
 def test_unknown_app_variables_are_named_with_the_likely_setting() -> None:
-    notes = unknown_settings({"APP_WORKER_CONCURENCY": "8", "APP_PORT": "1", "APP_XYZZY": "1", "PATH": "/bin"})
+    notes = unknown_settings({
+        "APP_WORKER_CONCURENCY": "8", "APP_PORT": "1", "APP_XYZZY": "1", "PATH": "/bin",
+        "app_poll_intervall_s": "1",
+    })
     assert notes == [
         "APP_WORKER_CONCURENCY is not a setting of this service and is ignored "
         "(did you mean APP_WORKER_CONCURRENCY?)",
         "APP_XYZZY is not a setting of this service and is ignored",
+        "app_poll_intervall_s is not a setting of this service and is ignored "
+        "(did you mean APP_POLL_INTERVAL_S?)",
     ]
 
 

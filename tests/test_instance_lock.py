@@ -75,7 +75,13 @@ async def test_run_waits_for_the_holder_and_says_so(
     progress = Progress()
     with held_by_another_process(path) as child, caplog.at_level(logging.WARNING):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), progress)
+            holding = trio.Event()
+
+            async def take_the_lock() -> None:
+                await nursery.start(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), progress)
+                holding.set()
+
+            nursery.start_soon(take_the_lock)
             await trio.sleep(0.5)
             assert progress.last_error is not None
             assert progress.last_error.startswith(f"another uploader holds {path} (")
@@ -83,13 +89,14 @@ async def test_run_waits_for_the_holder_and_says_so(
             child.kill()
             child.wait()
             with trio.fail_after(5):
-                await nursery.start(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), progress)
+                await holding.wait()
+            assert progress.last_error is None  # the wait is over: no longer said
             nursery.cancel_scope.cancel()
     assert sum("another uploader holds" in r.getMessage() for r in caplog.records) == 1  # not every retry
 
 
 async def test_run_waits_out_a_share_that_does_not_answer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(instance_lock, "RETRY_S", 0.05)
     released = threading.Event()
@@ -105,14 +112,18 @@ async def test_run_waits_out_a_share_that_does_not_answer(
     progress = Progress()
     path = tmp_path / ".uploader.lock"
     try:
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(5):
-                await nursery.start(partial(instance_lock.run, timeout_s=0.2), path, ThreadLane("nfs", 2), progress)
-            nursery.cancel_scope.cancel()
+        with caplog.at_level(logging.WARNING):
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(5):
+                    await nursery.start(partial(instance_lock.run, timeout_s=0.2), path, ThreadLane("nfs", 2), progress)
+                nursery.cancel_scope.cancel()
     finally:
         released.set()
     assert len(calls) == 2
-    assert progress.last_error == f"cannot lock {path} now: no answer within 0.2 s; trying again"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot lock {path} now: no answer within 0.2 s; trying again"
+    ]
+    assert progress.last_error is None  # said while it lasted, not after
 
 
 async def test_run_releases_the_lock_when_cancelled(tmp_path: Path) -> None:

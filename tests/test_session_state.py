@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import pytest
 import trio
 import trio.testing
 
+from uploader import fileops
 from uploader.lanes import ThreadLane
 from uploader.layout import Layout
 from uploader.session import (
     MAX_STATE_BYTES,
     BadStateFile,
+    NfsUnavailable,
     SessionControl,
     SessionState,
     StateFile,
@@ -263,12 +266,15 @@ async def test_a_start_whose_caller_goes_away_is_carried_through(tmp_path: Path)
 async def test_a_stop_that_cannot_be_recorded_yet_says_so_and_is_recorded_later(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
     noted: list[str] = []
+    resolved: list[str] = []
 
     async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
         await trio.sleep_forever()
 
-    control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5, note_error=noted.append)
+    control = SessionControl(
+        layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5, note_error=noted.append, resolve_error=resolved.append
+    )
     blocker = layout.processing_root / "session.json.tmp" / "something"
     async with trio.open_nursery() as nursery:
         await nursery.start(control.run)
@@ -287,6 +293,42 @@ async def test_a_stop_that_cannot_be_recorded_yet_says_so_and_is_recorded_later(
             if not read_state(layout.state_file).active:
                 break
         assert read_state(layout.state_file) == stopped
+        assert resolved == noted  # status no longer says it is not recorded
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_start_whose_state_write_is_given_up_on_leaves_no_session_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write abandoned on a slow share ends later, in its thread: the session the client
+    was told did not start must not be recorded as active (a restart would resume it)."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    released = threading.Event()
+    real_write = fileops.write_atomically
+
+    def slow_once(path: Path, payload: bytes) -> None:
+        if not released.is_set():
+            released.wait(10)
+        real_write(path, payload)
+
+    monkeypatch.setattr(fileops, "write_atomically", slow_once)
+
+    async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=0.3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        with pytest.raises(NfsUnavailable):
+            await control.start("run-1")
+        released.set()
+        for _ in range(100):  # the abandoned write lands, then the state as it is goes over it
+            await trio.sleep(0.1)
+            if layout.state_file.exists() and not read_state(layout.state_file).active:
+                break
+        assert read_state(layout.state_file) == SessionState()
+        assert not control.state.active
         nursery.cancel_scope.cancel()
 
 

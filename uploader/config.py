@@ -280,6 +280,9 @@ def check_connection_string(connection_string: str) -> None:
         raise ValueError("names only a secondary endpoint: BlobEndpoint is missing")
     elif not fields.get("ACCOUNTNAME"):
         raise ValueError("needs AccountName (or BlobEndpoint)")
+    elif (derived := blob_endpoint(connection_string)) and (problem := url_problem(derived)):
+        # AccountName and EndpointSuffix make the URL: a placeholder left in either shows here.
+        raise ValueError(f"AccountName and EndpointSuffix make an endpoint that {problem}")
     protocol = fields.get("DEFAULTENDPOINTSPROTOCOL")
     if protocol is not None and protocol.lower() not in ("http", "https"):
         raise ValueError("DefaultEndpointsProtocol must be http or https")
@@ -311,20 +314,37 @@ def url_problem(url: str) -> str | None:
     with a verb ("must be", "has"), or None when it is an http(s) URL with a usable host."""
     if any(c.isspace() for c in url):
         return "must not contain spaces"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a bracket left open, say
+        return "must be an http(s) URL"
     if parts.scheme.lower() not in ("http", "https"):
         return "must be an http(s) URL"
-    if not parts.hostname:
-        return "must be an http(s) URL with a host"
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if (port == 0 and ":" in parts.netloc.rsplit("]", 1)[-1]) or parts.netloc.endswith(":"):
+    if "@" in parts.netloc:  # it would be printed wherever the URL is
+        return "must not carry a user name or password (the credential settings are for that)"
+    if "//" in parts.path or parts.query or parts.fragment:
+        return "must be only scheme, host, port and path (a '//' in the path is a mistyped scheme)"
+    host, has_port, port = parts.netloc, False, ""
+    if not host.endswith("]") and ":" in host:
+        host, has_port, port = host.rpartition(":")[0], True, host.rpartition(":")[2]
+    if has_port and not (port.isdigit() and 1 <= int(port) <= 65535):
         return "has a port that is not a number in 1-65535"
-    if not is_host(parts.hostname):
-        return f"has a host, {parts.hostname!r}, that is neither an IP address nor a host name"
+    if not host:
+        return "must be an http(s) URL with a host"
+    if host.startswith("[") or host.endswith("]"):  # an IPv6 address, and only that
+        usable = host.startswith("[") and host.endswith("]") and _is_ipv6(host[1:-1])
+    else:
+        usable = is_host(host)
+    if not usable:
+        return f"has a host, {host!r}, that is neither an IP address nor a host name"
     return None
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def _same_endpoint(url: str) -> tuple[str, str, int | None, str]:
@@ -399,8 +419,8 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
     names = _setting_names()
     notes = []
     for name in sorted(environ):
-        if name.startswith(ENV_PREFIX) and name not in names:
-            close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in names:
+            close = difflib.get_close_matches(name.upper(), names, n=1, cutoff=0.8)
             hint = f" (did you mean {close[0]}?)" if close else ""
             notes.append(f"{name} is not a setting of this service and is ignored{hint}")
     return notes
@@ -410,6 +430,7 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
 _SECRET_FIELDS = ("azure_connection_string", "azure_account_key")
 _NOT_ECHOED = {*_SECRET_FIELDS, "azure_account_url"}
 _SECRET_PATTERN = re.compile(r"(AccountKey|SharedAccessSignature|sig)=[^;&\s]+", re.IGNORECASE)
+_URL_USER = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a URL
 
 
 def redact(text: str) -> str:
@@ -419,6 +440,7 @@ def redact(text: str) -> str:
             secret = os.environ.get(name)
             if secret and len(secret) >= 4:
                 text = text.replace(secret, "***")
+    text = _URL_USER.sub("***@", text)
     return _SECRET_PATTERN.sub(lambda m: f"{m.group(1)}=***", text)
 
 

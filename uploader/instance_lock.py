@@ -75,6 +75,7 @@ async def run(
     fails or does not answer within ``timeout_s`` (logged now and then, and shown as the
     status's last error), then report started and hold it until cancelled."""
     last_note = -NOTE_EVERY_S
+    noted: str | None = None
     while True:
         problem = f"cannot lock {path} now: no answer within {timeout_s:g} s; trying again"
         try:
@@ -100,8 +101,10 @@ async def run(
         if trio.current_time() - last_note >= NOTE_EVERY_S:
             log.warning("%s", problem)
             progress.note_error(problem)
-            last_note = trio.current_time()
+            noted, last_note = problem, trio.current_time()
         await trio.sleep(RETRY_S)
+    if noted is not None:
+        progress.resolve_error(noted)  # the wait is over
     try:
         task_status.started()
         await trio.sleep_forever()

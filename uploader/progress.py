@@ -64,6 +64,12 @@ class Progress:
         self.last_error = message
         self.last_error_at = utc_now_iso()
 
+    def resolve_error(self, message: str) -> None:
+        """``message`` is no longer true (a wait that ended, a write done at last): drop it
+        if it is still the last error, rather than leave a claim that misleads."""
+        if self.last_error == message:
+            self.last_error = self.last_error_at = None
+
     def snapshot(self) -> dict[str, object]:
         return {
             "files_processed": self.files_processed,

@@ -169,7 +169,8 @@ class Service:
         )
         control = SessionControl(
             layout, lanes.nfs, self._watch,
-            nfs_timeout_s=settings.nfs_op_timeout_s, note_error=self.progress.note_error,
+            nfs_timeout_s=settings.nfs_op_timeout_s,
+            note_error=self.progress.note_error, resolve_error=self.progress.resolve_error,
         )
         self.sessions = await root.start(control.run)
         root.start_soon(self._feed_recovered, send.clone(), recovered.unfinished)

@@ -233,9 +233,11 @@ class SessionControl:
         nfs_timeout_s: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         note_error: Callable[[str], None] = lambda message: None,
+        resolve_error: Callable[[str], None] = lambda message: None,
     ) -> None:
         self.layout = layout
-        self._note_error = note_error  # the status's last_error
+        self._note_error, self._resolve_error = note_error, resolve_error  # the status's last_error
+        self._unrecorded: str | None = None  # the problem noted while a stop is not recorded
         self.nfs = nfs
         self._watch = watch
         self._nfs_timeout_s = nfs_timeout_s
@@ -296,7 +298,15 @@ class SessionControl:
             now = self._clock()
             state = SessionState(True, name, date_prefix(now), now.isoformat(timespec="seconds"))
             await self._on_nfs(_make_session_folders, self.layout, state.date_prefix, name)
-            await self._save(state)
+            try:
+                await self._save(state)
+            except (NfsUnavailable, NfsRefused):
+                # The write given up on may still land, in its thread: the start failed, so
+                # the state as it is goes over it (writes take turns), or a restart would
+                # resume a session the client was told did not start.
+                assert self._nursery is not None
+                self._nursery.start_soon(self._save_in_background)
+                raise
             await self._start_watcher(state)
             log.info("session %s started", name, extra={"session": name})
             return state
@@ -337,6 +347,7 @@ class SessionControl:
                 )
                 log.error("%s; retrying", problem)
                 self._note_error(problem)
+                self._unrecorded = problem
                 assert self._nursery is not None
                 self._nursery.start_soon(self._save_in_background)
             log.info("session %s stopped", stopped.session_name, extra={"session": stopped.session_name})
@@ -363,6 +374,9 @@ class SessionControl:
                 try:
                     await self._save(self.state)
                     log.info("session state recorded at last: %s", "active" if self.state.active else "stopped")
+                    if self._unrecorded is not None:
+                        self._resolve_error(self._unrecorded)
+                        self._unrecorded = None
                     return
                 except (NfsUnavailable, NfsRefused) as exc:
                     log.error("cannot record the session state (%s); retrying in %.0f s", exc, delay)

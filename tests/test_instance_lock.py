@@ -23,6 +23,7 @@ from tests.conftest import ServiceFactory
 from tests.support.service import Folders, wait_for, write_file
 from tests.test_upload_e2e import today, wait_for_blobs
 from uploader import instance_lock
+from uploader.errors import Fatal
 from uploader.instance_lock import HeldElsewhere, take
 from uploader.lanes import ThreadLane
 from uploader.progress import Progress
@@ -124,6 +125,43 @@ async def test_run_waits_out_a_share_that_does_not_answer(
         f"cannot lock {path} now: no answer within 0.2 s; trying again"
     ]
     assert progress.last_error is None  # said while it lasted, not after
+
+
+def another_process_can_lock(path: Path) -> bool:
+    probe = "import sys; from pathlib import Path; from uploader.instance_lock import take, HeldElsewhere\n"
+    probe += "try:\n    take(Path(sys.argv[1]))\nexcept HeldElsewhere:\n    sys.exit(3)\n"
+    return subprocess.run([sys.executable, "-c", probe, str(path)], check=False).returncode == 0
+
+
+async def test_a_lock_file_removed_while_held_is_locked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(instance_lock, "CHECK_EVERY_S", 0.05)
+    path = tmp_path / ".uploader.lock"
+    with caplog.at_level(logging.WARNING):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), Progress())
+            path.unlink()  # someone cleaning up: a second service could lock a new file
+            await trio.sleep(0.5)
+            assert path.exists()
+            assert not await trio.to_thread.run_sync(another_process_can_lock, path)
+            nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path} was removed or replaced while this service held it; locked again"
+    ]
+
+
+async def test_a_service_whose_removed_lock_file_another_locked_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(instance_lock, "CHECK_EVERY_S", 0.3)
+    path = tmp_path / ".uploader.lock"
+    with pytest.RaisesGroup(pytest.RaisesExc(Fatal, match=r"another uploader locked it since")):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), Progress())
+            path.unlink()
+            with held_by_another_process(path):
+                await trio.sleep(5)  # the check stops the service long before
 
 
 async def test_run_releases_the_lock_when_cancelled(tmp_path: Path) -> None:

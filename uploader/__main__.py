@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from uploader.config import Settings, SettingsError, load_settings, unknown_settings
-from uploader.errors import StartupError
+from uploader.errors import Fatal
 from uploader.otel_settings import otel_setting_problems
 
 if TYPE_CHECKING:
@@ -47,11 +47,11 @@ async def serve(service: Service) -> None:
         await nursery.start(service.run)
 
 
-def _startup_errors(group: BaseException) -> list[StartupError]:
-    if isinstance(group, StartupError):
+def _fatal_errors(group: BaseException) -> list[Fatal]:
+    if isinstance(group, Fatal):
         return [group]
     if isinstance(group, BaseExceptionGroup):
-        return [e for sub in group.exceptions for e in _startup_errors(sub)]
+        return [e for sub in group.exceptions for e in _fatal_errors(sub)]
     return []
 
 
@@ -97,11 +97,11 @@ def main() -> None:
         trio.run(serve, service)
         log.info("stopped")
     except BaseException as exc:
-        failures = _startup_errors(exc)
+        failures = _fatal_errors(exc)
         if failures:
-            log.critical("cannot start: %s", failures[0])
+            log.critical("%s: %s", failures[0].doing, failures[0])
             _flush_logs()  # the JSON line first, then the plain one
-            print(f"uploader: cannot start: {failures[0]}", file=sys.stderr, flush=True)
+            print(f"uploader: {failures[0].doing}: {failures[0]}", file=sys.stderr, flush=True)
             code = 1
         elif not isinstance(exc, KeyboardInterrupt):
             log.critical("stopped by an unexpected error", exc_info=exc)

@@ -31,8 +31,16 @@ class Disposition(enum.Enum):
     PERMANENT = "permanent"
 
 
-class StartupError(Exception):
-    """Start-up cannot go on; the message is one clear line for the log and the exit."""
+class Fatal(Exception):
+    """The service must stop; the message is one clear line for the log and the exit."""
+
+    doing = "stopped"  # what the exit line says the service did
+
+
+class StartupError(Fatal):
+    """Start-up cannot go on."""
+
+    doing = "cannot start"
 
 
 class SourceChanged(Exception):

@@ -22,19 +22,31 @@ from pathlib import Path
 
 import trio
 
-from uploader.errors import describe
+from uploader.errors import Fatal, describe
 from uploader.lanes import ThreadLane
 from uploader.progress import Progress
 
 log = logging.getLogger(__name__)
 
 RETRY_S = 2.0  # how often a waiting service tries again
+CHECK_EVERY_S = 10.0  # how often the holder checks that its lock file is still the one there
 NOTE_EVERY_S = 30.0  # how often it says it is still waiting
 _HELD_ELSEWHERE = (errno.EAGAIN, errno.EACCES)  # what F_SETLK answers when another holds it
 
 
 class HeldElsewhere(Exception):
     """Another process holds the lock; the message says who, as it wrote in the file."""
+
+
+def still_there(path: Path, fd: int) -> bool:
+    """Blocking: whether ``path`` is still the file ``fd`` holds locked. Someone removing or
+    replacing it lets a second service lock a new file of that name beside this one."""
+    held = os.fstat(fd)
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
 
 def holder_description() -> str:
@@ -107,9 +119,37 @@ async def run(
         progress.resolve_error(noted)  # the wait is over
     try:
         task_status.started()
-        await trio.sleep_forever()
+        while True:
+            await trio.sleep(CHECK_EVERY_S)
+            fd = await _keep(path, fd, nfs, timeout_s)
     finally:
         # Closing releases the lock, a call to the server that may hang with it: bounded,
         # and the process's end releases it anyway.
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await nfs.run(os.close, fd)
+
+
+async def _keep(path: Path, fd: int, nfs: ThreadLane, timeout_s: float) -> int:
+    """The descriptor that holds the lock from now on: ``fd``, or a new one when the lock file
+    was removed or replaced and could be taken again. Raises Fatal when another service took
+    it meanwhile: this one stops, so that one service works the share. A share that fails or
+    does not answer changes nothing: the next check will tell."""
+    new_fd = None
+    with trio.move_on_after(timeout_s):
+        try:
+            if await nfs.run(still_there, path, fd):
+                return fd
+            new_fd = await nfs.run(take, path)
+        except HeldElsewhere as exc:
+            raise Fatal(
+                f"{path} was removed while this service held it, and another uploader locked it "
+                f"since ({exc}); stopping, so that one service works the share"
+            ) from None
+        except OSError:
+            pass
+    if new_fd is None:
+        return fd
+    log.warning("%s was removed or replaced while this service held it; locked again", path)
+    with trio.move_on_after(timeout_s):
+        await nfs.run(os.close, fd)  # the old file's lock, of no use now
+    return new_fd

@@ -83,6 +83,23 @@ def test_a_transient_nfs_error_ends_with_every_file_intact(
     assert error in service.log()  # each failure was logged, naming its cause
 
 
+def test_an_outage_of_the_moves_to_the_completed_folder_quarantines_nothing(
+    service_factory: ServiceFactory, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    """The blobs are up and verified; only the share's renames fail (its listings work, so the
+    probe of "is it the file or the share?" cannot tell): no file is quarantined for that."""
+    service = service_factory(APP_MAX_ATTEMPTS="2", APP_RETRY_BACKOFF_MAX_S="0.5", APP_NFS_OP_TIMEOUT_S="2")
+    service.start_session("done")
+    outage = faultfs.fail("rename", processing_glob("done", "*"), "EIO", times=None)
+    expected = drop(folders, "done", {"a.bin": 1000, "b.bin": 2 * MiB})
+    wait_for(lambda: service.status()["files_failed"] >= 6, timeout=60, what="several failed completions")
+    faultfs.remove(outage)
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    status = service.status()
+    assert status["files_quarantined"] == 0 and status["files_processed"] == 2
+
+
 def test_a_file_the_kernel_will_not_link_is_claimed_by_rename(
     service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
 ) -> None:

@@ -62,6 +62,7 @@ class WorkItem:
     successes_at_first_failure: int | None = None
     staged: StagedFile | None = None
     report: UploadReport | None = None
+    completing: bool = False  # the attempt got as far as the completion on NFS
     # The file's size when claimed, where known: small files are staged at once.
     claimed_size: int | None = None
     # This attempt's span, carried from stage to stage.
@@ -337,6 +338,7 @@ class Pipeline:
     async def _finish(self, item: WorkItem) -> bool:
         key, staged, report, span = item.key, item.staged, item.report, item.span
         assert staged is not None and report is not None and span is not None
+        item.completing = True
         with tracer.start_as_current_span("complete"):
             problems = await self.lanes.nfs.run(
                 fileops.finish, self.layout.processing_path(key), self.layout.completed_path(key),
@@ -373,8 +375,14 @@ class Pipeline:
         progress.files_failed += 1
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")
+        at_completion, item.completing = item.completing, False
         if disposition is Disposition.PERMANENT:
             give_up = True
+        elif at_completion:
+            # The blob is up and verified: what failed is the move to the completed folder on
+            # NFS, which fails every file alike while the share does (a listing that works
+            # says nothing about renames). Retried as long as it takes, never quarantined.
+            give_up = False
         elif is_out_of_space(exc):
             # A full disk fails whoever needs room, and room comes back as files complete:
             # only a file larger than the whole staging disk can never be copied, whatever

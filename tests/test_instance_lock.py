@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -96,35 +97,62 @@ async def test_run_waits_for_the_holder_and_says_so(
     assert sum("another uploader holds" in r.getMessage() for r in caplog.records) == 1  # not every retry
 
 
-async def test_run_waits_out_a_share_that_does_not_answer(
+async def test_run_waits_out_a_share_that_does_not_answer_without_asking_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Calls abandoned on a hung share would pile up in the lane's threads, and a late one
+    that fails would close a descriptor of the file, which drops this process's lock."""
     monkeypatch.setattr(instance_lock, "RETRY_S", 0.05)
     released = threading.Event()
     calls: list[Path] = []
 
-    def hangs_once(path: Path) -> int:
+    def hangs(path: Path) -> int:
         calls.append(path)
-        if len(calls) == 1:
-            released.wait(10)  # a hard-mounted share whose server went away
+        released.wait(10)  # a hard-mounted share whose server went away, for a while
         return take(path)
 
-    monkeypatch.setattr(instance_lock, "take", hangs_once)
+    monkeypatch.setattr(instance_lock, "take", hangs)
     progress = Progress()
     path = tmp_path / ".uploader.lock"
     try:
         with caplog.at_level(logging.WARNING):
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, lambda: time.sleep(0.7) or released.set())
                 with trio.fail_after(5):
                     await nursery.start(partial(instance_lock.run, timeout_s=0.2), path, ThreadLane("nfs", 2), progress)
                 nursery.cancel_scope.cancel()
     finally:
         released.set()
-    assert len(calls) == 2
+    assert len(calls) == 1
     assert [r.getMessage() for r in caplog.records] == [
-        f"cannot lock {path} now: no answer within 0.2 s; trying again"
+        f"cannot lock {path} now: no answer within 0.2 s; still waiting for it"
     ]
     assert progress.last_error is None  # said while it lasted, not after
+
+
+async def test_a_hung_check_of_the_lock_file_is_not_sent_again_beside_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(instance_lock, "CHECK_EVERY_S", 0.05)
+    released = threading.Event()
+    checks: list[int] = []
+
+    def hung_check(path: Path, fd: int) -> bool:
+        checks.append(fd)
+        released.wait(10)
+        return True
+
+    monkeypatch.setattr(instance_lock, "still_there", hung_check)
+    lane = ThreadLane("nfs", 4)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(instance_lock.run, timeout_s=0.1), tmp_path / ".uploader.lock", lane, Progress())
+            await trio.sleep(1)  # twenty rounds of checks
+            assert lane.snapshot()["running"] == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        released.set()
+    assert len(checks) == 1
 
 
 def another_process_can_lock(path: Path) -> bool:
@@ -156,7 +184,7 @@ async def test_a_service_whose_removed_lock_file_another_locked_stops(
 ) -> None:
     monkeypatch.setattr(instance_lock, "CHECK_EVERY_S", 0.3)
     path = tmp_path / ".uploader.lock"
-    with pytest.RaisesGroup(pytest.RaisesExc(Fatal, match=r"another uploader locked it since")):
+    with pytest.RaisesGroup(pytest.RaisesExc(Fatal, match=r"another uploader locked it since"), flatten_subgroups=True):
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), Progress())
             path.unlink()

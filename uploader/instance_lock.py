@@ -17,8 +17,10 @@ import fcntl
 import logging
 import os
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -75,6 +77,37 @@ def take(path: Path) -> int:
     return fd
 
 
+class _OneCall:
+    """A blocking call in the NFS lane, sent once and waited for in slices. A call the share
+    does not answer is never sent again beside itself: abandoned calls would pile up in the
+    lane's threads, and a late ``take`` that fails closes its descriptor, which drops every
+    lock this process holds on the file (POSIX locks belong to the process)."""
+
+    def __init__(self, nursery: trio.Nursery, nfs: ThreadLane, fn: Callable[..., Any], *args: object) -> None:
+        self._done = trio.Event()
+        self._value: Any = None
+        self._error: Exception | None = None
+        nursery.start_soon(self._run, nfs, fn, args)
+
+    async def _run(self, nfs: ThreadLane, fn: Callable[..., Any], args: tuple[object, ...]) -> None:
+        try:
+            self._value = await nfs.run(fn, *args)
+        except Exception as exc:  # the waiter's to handle
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def answered_within(self, seconds: float) -> bool:
+        with trio.move_on_after(seconds):
+            await self._done.wait()
+        return self._done.is_set()
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 async def run(
     path: Path,
     nfs: ThreadLane,
@@ -86,70 +119,84 @@ async def run(
     """Take the lock at ``path``, waiting as long as another service holds it or the share
     fails or does not answer within ``timeout_s`` (logged now and then, and shown as the
     status's last error), then report started and hold it until cancelled."""
+    async with trio.open_nursery() as calls:
+        fd = await _take(path, nfs, progress, timeout_s, calls)
+        task_status.started()
+        if fd is not None:
+            await _hold(path, fd, nfs, timeout_s, calls)
+
+
+async def _take(
+    path: Path, nfs: ThreadLane, progress: Progress, timeout_s: float, calls: trio.Nursery
+) -> int | None:
+    """The descriptor that holds the lock, once it is free; None where the share has none."""
     last_note = -NOTE_EVERY_S
     noted: str | None = None
+    call: _OneCall | None = None
     while True:
-        problem = f"cannot lock {path} now: no answer within {timeout_s:g} s; trying again"
-        try:
-            # A call abandoned here may still take the lock in its thread: for this process,
-            # whose next try then succeeds (POSIX locks belong to the process).
-            with trio.move_on_after(timeout_s):
-                fd = await nfs.run(take, path)
+        call = call or _OneCall(calls, nfs, take, path)
+        problem = f"cannot lock {path} now: no answer within {timeout_s:g} s; still waiting for it"
+        if await call.answered_within(timeout_s):
+            answered, call = call, None
+            try:
+                fd: int = answered.result()
                 break
-        except HeldElsewhere as exc:
-            problem = (
-                f"another uploader holds {path} ({exc}); waiting for it to stop, since two on one "
-                "share would upload files twice and overwrite each other's session state"
-            )
-        except OSError as exc:
-            if exc.errno == errno.ENOLCK:
-                log.warning(
-                    "cannot lock %s: the share has no file locks (%s); nothing keeps a second "
-                    "service off this processing root", path, describe(exc),
+            except HeldElsewhere as exc:
+                problem = (
+                    f"another uploader holds {path} ({exc}); waiting for it to stop, since two "
+                    "on one share would upload files twice and overwrite each other's session state"
                 )
-                task_status.started()
-                return
-            problem = f"cannot lock {path} now: {describe(exc)}; trying again"
+            except OSError as exc:
+                if exc.errno == errno.ENOLCK:
+                    log.warning(
+                        "cannot lock %s: the share has no file locks (%s); nothing keeps a second "
+                        "service off this processing root", path, describe(exc),
+                    )
+                    return None
+                problem = f"cannot lock {path} now: {describe(exc)}; trying again"
         if trio.current_time() - last_note >= NOTE_EVERY_S:
             log.warning("%s", problem)
             progress.note_error(problem)
             noted, last_note = problem, trio.current_time()
-        await trio.sleep(RETRY_S)
+        if call is None:
+            await trio.sleep(RETRY_S)
     if noted is not None:
         progress.resolve_error(noted)  # the wait is over
+    return fd
+
+
+async def _hold(path: Path, fd: int, nfs: ThreadLane, timeout_s: float, calls: trio.Nursery) -> None:
+    """Check every CHECK_EVERY_S that ``path`` is still the file ``fd`` holds locked; lock a
+    new one where it was removed or replaced. Raises Fatal when another service locked it
+    first: this one stops, so that one service works the share. A share that fails or does
+    not answer changes nothing: the pending call is waited for, and the next check tells."""
+    pending: tuple[str, _OneCall] | None = None
     try:
-        task_status.started()
         while True:
             await trio.sleep(CHECK_EVERY_S)
-            fd = await _keep(path, fd, nfs, timeout_s)
+            kind, call = pending or ("check", _OneCall(calls, nfs, still_there, path, fd))
+            pending = (kind, call)
+            if not await call.answered_within(timeout_s):
+                continue
+            pending = None
+            try:
+                answer = call.result()
+            except HeldElsewhere as exc:
+                raise Fatal(
+                    f"{path} was removed while this service held it, and another uploader "
+                    f"locked it since ({exc}); stopping, so that one service works the share"
+                ) from None
+            except OSError:
+                continue
+            if kind == "check":
+                if not answer:
+                    pending = ("take", _OneCall(calls, nfs, take, path))  # answered next round
+                continue
+            log.warning("%s was removed or replaced while this service held it; locked again", path)
+            calls.start_soon(nfs.run, os.close, fd)  # the old file's lock, of no use now
+            fd = answer
     finally:
         # Closing releases the lock, a call to the server that may hang with it: bounded,
         # and the process's end releases it anyway.
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await nfs.run(os.close, fd)
-
-
-async def _keep(path: Path, fd: int, nfs: ThreadLane, timeout_s: float) -> int:
-    """The descriptor that holds the lock from now on: ``fd``, or a new one when the lock file
-    was removed or replaced and could be taken again. Raises Fatal when another service took
-    it meanwhile: this one stops, so that one service works the share. A share that fails or
-    does not answer changes nothing: the next check will tell."""
-    new_fd = None
-    with trio.move_on_after(timeout_s):
-        try:
-            if await nfs.run(still_there, path, fd):
-                return fd
-            new_fd = await nfs.run(take, path)
-        except HeldElsewhere as exc:
-            raise Fatal(
-                f"{path} was removed while this service held it, and another uploader locked it "
-                f"since ({exc}); stopping, so that one service works the share"
-            ) from None
-        except OSError:
-            pass
-    if new_fd is None:
-        return fd
-    log.warning("%s was removed or replaced while this service held it; locked again", path)
-    with trio.move_on_after(timeout_s):
-        await nfs.run(os.close, fd)  # the old file's lock, of no use now
-    return new_fd

@@ -187,6 +187,7 @@ class Service:
         delay = 0.5
         stored = None
         refused_since: float | None = None
+        noted: str | None = None
         while True:
             try:
                 if stored is None:
@@ -203,11 +204,14 @@ class Service:
                         )
                         log.error("%s", problem)
                         stored = (SessionState(), problem)
-                return await recover(self.layout, self.lanes.nfs, stored)
+                recovered = await recover(self.layout, self.lanes.nfs, stored)
+                if noted is not None:
+                    self.progress.resolve_error(noted)  # no longer true
+                return recovered
             except OSError as exc:
-                message = f"cannot read {self.layout.processing_root} for recovery: {describe(exc)}"
-                log.error("%s; retrying in %.1f s", message, delay)
-                self.progress.note_error(message)
+                noted = f"cannot read {self.layout.processing_root} for recovery: {describe(exc)}"
+                log.error("%s; retrying in %.1f s", noted, delay)
+                self.progress.note_error(noted)
             await trio.sleep(delay)
             delay = min(delay * 2, 5.0)  # nothing works until recovery is done: keep trying
 

@@ -29,6 +29,12 @@ from uploader.session import (
     read_state,
 )
 
+async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
+    """A watcher that starts at once and watches until cancelled."""
+    task_status.started()
+    await trio.sleep_forever()
+
+
 ACTIVE = SessionState(
     active=True,
     session_name="run-1",
@@ -222,10 +228,6 @@ async def test_stop_has_recorded_the_stopped_state_when_it_answers(tmp_path: Pat
     """A crash right after a stop's answer must not resume the session."""
     layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
 
-    async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
-        task_status.started()
-        await trio.sleep_forever()
-
     control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5)
     async with trio.open_nursery() as nursery:
         await nursery.start(control.run)
@@ -268,10 +270,6 @@ async def test_a_stop_that_cannot_be_recorded_yet_says_so_and_is_recorded_later(
     noted: list[str] = []
     resolved: list[str] = []
 
-    async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
-        task_status.started()
-        await trio.sleep_forever()
-
     control = SessionControl(
         layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5, note_error=noted.append, resolve_error=resolved.append
     )
@@ -312,10 +310,6 @@ async def test_a_start_whose_state_write_is_given_up_on_leaves_no_session_behind
         real_write(path, payload)
 
     monkeypatch.setattr(fileops, "write_atomically", slow_once)
-
-    async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
-        task_status.started()
-        await trio.sleep_forever()
 
     control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=0.3)
     async with trio.open_nursery() as nursery:

@@ -29,6 +29,7 @@ from uploader.session import (
     read_state,
 )
 
+
 async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
     """A watcher that starts at once and watches until cancelled."""
     task_status.started()

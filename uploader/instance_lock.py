@@ -12,6 +12,7 @@ service waits for it, not ready, and says who holds it. Where the share has no l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -69,8 +70,11 @@ def take(path: Path) -> int:
                 holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
                 raise HeldElsewhere(holder or "a process that has not said who it is") from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{holder_description()}\n".encode(), 0)
+        # Who holds it is for a second service's message only: a share failing the write
+        # must not cost the lock, which is held already.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{holder_description()}\n".encode(), 0)
     except BaseException:
         os.close(fd)
         raise

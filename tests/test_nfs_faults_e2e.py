@@ -96,8 +96,9 @@ def test_an_outage_of_the_moves_to_the_completed_folder_quarantines_nothing(
     faultfs.remove(outage)
     assert wait_for_blobs(container, set(expected)) == expected
     wait_until_clean(folders)
-    status = service.status()
-    assert status["files_quarantined"] == 0 and status["files_processed"] == 2
+    # Counted once the completion's call has returned, a moment after NFS is clean.
+    wait_for(lambda: service.status()["files_processed"] == 2, timeout=10, what="both files counted")
+    assert service.status()["files_quarantined"] == 0
 
 
 def test_a_file_the_kernel_will_not_link_is_claimed_by_rename(

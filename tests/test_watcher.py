@@ -277,37 +277,31 @@ async def test_a_file_whose_claim_failed_is_offered_again_after_a_doubling_delay
         nursery.cancel_scope.cancel()
 
 
-async def test_a_name_still_in_flight_waits_for_the_older_file(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
-    folder = layout.incoming_dir("s")
-    folder.mkdir(parents=True)
-    (folder / "same.bin").write_bytes(b"newer")
+@pytest.mark.parametrize(
+    ("in_flight", "new_file"),
+    [
+        ("same.bin", "same.bin"),  # a newer file of the name of one still going up
+        ("a", "a/b/c.bin"),  # file 'a' still going up, now a folder 'a/' with files
+    ],
+    ids=["same-name", "below-the-name"],
+)
+async def test_a_file_waits_while_its_name_or_folder_s_name_is_in_flight(
+    autojump_clock: trio.testing.MockClock, layout: Layout, in_flight: str, new_file: str
+) -> None:
+    """It cannot be claimed under that name until the file in flight has left the
+    processing folder."""
+    path = layout.incoming_dir("s") / new_file
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"newer")
     progress = Progress()
-    progress.claimed.add(FileKey(DATE, "s", "same.bin"))
+    progress.claimed.add(FileKey(DATE, "s", in_flight))
     async with trio.open_nursery() as nursery:
         receive = await start_watcher(nursery, layout, InlineLane(), min_age=0, poll=1, progress=progress)
         with trio.move_on_after(20):
             await receive.receive()
-            pytest.fail("queued while an older file of that name was in flight")
+            pytest.fail(f"{new_file} queued while {in_flight} was in flight")
         progress.claimed.clear()
-        assert (await receive.receive()).key.rel == "same.bin"
-        nursery.cancel_scope.cancel()
-
-
-async def test_a_file_below_a_name_in_flight_waits_for_it(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
-    """File 'a' still going up, now a folder 'a/' with files: they cannot be claimed under
-    that name until 'a' has left the processing folder."""
-    folder = layout.incoming_dir("s")
-    (folder / "a" / "b").mkdir(parents=True)
-    (folder / "a" / "b" / "c.bin").write_bytes(b"below")
-    progress = Progress()
-    progress.claimed.add(FileKey(DATE, "s", "a"))
-    async with trio.open_nursery() as nursery:
-        receive = await start_watcher(nursery, layout, InlineLane(), min_age=0, poll=1, progress=progress)
-        with trio.move_on_after(20):
-            await receive.receive()
-            pytest.fail("queued while a file of its folder's name was in flight")
-        progress.claimed.clear()
-        assert (await receive.receive()).key.rel == "a/b/c.bin"
+        assert (await receive.receive()).key.rel == new_file
         nursery.cancel_scope.cancel()
 
 

@@ -241,6 +241,19 @@ def test_every_counter_is_scrapeable_at_zero_before_anything_happened(
         assert series in text, series
 
 
+def test_http_server_metrics_keep_one_series_whatever_host_clients_name(
+    service_factory: ServiceFactory,
+) -> None:
+    service = service_factory()
+    for n in range(5):
+        assert service.http.get("/v1/status", headers={"Host": f"h{n}.example"}).status_code == 200
+    text = service.http.get("/metrics").text
+    assert "example" not in text
+    active = [line for line in text.splitlines() if line.startswith("http_server_active_requests{")]
+    assert active == ['http_server_active_requests{http_flavor="1.1",http_method="GET",'
+                      'http_scheme="http"} 0']
+
+
 def test_metrics_switched_off_with_the_sdk_say_so(service_factory: ServiceFactory) -> None:
     answer = service_factory(OTEL_SDK_DISABLED="true").http.get("/metrics")
     assert answer.status_code == 503

@@ -41,6 +41,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
     Sum,
 )
+from opentelemetry.sdk.metrics.view import View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -182,7 +183,9 @@ def setup_telemetry() -> Telemetry:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    meter_provider = MeterProvider(
+        resource=resource, metric_readers=readers, views=[HTTP_SERVER_METRICS_VIEW]
+    )
     metrics.set_meter_provider(meter_provider)
 
     logger_provider = LoggerProvider(resource=resource)
@@ -200,6 +203,20 @@ def setup_telemetry() -> Telemetry:
         tracer_provider, meter_provider, logger_provider, scrape_reader, exporting, _sdk_disabled()
     )
 
+
+# The ASGI middleware labels its HTTP server metrics with the request's Host header (as
+# ``http.server_name``) and the server's address: a client that sends many Host values
+# would grow a series for each, in memory for the process's life and in every scrape. Only
+# labels with a bounded set of values are kept (the middleware folds unknown methods into
+# ``_OTHER``); the old and the new semantic conventions' names are both listed.
+HTTP_SERVER_METRICS_VIEW = View(
+    instrument_name="http.server.*",
+    attribute_keys={
+        "http.method", "http.scheme", "http.flavor", "http.status_code",
+        "http.request.method", "http.response.status_code", "http.route", "url.scheme",
+        "network.protocol.version", "error.type",
+    },
+)
 
 # The SDK's default boundaries (0 to 10,000) fit milliseconds: every file over 10 kB would
 # land in +Inf and every upload in the first bucket.

@@ -101,6 +101,39 @@ def test_an_outage_of_the_moves_to_the_completed_folder_quarantines_nothing(
     assert service.status()["files_quarantined"] == 0
 
 
+def test_a_file_whose_completion_failed_is_completed_without_being_sent_again(
+    service_factory: ServiceFactory, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory(APP_RETRY_BACKOFF_MAX_S="0.5")
+    service.start_session("again")
+    faultfs.fail("rename", processing_glob("again", "*"), "EIO", times=4)
+    expected = drop(folders, "again", {"small.bin": 1000, "large.bin": 12 * MiB + 3})
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    wait_for(lambda: service.status()["files_processed"] == 2, timeout=10, what="both files counted")
+    status = service.status()
+    total = sum(len(data) for data in expected.values())
+    assert status["files_failed"] >= 2
+    assert (status["bytes_sent"], status["bytes_resumed"]) == (total, total)
+
+
+def test_a_blob_deleted_while_its_completion_failed_is_uploaded_again(
+    service_factory: ServiceFactory, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory(APP_RETRY_BACKOFF_MAX_S="0.5")
+    service.start_session("gone")
+    outage = faultfs.fail("rename", processing_glob("gone", "*"), "EIO", times=None)
+    expected = drop(folders, "gone", {"a.bin": 5000})
+    wait_for(lambda: service.status()["files_failed"] >= 1, timeout=30, what="a failed completion")
+    container.delete_blob(next(iter(expected)))
+    faultfs.remove(outage)
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    wait_for(lambda: service.status()["files_processed"] == 1, timeout=10, what="the file counted")
+    assert service.status()["bytes_sent"] == 2 * 5000
+    assert "changed since it was verified; uploading again" in service.log()
+
+
 def test_a_file_the_kernel_will_not_link_is_claimed_by_rename(
     service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
 ) -> None:

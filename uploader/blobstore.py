@@ -30,7 +30,13 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobBlock, BlobClient, ContainerClient, ContentSettings
+from azure.storage.blob import (
+    BlobBlock,
+    BlobClient,
+    BlobProperties,
+    ContainerClient,
+    ContentSettings,
+)
 from opentelemetry import trace
 
 from uploader.auth import Connection, Unusable, connections_to_try, no_fallback_note
@@ -58,6 +64,15 @@ def _md5_checked(request: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         ):
             raise IntegrityError(f"storage found the bytes do not match their MD5: {describe(exc)}") from None
         raise
+
+
+def _matches(properties: BlobProperties, staged: StagedFile) -> bool:
+    stored_md5 = properties.content_settings.content_md5
+    return (
+        properties.size == staged.size
+        and stored_md5 is not None
+        and bytes(stored_md5) == staged.md5
+    )
 
 
 def block_id(index: int, md5: bytes) -> str:
@@ -299,11 +314,20 @@ class BlobStore:
             raise
         properties = await azure.run(blob.get_blob_properties)
         stored_md5 = properties.content_settings.content_md5
-        if properties.size != staged.size or stored_md5 is None or bytes(stored_md5) != staged.md5:
+        if not _matches(properties, staged):
             raise IntegrityError(
                 f"{blob.blob_name} in storage has {properties.size} bytes and MD5 "
                 f"{bytes(stored_md5 or b'').hex()}, expected {staged.size} and {staged.md5.hex()}"
             )
+
+    async def holds(self, name: str, staged: StagedFile) -> bool:
+        """Whether the blob ``name`` exists with the size and MD5 of ``staged``."""
+        blob = self.container.get_blob_client(name)
+        try:
+            properties = await self.lanes.azure.run(blob.get_blob_properties)
+        except ResourceNotFoundError:
+            return False
+        return _matches(properties, staged)
 
     async def probe(self) -> bool:
         """Whether storage takes a write now: stages one block of a probe blob.

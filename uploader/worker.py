@@ -63,6 +63,9 @@ class WorkItem:
     staged: StagedFile | None = None
     report: UploadReport | None = None
     completing: bool = False  # the attempt got as far as the completion on NFS
+    # The staged copy whose blob storage had confirmed when the completion on NFS failed: the
+    # retry checks the blob is still that one and completes, instead of sending it all again.
+    verified: StagedFile | None = None
     # The file's size when claimed, where known: small files are staged at once.
     claimed_size: int | None = None
     # This attempt's span, carried from stage to stage.
@@ -241,6 +244,12 @@ class Pipeline:
             raise stage_error
         if item.staged is not None:
             return True  # copied in the claim's trip to a thread
+        if item.verified is not None:
+            verified, item.verified = item.verified, None
+            if await self._still_in_storage(item, verified):
+                item.staged = verified
+                item.report = UploadReport(0, verified.size, 0)
+                return True
         processing = self.layout.processing_path(key)
         if item.claimed_size is None:
             item.claimed_size = await self.lanes.nfs.run(_size, processing)
@@ -252,6 +261,16 @@ class Pipeline:
                         fileops.stage_copy, processing, staging, self.settings.azure_max_block_size
                     )
         return True
+
+    async def _still_in_storage(self, item: WorkItem, verified: StagedFile) -> bool:
+        """Whether the blob is still the one verified before the completion failed (nobody
+        deleted or replaced it meanwhile)."""
+        with tracer.start_as_current_span("check stored"):
+            if await self.store.holds(blob_name(item.key), verified):
+                return True
+        log.info("the blob of %s changed since it was verified; uploading again", item.key,
+                 extra=_log_fields(item.key))
+        return False
 
     async def _claim(self, item: WorkItem, *, stage: bool) -> Claimed:
         """Claim the file and, when it is ours now and ``stage``, copy it to staging in the
@@ -316,6 +335,8 @@ class Pipeline:
         def sent(n: int) -> None:
             self.progress.bytes_sent += n
 
+        if item.report is not None:
+            return True  # still in storage from an attempt whose completion failed
         key = item.key
         problem = blob_name_problem(blob_name(key))
         if problem is not None:
@@ -376,6 +397,10 @@ class Pipeline:
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")
         at_completion, item.completing = item.completing, False
+        if at_completion and isinstance(exc, OSError):
+            # NFS failed the move, not the file (a changed or vanished file is no OSError).
+            item.verified = item.staged
+        item.report = None
         if disposition is Disposition.PERMANENT:
             give_up = True
         elif at_completion:

@@ -179,6 +179,26 @@ async def test_a_lock_file_removed_while_held_is_locked_again(
     ]
 
 
+async def test_a_check_that_misses_the_lock_file_for_a_moment_keeps_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS can answer ENOENT for a file that is there: the file opened again is the held one,
+    and closing either descriptor would drop the process's lock on it."""
+    monkeypatch.setattr(instance_lock, "CHECK_EVERY_S", 0.05)
+    misses = [False]  # one check answers "not there"
+    real_check = instance_lock.still_there
+    monkeypatch.setattr(
+        instance_lock, "still_there", lambda path, fd: misses.pop() if misses else real_check(path, fd)
+    )
+    path = tmp_path / ".uploader.lock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), Progress())
+        await trio.sleep(0.5)  # the miss, the file opened again, further checks
+        assert not misses
+        assert not await trio.to_thread.run_sync(another_process_can_lock, path)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_service_whose_removed_lock_file_another_locked_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

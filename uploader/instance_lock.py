@@ -58,10 +58,13 @@ def holder_description() -> str:
     return f"{socket.gethostname()} pid {os.getpid()} since {started}"
 
 
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
 def take(path: Path) -> int:
     """Blocking: open ``path`` and lock it at once, or raise HeldElsewhere. Returns the open
     descriptor, which holds the lock until it is closed (or the process ends)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    fd = os.open(path, _OPEN_FLAGS, 0o644)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,6 +82,20 @@ def take(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def take_again(path: Path, held: int) -> tuple[int, bool]:
+    """Blocking: lock ``path`` anew after a check found it removed or replaced. Returns the
+    descriptor opened and whether it is still the file ``held`` locks: a check can miss a file
+    that is there (NFS can answer ENOENT for a moment), and closing any descriptor of a file
+    drops every POSIX lock this process holds on it, so that one must stay open."""
+    fd = os.open(path, _OPEN_FLAGS, 0o644)
+    # Should fstat fail, fd stays open: it may be the held file's.
+    opened, locked = os.fstat(fd), os.fstat(held)
+    if (opened.st_dev, opened.st_ino) == (locked.st_dev, locked.st_ino):
+        return fd, True
+    os.close(fd)  # another file: closing it drops nothing of ours
+    return take(path), False
 
 
 class _OneCall:
@@ -175,6 +192,7 @@ async def _hold(path: Path, fd: int, nfs: ThreadLane, timeout_s: float, calls: t
     first: this one stops, so that one service works the share. A share that fails or does
     not answer changes nothing: the pending call is waited for, and the next check tells."""
     pending: tuple[str, _OneCall] | None = None
+    kept_open: list[int] = []  # descriptors of the held file that must not be closed before it
     try:
         while True:
             await trio.sleep(CHECK_EVERY_S)
@@ -194,13 +212,19 @@ async def _hold(path: Path, fd: int, nfs: ThreadLane, timeout_s: float, calls: t
                 continue
             if kind == "check":
                 if not answer:
-                    pending = ("take", _OneCall(calls, nfs, take, path))  # answered next round
+                    pending = ("take", _OneCall(calls, nfs, take_again, path, fd))  # next round
+                continue
+            new_fd, same_file = answer
+            if same_file:
+                kept_open.append(new_fd)
+                log.info("%s is still the file this service holds locked (a check missed it)", path)
                 continue
             log.warning("%s was removed or replaced while this service held it; locked again", path)
             calls.start_soon(nfs.run, os.close, fd)  # the old file's lock, of no use now
-            fd = answer
+            fd = new_fd
     finally:
         # Closing releases the lock, a call to the server that may hang with it: bounded,
         # and the process's end releases it anyway.
         with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await nfs.run(os.close, fd)
+            for held in (*kept_open, fd):
+                await nfs.run(os.close, held)

@@ -870,7 +870,8 @@ def reasons_in(layout: Layout) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("first, then", [("a", "a/b"), ("a/b", "a"), ("a", "a.json/b"), ("a.json/b", "a")])
+@pytest.mark.parametrize("first, then", [("a", "a/b"), ("a/b", "a"), ("a", "a.json/b"), ("a.json/b", "a"),
+                                         ("a.json.tmp/b", "a")])
 def test_quarantine_where_a_file_and_a_folder_of_one_name_meet(
     tmp_path: Path, first: str, then: str
 ) -> None:

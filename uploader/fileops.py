@@ -698,7 +698,7 @@ def quarantine(
 
 def _cannot_be_kept_there(exc: OSError) -> bool:
     """A file and a folder of one name meet, or the path is too long: no retry helps."""
-    return exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)
+    return exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.ENAMETOOLONG)
 
 
 def _move_to_failed(processing: Path, failed: Path, before: os.stat_result) -> tuple[Path, bool]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from azure.storage.blob import ContainerClient
 
 from tests.support.azurite import Azurite
@@ -132,3 +133,42 @@ async def test_a_claim_that_must_wait_is_logged_once_not_at_every_offer(
 
     waits = [r for r in caplog.records if r.getMessage().startswith("not claiming")]
     assert len(waits) == 1
+
+
+async def test_a_file_whose_failure_handling_hit_a_bug_is_left_for_gc_to_queue_again(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layout = Layout(settings.nfs_incoming_dir, settings.nfs_processing_root, settings.local_staging_root)
+    progress = Progress()
+    key = FileKey("20240102", "s", "a.bin")
+    source = layout.incoming_path(key)
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"x" * 100)
+    handled = trio.Event()
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("storage went away")
+
+    async def buggy_failure_handling(item: WorkItem, exc: Exception) -> None:
+        handled.set()
+        raise RuntimeError("a bug")
+
+    send, receive = trio.open_memory_channel[WorkItem](10)
+    pipeline = Pipeline(
+        settings=settings, layout=layout, lanes=store.lanes, store=store, progress=progress,
+        metrics=Metrics.create(), retry_send=send.clone(),
+    )
+    monkeypatch.setattr(store, "upload", refused)
+    monkeypatch.setattr(pipeline, "_failed", buggy_failure_handling)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        stat = source.stat()
+        await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        with trio.fail_after(10):
+            await handled.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        unowned = await trio.to_thread.run_sync(gc.sweep, layout, progress)
+        nursery.cancel_scope.cancel()
+
+    assert layout.processing_path(key).exists()
+    assert unowned.unowned == {key}  # GC queues it again (after a second sweep agrees)

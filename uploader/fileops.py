@@ -226,7 +226,7 @@ def move_no_clobber(
     except OSError as exc:
         if exc.errno not in _LINK_REFUSED:
             raise
-    if os.path.lexists(target):
+    if exists(target):
         raise FileExistsError(errno.EEXIST, "File exists", str(target))
     try:
         in_folder(target, lambda: os.rename(source, target, src_dir_fd=source_dir_fd))
@@ -261,6 +261,16 @@ def _file_on_the_way(path: Path) -> bool:
         except (FileNotFoundError, NotADirectoryError):
             continue
     return False
+
+
+def exists(path: Path) -> bool:
+    """Whether something has the name ``path``. Unlike ``os.path.lexists``, only "no such
+    file" is an answer: a share failing the lookup (EIO, ESTALE) raises, never says "free"."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
 
 
 def _is(path: Path | str, before: os.stat_result, *, dir_fd: int | None = None) -> bool:

@@ -194,7 +194,9 @@ class Pipeline:
                     await self._failed(item, exc)
                 except Exception as bug:
                     # A bug must not take the other files down with it: the file stays where
-                    # it is (incoming, or claimed where GC finds it) and the stage goes on.
+                    # it is (incoming, or claimed where GC finds it: no longer ours) and the
+                    # stage goes on.
+                    self.progress.claimed.discard(item.key)
                     log.exception("unexpected error on %s", item.key)
                     self.progress.note_error(f"{item.key}: {describe(bug)}")
                 return False
@@ -507,8 +509,11 @@ class Pipeline:
                 apart,
             )
         except FileNotFoundError:
-            if await self.lanes.nfs.run(os.path.lexists, layout.processing_path(key)):
-                return False
+            try:
+                if await self.lanes.nfs.run(fileops.exists, layout.processing_path(key)):
+                    return False
+            except OSError:
+                return False  # the share cannot say: tried again later
             # Retries ran out and the file is still not there: someone removed it from NFS.
             log.error("%s is gone from NFS; nothing left to upload", key, extra=_log_fields(key))
             self.progress.claimed.discard(key)

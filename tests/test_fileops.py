@@ -757,6 +757,19 @@ def test_mark_completed_content_changed_with_its_mtime_set_back(tmp_path: Path) 
     assert not completed.exists()
 
 
+def test_mark_completed_refuses_a_symlink_put_in_the_file_s_place(tmp_path: Path) -> None:
+    processing, staged = staged_for(tmp_path)
+    twin = make_file(tmp_path / "elsewhere" / "a.bin", b"payload")
+    processing.unlink()
+    processing.symlink_to(twin)
+    completed = tmp_path / "done" / "a.bin"
+
+    with pytest.raises(SourceChanged):
+        mark_completed(processing, completed, staged)
+    assert processing.is_symlink()
+    assert not completed.exists()
+
+
 def test_mark_completed_missing_file_vanished(tmp_path: Path) -> None:
     processing, staged = staged_for(tmp_path)
     processing.unlink()

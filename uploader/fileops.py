@@ -569,6 +569,22 @@ def stage_copy(
     )
 
 
+def _fresh_stat(path: Path) -> os.stat_result:
+    """The file's attributes as the NFS server has them now: an open revalidates them
+    (close-to-open), where a stat may answer from the client's attribute cache, seconds old,
+    and miss a write made since the copy."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if not isinstance(exc, PermissionError) and exc.errno != errno.ELOOP:
+            raise
+        return os.lstat(path)  # not a file this user may open now (a symlink, a new mode)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def _identity(info: os.stat_result) -> tuple[int, int, int]:
     """What changes whenever the file's bytes do."""
     return info.st_size, info.st_mtime_ns, info.st_ctime_ns
@@ -598,7 +614,7 @@ def read_block(path: Path, offset: int, length: int) -> bytes:
 def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> None:
     """Move a verified file out of the way; refuse if it changed since it was staged."""
     try:
-        now = os.lstat(processing)
+        now = _fresh_stat(processing)
     except FileNotFoundError:
         # An earlier attempt may have moved it already, its answer lost on the way back.
         with contextlib.suppress(FileNotFoundError):

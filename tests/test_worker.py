@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,8 @@ async def test_a_claim_that_must_wait_is_logged_once_not_at_every_offer(
 async def test_a_file_whose_failure_handling_hit_a_bug_is_left_for_gc_to_queue_again(
     settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    layout = Layout(settings.nfs_incoming_dir, settings.nfs_processing_root, settings.local_staging_root)
     progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     key = FileKey("20240102", "s", "a.bin")
     source = layout.incoming_path(key)
     source.parent.mkdir(parents=True)
@@ -153,11 +154,6 @@ async def test_a_file_whose_failure_handling_hit_a_bug_is_left_for_gc_to_queue_a
         handled.set()
         raise RuntimeError("a bug")
 
-    send, receive = trio.open_memory_channel[WorkItem](10)
-    pipeline = Pipeline(
-        settings=settings, layout=layout, lanes=store.lanes, store=store, progress=progress,
-        metrics=Metrics.create(), retry_send=send.clone(),
-    )
     monkeypatch.setattr(store, "upload", refused)
     monkeypatch.setattr(pipeline, "_failed", buggy_failure_handling)
     async with trio.open_nursery() as nursery:
@@ -172,3 +168,103 @@ async def test_a_file_whose_failure_handling_hit_a_bug_is_left_for_gc_to_queue_a
 
     assert layout.processing_path(key).exists()
     assert unowned.unowned == {key}  # GC queues it again (after a second sweep agrees)
+
+
+def pipeline_for(settings: Settings, store: BlobStore, progress: Progress) -> tuple[
+    Layout, Pipeline, trio.MemorySendChannel[WorkItem], trio.MemoryReceiveChannel[WorkItem]
+]:
+    layout = Layout(settings.nfs_incoming_dir, settings.nfs_processing_root, settings.local_staging_root)
+    send, receive = trio.open_memory_channel[WorkItem](10)
+    pipeline = Pipeline(
+        settings=settings, layout=layout, lanes=store.lanes, store=store, progress=progress,
+        metrics=Metrics.create(), retry_send=send.clone(),
+    )
+    return layout, pipeline, send, receive
+
+
+async def wait_for_blob(container: ContainerClient, name: str) -> bytes:
+    with trio.fail_after(20):
+        while not container.get_blob_client(name).exists():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return container.download_blob(name).readall()
+
+
+async def test_a_file_offered_twice_at_once_is_claimed_once(
+    settings: Settings, store: BlobStore, container: ContainerClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Offers from the watcher before a session restart and from the one after."""
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "twice.bin")
+    data = random_bytes(5000, seed=3)
+    source = layout.incoming_path(key)
+    source.parent.mkdir(parents=True)
+    source.write_bytes(data)
+    release = threading.Event()
+    claims: list[Path] = []
+    real_claim_and_stage = fileops.claim_and_stage
+
+    def slow_claim(source: Path, *args: Any) -> fileops.Claimed:
+        claims.append(source)
+        release.wait(10)
+        return real_claim_and_stage(source, *args)
+
+    monkeypatch.setattr(fileops, "claim_and_stage", slow_claim)
+    settled: list[bool] = []
+    second_settled = trio.Event()
+
+    def offer() -> WorkItem:
+        def done(failed: bool) -> None:
+            settled.append(failed)
+            if len(settled) == 1:
+                second_settled.set()  # the second offer, while the first is still claiming
+
+        stat = source.stat()
+        return WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns), on_claim_settled=done)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer())
+        with trio.fail_after(10):
+            while not claims:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            await send.send(offer())
+            await second_settled.wait()
+        release.set()
+        assert await wait_for_blob(container, blob_name(key)) == data
+        nursery.cancel_scope.cancel()
+
+    assert len(claims) == 1
+    assert settled == [False, False]
+
+
+async def test_a_claim_that_outlives_the_owner_of_its_name_keeps_what_it_claimed(
+    settings: Settings, store: BlobStore, container: ContainerClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new file of a name in flight is offered; its owner completes while the claim runs:
+    the new file, moved in by that claim, is uploaded, not left for GC to find."""
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "again.bin")
+    older = layout.processing_path(key)
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"older, in flight")
+    progress.claimed.add(key)
+    newer = random_bytes(3000, seed=4)
+    source = layout.incoming_path(key)
+    source.parent.mkdir(parents=True)
+    source.write_bytes(newer)
+    real_claim = fileops.claim
+
+    def claim_while_the_owner_completes(*args: Any) -> fileops.Claim:
+        older.unlink()  # the owner's completion
+        trio.from_thread.run_sync(progress.claimed.discard, key)
+        return real_claim(*args)
+
+    monkeypatch.setattr(fileops, "claim", claim_while_the_owner_completes)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        stat = source.stat()
+        await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        assert await wait_for_blob(container, blob_name(key)) == newer
+        nursery.cancel_scope.cancel()

@@ -278,6 +278,13 @@ class Pipeline:
         """Claim the file and, when it is ours now and ``stage``, copy it to staging in the
         same trip to a thread."""
         key, layout = item.key, self.layout
+        if key in self.progress.claiming:
+            # Offered twice (by a watcher before a session restart and by the one after, say)
+            # and being claimed by another worker now: one claim of a name at a time, or the
+            # two would share one staging copy. The watcher offers it again if it is still there.
+            if item.on_claim_settled is not None:
+                item.on_claim_settled(False)
+            return Claimed(Claim.BUSY)
         # A file whose name is already claimed here can only be the other half of an
         # interrupted claim: finish the claim, but its owner stages and uploads it.
         owned = key in self.progress.claimed
@@ -318,8 +325,9 @@ class Pipeline:
         if claimed.outcome in (Claim.CLAIMED, Claim.GONE):
             self._said_waiting.pop(key, None)
         if claimed.outcome is Claim.CLAIMED:
-            if owned:
+            if owned and key in self.progress.claimed:
                 return Claimed(Claim.GONE)
+            # Else its owner finished while this claim ran, and what it moved in is ours.
             item.claimed = True
             item.claimed_size = _expected_size(item)
             self.progress.claimed.add(key)

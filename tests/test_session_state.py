@@ -296,6 +296,34 @@ async def test_a_stop_that_cannot_be_recorded_yet_says_so_and_is_recorded_later(
         nursery.cancel_scope.cancel()
 
 
+async def test_starts_retried_while_the_state_cannot_be_written_add_no_background_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client retrying its start against a failing share: one background loop records the
+    state of the moment, not one per failed start (each would leave a thread per try on a
+    hung share)."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    writes: list[Path] = []
+    real_write = fileops.write_atomically
+
+    def counted(path: Path, payload: bytes) -> None:
+        writes.append(path)
+        real_write(path, payload)
+
+    monkeypatch.setattr(fileops, "write_atomically", counted)
+    control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5)
+    blocker = layout.processing_root / "session.json.tmp" / "something"
+    blocker.mkdir(parents=True)  # the state file cannot be written for now
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        for _ in range(5):
+            with pytest.raises(NfsUnavailable):
+                await control.start("run-1")
+        await trio.sleep(0.3)  # the background loop's first try; its next is 1 s later
+        assert len(writes) == 5 + 1
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_start_whose_state_write_is_given_up_on_leaves_no_session_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

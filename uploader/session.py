@@ -247,6 +247,7 @@ class SessionControl:
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
+        self._saving_in_background = False
 
     async def run(self, *, task_status: trio.TaskStatus[SessionControl] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -304,8 +305,7 @@ class SessionControl:
                 # The write given up on may still land, in its thread: the start failed, so
                 # the state as it is goes over it (writes take turns), or a restart would
                 # resume a session the client was told did not start.
-                assert self._nursery is not None
-                self._nursery.start_soon(self._save_in_background)
+                self._keep_saving()
                 raise
             await self._start_watcher(state)
             log.info("session %s started", name, extra={"session": name})
@@ -348,8 +348,7 @@ class SessionControl:
                 log.error("%s; retrying", problem)
                 self._note_error(problem)
                 self._unrecorded = problem
-                assert self._nursery is not None
-                self._nursery.start_soon(self._save_in_background)
+                self._keep_saving()
             log.info("session %s stopped", stopped.session_name, extra={"session": stopped.session_name})
             return stopped
 
@@ -366,8 +365,22 @@ class SessionControl:
                 await nursery.start(partial(self._watch, state.date_prefix, state.session_name))
                 task_status.started(scope)
 
+    def _keep_saving(self) -> None:
+        """Record the current state in the background until it is. One loop at a time, as it
+        always writes the state of the moment: a client retrying starts against a hung share
+        must not add a loop, and an abandoned write in a thread, per try."""
+        if not self._saving_in_background:
+            self._saving_in_background = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._save_in_background)
+
     async def _save_in_background(self) -> None:
-        """Keep trying to record the current state; a stop must not wait for a hung share."""
+        try:
+            await self._save_until_recorded()
+        finally:
+            self._saving_in_background = False
+
+    async def _save_until_recorded(self) -> None:
         delay = 1.0
         while True:
             async with self._lock:

@@ -176,6 +176,30 @@ def test_a_file_that_cannot_leave_incoming_is_not_uploaded_again_and_again(
     assert service.status()["claims_failing"] == 0
 
 
+def test_a_file_the_service_may_not_read_stays_in_incoming_until_it_can(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    """An instrument writing 0600 files as its own user: claimed, the file could only be
+    quarantined; left in incoming, it goes up once its mode is fixed."""
+    service.start_session("private")
+    refused = faultfs.fail("open", "incoming/private/secret.bin", "EACCES", times=None)
+    secret = write_file(folders.session("private") / "secret.bin", 1000, seed=1)
+    other = write_file(folders.session("private") / "other.bin", 2000, seed=2)
+    assert wait_for_blobs(container, {f"{today()}/private/other.bin"}) == {
+        f"{today()}/private/other.bin": other
+    }
+    wait_for(lambda: service.status()["claims_failing"] == 1, timeout=30, what="the claim failing")
+    status = service.status()
+    assert "EACCES" in status["last_error"]
+    assert status["files_quarantined"] == 0
+    assert (folders.session("private") / "secret.bin").exists()
+    faultfs.remove(refused)
+    blob = f"{today()}/private/secret.bin"
+    assert wait_for_blobs(container, {blob}, timeout=90)[blob] == secret
+    wait_until_clean(folders)
+    assert service.status()["claims_failing"] == 0
+
+
 def test_a_sub_folder_the_service_may_not_read_is_counted_until_it_can(
     service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
 ) -> None:

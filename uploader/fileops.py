@@ -338,6 +338,16 @@ def _claim_in(
         return Claim.GONE
     if expected is not None and (before.st_size, before.st_mtime_ns) != expected:
         return Claim.CHANGED
+    # A file this user may not read (an instrument writing 0600 as its own user) stays in
+    # incoming, its claim failing until someone fixes its mode: claimed, it could only be
+    # quarantined. Closed before the link, or NFS would keep the unlinked name as .nfsXXXX.
+    try:
+        readable = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ESTALE, errno.ELOOP):
+            return Claim.GONE  # gone, or a symbolic link now
+        raise
+    os.close(readable)
     linked_now = False
     try:
         if _move_in(name, target, before, folder):

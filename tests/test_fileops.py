@@ -757,6 +757,25 @@ def test_mark_completed_content_changed_with_its_mtime_set_back(tmp_path: Path) 
     assert not completed.exists()
 
 
+@pytest.mark.parametrize("change", ["chmod", "another name of the inode"])
+def test_mark_completed_reads_the_file_again_where_only_its_ctime_moved(
+    tmp_path: Path, change: str
+) -> None:
+    """Hard links of one file in a session: each one's claim and completion moves the shared
+    inode's ctime. Same bytes: completed, not sent again."""
+    processing, staged = staged_for(tmp_path)
+    time.sleep(0.01)  # a ctime tick later, on coarse clocks too
+    if change == "chmod":
+        processing.chmod(0o600)
+    else:
+        os.link(processing, tmp_path / "sibling")
+    assert os.lstat(processing).st_ctime_ns != staged.ctime_ns
+    completed = tmp_path / "done" / "a.bin"
+
+    mark_completed(processing, completed, staged)
+    assert completed.read_bytes() == b"payload"
+
+
 def test_mark_completed_refuses_a_symlink_put_in_the_file_s_place(tmp_path: Path) -> None:
     processing, staged = staged_for(tmp_path)
     twin = make_file(tmp_path / "elsewhere" / "a.bin", b"payload")

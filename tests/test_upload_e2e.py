@@ -8,6 +8,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
+import pytest
 from azure.storage.blob import ContainerClient
 
 from tests.conftest import ServiceFactory
@@ -113,6 +114,27 @@ def test_symlinks_are_never_followed(
     time.sleep(1)  # several more scans
     assert set(blob_contents(container)) == {f"{today()}/links/real.txt"}
     assert secret.read_text() == "must never be uploaded"
+
+
+@pytest.mark.parametrize("size", [3 * 1024 * 1024, 12 * 1024 * 1024 + 1], ids=["one put", "blocks"])
+def test_hard_links_of_one_file_all_go_up_without_failing_each_other(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient, tmp_path, size: int
+) -> None:
+    """Each name's claim and completion moves the shared inode's ctime under the others."""
+    service = service_factory()
+    service.start_session("hard")
+    scratch = folders.session("hard").parent / "scratch"  # same file system, outside the session
+    scratch.mkdir()
+    data = write_file(scratch / "original", size)
+    for n in range(12):
+        os.link(scratch / "original", scratch / f"name-{n}")
+    (scratch / "original").unlink()
+    os.rename(scratch, folders.session("hard") / "linked")
+    expected = {f"{today()}/hard/linked/name-{n}": data for n in range(12)}
+    assert wait_for_blobs(container, set(expected), timeout=90) == expected
+    wait_until_clean(folders)
+    status = service.status()
+    assert (status["files_failed"], status["files_quarantined"]) == (0, 0)
 
 
 def test_a_session_folder_swapped_for_a_symlink_is_not_read(

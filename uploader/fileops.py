@@ -571,12 +571,37 @@ def stage_copy(
         after = os.fstat(fd_in)
     finally:
         os.close(fd_in)
-    if _identity(after) != _identity(before) or size != after.st_size:
+    if size != after.st_size or not _unchanged(source, _identity(before), _identity(after), digest):
         _remove_if_still(target, ours)
         raise SourceChanged(f"{source} changed while it was copied to staging")
     return StagedFile(
-        target, size, before.st_mtime_ns, before.st_ctime_ns, digest, block_size, tuple(blocks)
+        target, size, before.st_mtime_ns, after.st_ctime_ns, digest, block_size, tuple(blocks)
     )
+
+
+def _unchanged(
+    path: Path, before: tuple[int, int, int], now: tuple[int, int, int], md5: bytes
+) -> bool:
+    """Whether the file at ``path`` still holds the bytes whose MD5 is ``md5``, as it did at
+    ``before``. A ctime that moved alone (a chmod; a claim, completion or removal of another
+    name of the same inode, as hard links in one session have) is settled by reading the file
+    again, which costs less than sending it again."""
+    if now == before:
+        return True
+    if now[:2] != before[:2]:  # size or mtime
+        return False
+    return _md5_of(path) == md5
+
+
+def _md5_of(path: Path) -> bytes:
+    md5 = hashlib.md5(usedforsecurity=False)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while chunk := os.read(fd, COPY_CHUNK):
+            md5.update(chunk)
+    finally:
+        os.close(fd)
+    return md5.digest()
 
 
 def _fresh_stat(path: Path) -> os.stat_result:
@@ -632,7 +657,8 @@ def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> Non
             if (done.st_size, done.st_mtime_ns) == (staged.size, staged.mtime_ns):
                 return
         raise SourceVanished(f"{processing} is gone") from None
-    if _identity(now) != (staged.size, staged.mtime_ns, staged.ctime_ns):
+    staged_identity = (staged.size, staged.mtime_ns, staged.ctime_ns)
+    if not _unchanged(processing, staged_identity, _identity(now), staged.md5):
         raise SourceChanged(f"{processing} changed after it was uploaded")
     instead_of_an_empty_folder(completed, lambda: in_folder(completed, lambda: os.rename(processing, completed)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -268,3 +269,52 @@ async def test_a_claim_that_outlives_the_owner_of_its_name_keeps_what_it_claimed
         await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
         assert await wait_for_blob(container, blob_name(key)) == newer
         nursery.cancel_scope.cancel()
+
+
+async def test_files_staged_before_the_disk_failed_are_no_evidence_against_a_file_it_fails(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The staging disk turns read-only: a file staged before still goes up after another's
+    first failure, which says nothing about the disk. Retries run out; the probe of the disk
+    fails: nothing is quarantined."""
+    settings = settings.model_copy(update={"max_attempts": 2, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.02})
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    staged_before, refused = FileKey("20240102", "s", "a.bin"), FileKey("20240102", "s", "b.bin")
+    for key in (staged_before, refused):
+        layout.incoming_path(key).parent.mkdir(parents=True, exist_ok=True)
+        layout.incoming_path(key).write_bytes(b"x" * 100)
+    first_failure = trio.Event()
+    real_stage_copy, real_upload = fileops.stage_copy, store.upload
+    attempts: list[int] = []
+
+    def read_only_for_b(source: Path, target: Path, *args: Any, **kwargs: Any) -> fileops.StagedFile:
+        if target.name == "b.bin":
+            attempts.append(1)
+            if len(attempts) == 1:
+                trio.from_thread.run_sync(first_failure.set)
+            raise OSError(errno.EROFS, "Read-only file system", str(target))
+        return real_stage_copy(source, target, *args, **kwargs)
+
+    async def upload_after_b_failed(staged: fileops.StagedFile, name: str, **kwargs: Any) -> Any:
+        await first_failure.wait()
+        return await real_upload(staged, name, **kwargs)
+
+    def disk_refuses(root: Path) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(root))
+
+    monkeypatch.setattr(fileops, "stage_copy", read_only_for_b)
+    monkeypatch.setattr(fileops, "probe_writable", disk_refuses)
+    monkeypatch.setattr(store, "upload", upload_after_b_failed)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        for key in (staged_before, refused):
+            stat = layout.incoming_path(key).stat()
+            await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        with trio.fail_after(20):
+            while progress.files_processed < 1 or (len(attempts) < 5 and not progress.files_quarantined):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+    assert progress.files_quarantined == 0
+    assert layout.processing_path(refused).exists()

@@ -46,8 +46,6 @@ class Progress:
     quarantined: collections.deque[dict[str, object]] = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_QUARANTINED)
     )
-    # Bumps on every completed upload: a retry can tell whether storage works for others.
-    successes: int = 0
 
     def is_claimed(self, key: FileKey) -> bool:
         return key in self.claimed or key in self.claiming

@@ -2,9 +2,9 @@
 
 A file that fails stays claimed, on NFS, and is tried again later in this process with
 capped exponential backoff. It is quarantined when its failure is permanent, or after
-``max_attempts`` failures when the side that fails it works for others: other files have
-completed since its first failure, or a probe of that side (a write to storage, a listing
-on NFS) succeeds. An outage of NFS or storage, which fails everyone, quarantines nothing.
+``max_attempts`` failures when the side that fails it works for others: a file whose attempt
+began after its first failure has completed since, or a probe of that side (a write to
+storage, a listing on NFS, a write on the staging disk) succeeds. An outage of NFS or storage, which fails everyone, quarantines nothing.
 """
 
 from __future__ import annotations
@@ -59,7 +59,10 @@ class WorkItem:
     # failed (the watcher then waits before it offers the file again).
     on_claim_settled: Callable[[bool], None] | None = None
     attempts: int = 0
-    successes_at_first_failure: int | None = None
+    # Numbers of attempts, in the order they started: this one's, and the last started
+    # anywhere when this file first failed.
+    attempt_number: int = 0
+    last_attempt_at_first_failure: int | None = None
     staged: StagedFile | None = None
     report: UploadReport | None = None
     completing: bool = False  # the attempt got as far as the completion on NFS
@@ -130,6 +133,11 @@ class Pipeline:
         self._nursery: trio.Nursery | None = None
         # Files inside the pipeline: one file is never worked on twice at once.
         self._active: set[FileKey] = set()
+        self._attempts_started = 0
+        # The newest-started attempt that has completed: a file that went all the way after
+        # another's first failure shows that every side works (one staged, uploaded or
+        # completed before it says nothing about a disk or a service that failed since).
+        self._newest_completed_attempt = 0
         # Files whose claim has to wait (busy, changed) and was said so in the log: once, not
         # at every poll while they wait.
         self._said_waiting: dict[FileKey, Claim] = {}
@@ -225,6 +233,8 @@ class Pipeline:
         copy made by the upload step as its blocks go up."""
         key, span = item.key, item.span
         assert span is not None
+        self._attempts_started += 1
+        item.attempt_number = self._attempts_started
         stage_error: Exception | None = None
         if not item.claimed:
             size = _expected_size(item)
@@ -380,7 +390,7 @@ class Pipeline:
         progress = self.progress
         progress.claimed.discard(key)
         progress.files_processed += 1
-        progress.successes += 1
+        self._newest_completed_attempt = max(self._newest_completed_attempt, item.attempt_number)
         progress.bytes_uploaded += staged.size
         progress.bytes_resumed += report.bytes_resumed
         self.metrics.files_processed.add(1)
@@ -400,9 +410,9 @@ class Pipeline:
         disposition = classify(exc)
         reason = describe(exc)
         item.attempts += 1
-        if item.successes_at_first_failure is None:
-            item.successes_at_first_failure = progress.successes
-        others_completed = progress.successes > item.successes_at_first_failure
+        if item.last_attempt_at_first_failure is None:
+            item.last_attempt_at_first_failure = self._attempts_started
+        others_completed = self._newest_completed_attempt > item.last_attempt_at_first_failure
         progress.files_failed += 1
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")

@@ -185,6 +185,7 @@ def test_a_file_that_always_fails_is_quarantined_and_the_others_go_on(
         folders.service_nfs / ".processing" / ".failed" / "files" / today() / "q" / "doomed.bin"
     )
     assert status["files_processed"] == 5
+    assert f"quarantined {today()}/q/doomed.bin after 3 attempts: " in service.log()
     # Nothing else is left behind, and the service still takes new files.
     wait_for(lambda: folders.files_on_nfs() == sorted([failed, reason_file]),
              what="only the quarantined file and its reason on NFS")

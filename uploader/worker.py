@@ -443,12 +443,8 @@ class Pipeline:
             give_up = item.attempts >= self.settings.max_attempts and (
                 others_completed or await self._works_for_others(exc)
             )
-        if give_up:
-            log.error("quarantining %s after %d attempt%s: %s", key, item.attempts,
-                      "" if item.attempts == 1 else "s", reason,
-                      extra=_log_fields(key))
-            if await self._quarantine(item, reason, disposition):
-                return
+        if give_up and await self._quarantine(item, reason, disposition):
+            return
         # A file waiting for its retry keeps no staging copy: during an outage every file
         # waits, and staging must hold only the files in flight. The retry copies it again.
         item.staged = None
@@ -542,6 +538,9 @@ class Pipeline:
             log.error("cannot quarantine %s: %s", key, describe(exc), extra=_log_fields(key))
             return False
         record["path"] = str(where)
+        # Said once it is done: a file found gone instead is not quarantined.
+        log.error("quarantined %s after %d attempt%s: %s", key, item.attempts,
+                  "" if item.attempts == 1 else "s", reason, extra=_log_fields(key))
         self.progress.claimed.discard(key)
         self.progress.files_quarantined += 1
         self.progress.quarantined.append(record)

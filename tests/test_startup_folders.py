@@ -349,3 +349,28 @@ def test_a_staging_root_the_service_user_cannot_write_stops_the_service(shared_t
         f"uploader: cannot start: APP_LOCAL_STAGING_ROOT ({shared_tmp / 'staging'}) "
         f"is not writable by this user (uid {SERVICE_UID})"
     )
+
+
+@needs_setpriv
+@pytest.mark.parametrize("mode", [0o700, 0o733, 0o766], ids=["another user's", "no read", "no search"])
+def test_a_session_folder_there_already_that_this_user_cannot_list_is_refused(
+    shared_tmp: Path, mode: int
+) -> None:
+    """Made by an administrator or another user: a session on it would read nothing."""
+    folder = shared_tmp / "incoming" / "s"
+    folder.mkdir(parents=True)
+    folder.chmod(mode)  # root's
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from uploader.fileops import make_session_folder\n"
+        "try:\n"
+        "    make_session_folder(Path(sys.argv[1]))\n"
+        "except PermissionError:\n"
+        "    sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [*AS_SERVICE_USER, sys.executable, "-c", code, str(folder)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 3, result.stdout + result.stderr

@@ -156,6 +156,11 @@ def make_session_folder(path: Path) -> None:
     if not stat.S_ISDIR(mode):
         what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
         raise NotADirectoryError(errno.ENOTDIR, f"it is {what}, and only a real folder is read", str(path))
+    # One there already (made by an administrator, or by another user): a folder the watcher
+    # could not list would start a session that reads nothing.
+    os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+    if not os.access(path, os.X_OK, effective_ids=True):
+        raise PermissionError(errno.EACCES, "Permission denied (no search permission)", str(path))
 
 
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:

@@ -363,9 +363,9 @@ def test_a_session_folder_there_already_that_this_user_cannot_list_is_refused(
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from uploader.fileops import make_session_folder\n"
+        "from uploader.fileops import check_listable\n"
         "try:\n"
-        "    make_session_folder(Path(sys.argv[1]))\n"
+        "    check_listable(Path(sys.argv[1]))\n"
         "except PermissionError:\n"
         "    sys.exit(3)\n"
     )

@@ -337,12 +337,29 @@ async def test_listing_errors_back_off_exponentially_up_to_sixty_seconds(autojum
     assert progress.last_error is not None and "EIO" in progress.last_error
 
 
-async def test_a_deleted_session_folder_is_made_again(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+async def test_a_deleted_session_folder_is_made_again_and_said(
+    autojump_clock: trio.testing.MockClock, layout: Layout, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout.incoming_root.mkdir(parents=True, exist_ok=True)
     async with trio.open_nursery() as nursery:
         await start_watcher(nursery, layout, InlineLane(), poll=1)
         await trio.sleep(1.5)
         assert layout.incoming_dir("s").is_dir()
         nursery.cancel_scope.cancel()
+    assert f"{layout.incoming_dir('s')} was missing and is made again" in caplog.text
+
+
+async def test_a_missing_incoming_root_is_not_made_but_said(
+    autojump_clock: trio.testing.MockClock, layout: Layout
+) -> None:
+    """A share that is not mounted, a root renamed away: a new empty root would hide it."""
+    progress = Progress()
+    async with trio.open_nursery() as nursery:
+        await start_watcher(nursery, layout, InlineLane(), poll=1, progress=progress)
+        await trio.sleep(1.5)
+        nursery.cancel_scope.cancel()
+    assert not layout.incoming_root.exists()
+    assert progress.last_error is not None and "ENOENT" in progress.last_error
 
 
 async def test_only_matching_extensions_are_queued(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:

@@ -142,8 +142,10 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
 _FOLDER_LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def make_session_folder(path: Path) -> None:
-    """Make a session's incoming folder, unless it is there already as a real folder.
+def make_session_folder(path: Path) -> bool:
+    """Make a session's incoming folder, unless it is there already as a real folder; True
+    if it was made. Its parent, the incoming root, is never made: one gone (a share not
+    mounted, a root renamed) is a FileNotFoundError, not a new empty root nobody drops into.
 
     NotADirectoryError when something else has its name: through a symbolic link, the
     session would read, upload and delete files outside incoming/.
@@ -151,16 +153,22 @@ def make_session_folder(path: Path) -> None:
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-        return
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            return make_session_folder(path)  # made meanwhile: check what it is
+        return True
     if not stat.S_ISDIR(mode):
         what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
         raise NotADirectoryError(errno.ENOTDIR, f"it is {what}, and only a real folder is read", str(path))
-    # One there already (made by an administrator, or by another user): a folder the watcher
-    # could not list would start a session that reads nothing.
-    os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
-    if not os.access(path, os.X_OK, effective_ids=True):
-        raise PermissionError(errno.EACCES, "Permission denied (no search permission)", str(path))
+    return False
+
+
+def check_listable(folder: Path) -> None:
+    """PermissionError unless this user may list ``folder`` and reach what is in it."""
+    os.close(os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+    if not os.access(folder, os.X_OK, effective_ids=True):
+        raise PermissionError(errno.EACCES, "Permission denied (no search permission)", str(folder))
 
 
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:

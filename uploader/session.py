@@ -182,6 +182,9 @@ def _make_session_folders(layout: Layout, date: str, name: str) -> None:
         raise SessionConflict(
             f"{incoming} exists but {exc.strerror}; remove it or choose another session name."
         ) from None
+    # One there already (made by an administrator, or by another user) that the watcher
+    # could not list would start a session that reads nothing.
+    fileops.check_listable(incoming)
     os.makedirs(layout.processing_dir(date, name), exist_ok=True)
     # Only a convenience: workers make staging folders as they need them, and a staging disk
     # that refuses for a while (read-only, say) fails, counts and retries each file; it is

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -34,13 +33,21 @@ MAX_BACKOFF_S = 60.0
 
 def scan_session_folder(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
     """List a session's incoming folder; a missing folder is made again, since users drop into
-    it; one replaced by a symbolic link or a file is not listed (NotADirectoryError)."""
-    make_session_folder(root)
+    it, and said (files dropped where it went are not seen); one replaced by a symbolic link
+    or a file is not listed (NotADirectoryError)."""
+    if make_session_folder(root):
+        _say_made_again(root)
+        return Scan([], [])
     try:
         return list_files(root, extensions)
     except FileNotFoundError:
-        os.makedirs(root, exist_ok=True)
+        if make_session_folder(root):
+            _say_made_again(root)
         return Scan([], [])
+
+
+def _say_made_again(root: Path) -> None:
+    log.warning("%s was missing and is made again: files dropped where it went are not seen", root)
 
 
 def doubling_delay(failures: int, base_s: float, cap_s: float) -> float:

@@ -238,6 +238,8 @@ def test_a_second_service_on_the_same_share_waits_until_the_first_is_gone(
     wait_for(says_who_holds_the_share, timeout=30, what="the second service to say who holds the share")
     assert second.http.get("/readyz").status_code == 503
     assert second.status()["ready"] is False
+    refused = second.http.post("/v1/watch/start", json={"session_name": "two"})
+    assert refused.status_code == 503 and "last_error" in refused.json()["error"]
     expected = {f"{today()}/one/a.bin": write_file(folders.session("one") / "a.bin", 1000)}
     assert wait_for_blobs(container, set(expected)) == expected  # the first works on
     first.kill()

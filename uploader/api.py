@@ -67,6 +67,12 @@ def parse_start_body(raw: str | bytes) -> object | None:
     return body.get("session_name")
 
 
+NOT_READY = (
+    "The service is not ready yet: start-up is not done (/v1/status says what it waits for in "
+    "last_error); try again later."
+)
+
+
 def create_app(service: Service) -> QuartTrio:
     app = QuartTrio("uploader")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -74,7 +80,7 @@ def create_app(service: Service) -> QuartTrio:
     @app.post("/v1/watch/start")
     async def start() -> Any:
         if service.sessions is None:
-            return error(503, "The service is still starting; try again in a moment.")
+            return error(503, NOT_READY)
         try:
             name = parse_start_body(await request.get_data(as_text=False))
             state = await service.sessions.start(name)
@@ -91,7 +97,7 @@ def create_app(service: Service) -> QuartTrio:
     @app.post("/v1/watch/stop")
     async def stop() -> Any:
         if service.sessions is None:
-            return error(503, "The service is still starting; try again in a moment.")
+            return error(503, NOT_READY)
         state = await service.sessions.stop()
         return state.public()
 

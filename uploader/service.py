@@ -38,17 +38,26 @@ STORAGE_WAIT_NOTE_S = 15.0
 STATE_REFUSED_GIVE_UP_S = 30.0
 
 
-async def say_still_waiting_for_storage(settings: Settings) -> None:
-    """Log now and then while start-up waits for storage: an endpoint that takes connections
-    and never answers holds it for (APP_AZURE_RETRY_TOTAL + 1) read timeouts."""
+async def say_still_waiting_for_storage(settings: Settings, progress: Progress) -> None:
+    """Say now and then, in the log and the status's last error, while start-up waits for
+    storage: an endpoint that takes connections and never answers holds it for
+    (APP_AZURE_RETRY_TOTAL + 1) read timeouts. The last word is taken back once it answers."""
     waited = 0.0
-    while True:
-        await trio.sleep(STORAGE_WAIT_NOTE_S)
-        waited += STORAGE_WAIT_NOTE_S
-        log.warning(
-            "still waiting for Azure Blob Storage after %.0f s (each request: up to %d tries, "
-            "%g s read timeout each)", waited, settings.azure_retry_total + 1, settings.azure_read_timeout_s,
-        )
+    said: str | None = None
+    try:
+        while True:
+            await trio.sleep(STORAGE_WAIT_NOTE_S)
+            waited += STORAGE_WAIT_NOTE_S
+            said = (
+                f"still waiting for Azure Blob Storage after {waited:.0f} s (each request: up to "
+                f"{settings.azure_retry_total + 1} tries, {settings.azure_read_timeout_s:g} s read "
+                "timeout each)"
+            )
+            log.warning("%s", said)
+            progress.note_error(said)
+    finally:
+        if said is not None:
+            progress.resolve_error(said)
 
 
 def make_lanes(settings: Settings) -> Lanes:
@@ -118,7 +127,7 @@ class Service:
             # Missing folders are made only once storage works too: a bad setting changes nothing.
             missing = await check_folders(settings, self.lanes.nfs)
             async with trio.open_nursery() as waiting:
-                waiting.start_soon(say_still_waiting_for_storage, settings)
+                waiting.start_soon(say_still_waiting_for_storage, settings, self.progress)
                 self.store = await open_blob_store(settings, self.lanes)
                 waiting.cancel_scope.cancel()
             try:

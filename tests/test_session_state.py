@@ -127,6 +127,10 @@ UNUSABLE = [
         b'{"active": false, "session_name": "run-1", "date_prefix": "20240102", "stopped_at": 5}',
         id="time-number",
     ),
+    pytest.param(
+        b'{"active": true, "session_name": "run-1", "date_prefix": "20240102", "started_at": "garbage"}',
+        id="time-garbage",
+    ),
 ]
 
 

@@ -78,6 +78,18 @@ def encode_state(state: SessionState) -> bytes:
     return json.dumps(asdict(state), indent=2).encode()
 
 
+def _is_time_or_none(value: object) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
 def decode_state(raw: bytes) -> SessionState:
     """Parse the stored state; raises ValueError for anything that is not a state we wrote."""
     data = json.loads(raw)
@@ -88,7 +100,7 @@ def decode_state(raw: bytes) -> SessionState:
     if not isinstance(active, bool):
         raise ValueError(f"stored active {active!r} is not true or false")
     for field_name in ("started_at", "stopped_at"):
-        if not isinstance(data.get(field_name), str | None):
+        if not _is_time_or_none(data.get(field_name)):
             raise ValueError(f"stored {field_name} {data.get(field_name)!r} is not a time")
     if name is None and date is None:
         if active:

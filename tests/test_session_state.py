@@ -30,6 +30,14 @@ from uploader.session import (
 )
 
 
+def layout_in(tmp_path: Path) -> Layout:
+    """The folders as the service has them once started: the roots are there."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    for root in (layout.incoming_root, layout.processing_root, layout.staging_root):
+        root.mkdir()
+    return layout
+
+
 async def watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
     """A watcher that starts at once and watches until cancelled."""
     task_status.started()
@@ -231,7 +239,7 @@ def test_read_state_of_a_huge_file_reads_none_of_it(tmp_path: Path) -> None:
 
 async def test_stop_has_recorded_the_stopped_state_when_it_answers(tmp_path: Path) -> None:
     """A crash right after a stop's answer must not resume the session."""
-    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    layout = layout_in(tmp_path)
 
     control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5)
     async with trio.open_nursery() as nursery:
@@ -246,7 +254,7 @@ async def test_stop_has_recorded_the_stopped_state_when_it_answers(tmp_path: Pat
 async def test_a_start_whose_caller_goes_away_is_carried_through(tmp_path: Path) -> None:
     """A client hanging up cancels its request: the start must not stop half-way, recorded
     as active on NFS (and resumed after a restart) while the service says it is not."""
-    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    layout = layout_in(tmp_path)
     release, watching = trio.Event(), trio.Event()
 
     async def slow_watch(date: str, session: str, *, task_status: trio.TaskStatus[None]) -> None:
@@ -271,7 +279,7 @@ async def test_a_start_whose_caller_goes_away_is_carried_through(tmp_path: Path)
 
 
 async def test_a_stop_that_cannot_be_recorded_yet_says_so_and_is_recorded_later(tmp_path: Path) -> None:
-    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    layout = layout_in(tmp_path)
     noted: list[str] = []
     resolved: list[str] = []
 
@@ -306,7 +314,7 @@ async def test_starts_retried_while_the_state_cannot_be_written_add_no_backgroun
     """A client retrying its start against a failing share: one background loop records the
     state of the moment, not one per failed start (each would leave a thread per try on a
     hung share)."""
-    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    layout = layout_in(tmp_path)
     writes: list[Path] = []
     real_write = fileops.write_atomically
 
@@ -333,7 +341,7 @@ async def test_a_start_whose_state_write_is_given_up_on_leaves_no_session_behind
 ) -> None:
     """The write abandoned on a slow share ends later, in its thread: the session the client
     was told did not start must not be recorded as active (a restart would resume it)."""
-    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    layout = layout_in(tmp_path)
     released = threading.Event()
     real_write = fileops.write_atomically
 

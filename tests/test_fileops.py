@@ -776,6 +776,17 @@ def test_mark_completed_reads_the_file_again_where_only_its_ctime_moved(
     assert completed.read_bytes() == b"payload"
 
 
+def test_a_verified_file_the_completed_folder_cannot_take_is_removed_where_it_is(tmp_path: Path) -> None:
+    """The completed file "a", its removal failed and GC not yet by, where "a/b" goes."""
+    processing = make_file(tmp_path / "proc" / "20240102" / "s" / "a" / "b", b"payload")
+    staged = stage_copy(processing, tmp_path / "staging" / "a" / "b", BLOCK)
+    make_file(tmp_path / "done" / "a", b"the file a, completed")
+
+    mark_completed(processing, tmp_path / "done" / "a" / "b", staged)
+    assert not processing.exists()
+    assert (tmp_path / "done" / "a").read_bytes() == b"the file a, completed"
+
+
 def test_mark_completed_refuses_a_symlink_put_in_the_file_s_place(tmp_path: Path) -> None:
     processing, staged = staged_for(tmp_path)
     twin = make_file(tmp_path / "elsewhere" / "a.bin", b"payload")

@@ -673,7 +673,15 @@ def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> Non
     staged_identity = (staged.size, staged.mtime_ns, staged.ctime_ns)
     if not _unchanged(processing, staged_identity, _identity(now), staged.md5):
         raise SourceChanged(f"{processing} changed after it was uploaded")
-    instead_of_an_empty_folder(completed, lambda: in_folder(completed, lambda: os.rename(processing, completed)))
+    try:
+        instead_of_an_empty_folder(completed, lambda: in_folder(completed, lambda: os.rename(processing, completed)))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.ENAMETOOLONG):
+            raise
+        # The completed folder cannot take it under its name (the completed file "a", not yet
+        # removed, where "a/b" goes; a path too long): no retry would change that, and the
+        # file is done all the same. Removed where it is.
+        os.unlink(processing)
 
 
 @dataclass(frozen=True)

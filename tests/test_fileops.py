@@ -1012,6 +1012,21 @@ def test_list_files_recursive_with_slash_separated_rel_paths(tmp_path: Path) -> 
     assert rels(root) == ["a/b/deep.csv", "a/mid.csv", "top.csv"]
 
 
+def test_list_files_leaves_out_a_file_system_mounted_inside_and_says_so(tmp_path: Path) -> None:
+    """A claim is a link() within one file system: files of a mount inside could never be
+    claimed (EXDEV), so they are counted as left out instead of failing claim after claim."""
+    from tests.test_local_faults_e2e import small_disk
+
+    root = tmp_path / "session"
+    make_file(root / "here.bin", b"x")
+    with small_disk(root / "mounted", "1m") as mounted:
+        make_file(mounted / "there.bin", b"y")
+        scan = list_files(root)
+    assert [entry.rel for entry in scan.entries] == ["here.bin"]
+    assert scan.skipped == [f"{root / 'mounted'} is another file system mounted in the session "
+                            "folder, whose files cannot be claimed"]
+
+
 def test_list_files_reports_size_and_mtime(tmp_path: Path) -> None:
     root = tmp_path / "session"
     path = make_file(root / "a.csv", b"12345")

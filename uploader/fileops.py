@@ -76,6 +76,7 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
     """
     entries: list[ScanEntry] = []
     skipped: list[str] = []
+    device = -1  # the session folder's file system
 
     def left_out(exc: OSError, rel: str) -> None:
         if not is_benign_race(exc):
@@ -94,6 +95,11 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
                     left_out(exc, rel)
                     continue
                 if stat.S_ISDIR(info.st_mode):
+                    if info.st_dev != device:
+                        # A claim is a link() within one file system: its files never could be.
+                        skipped.append(f"{os.path.join(root, rel)} is another file system mounted "
+                                       "in the session folder, whose files cannot be claimed")
+                        continue
                     folders.append(entry.name)
                 elif stat.S_ISREG(info.st_mode):
                     if extensions and not entry.name.lower().endswith(extensions):
@@ -110,6 +116,7 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
     stack: list[tuple[int, str, list[str]]] = []
     try:
         stack.append((os.open(root, _FOLDER_LIST), "", []))
+        device = os.fstat(stack[-1][0]).st_dev
         stack[-1][2].extend(list_folder(stack[-1][0], ""))
         while stack:
             fd, prefix, folders = stack[-1]

@@ -9,7 +9,7 @@ import collections
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from uploader.layout import FileKey
+from uploader.layout import FileKey, printable
 
 RECENT_QUARANTINED = 100
 
@@ -85,5 +85,8 @@ class Progress:
             "claimed": len(self.claimed),
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
-            "quarantined": list(self.quarantined),
+            # A path as valid Unicode, written like the blob names (%XX for bytes that are
+            # no UTF-8): JSON readers turn Python's lone surrogates into U+FFFD.
+            "quarantined": [{**record, "path": printable(str(record.get("path", "")))}
+                            for record in self.quarantined],
         }

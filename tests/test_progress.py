@@ -1,0 +1,18 @@
+"""The counters and what /v1/status shows of them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from uploader.progress import Progress
+
+
+def test_a_quarantined_path_that_is_no_utf8_is_shown_as_valid_unicode() -> None:
+    progress = Progress()
+    raw = os.fsdecode(b"/share/.processing/.failed/files/20240102/s/bad-\xff.bin")
+    progress.quarantined.append({"file": "bad-%FF.bin", "path": raw})
+    [shown] = progress.snapshot()["quarantined"]  # type: ignore[misc]
+    assert shown["path"] == "/share/.processing/.failed/files/20240102/s/bad-%FF.bin"
+    json.dumps(shown, ensure_ascii=False).encode("utf-8")  # no lone surrogate left
+    assert progress.quarantined[0]["path"] == raw  # kept as it is for recovery

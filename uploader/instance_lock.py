@@ -86,16 +86,31 @@ def take(path: Path) -> int:
 
 def take_again(path: Path, held: int) -> tuple[int, bool]:
     """Blocking: lock ``path`` anew after a check found it removed or replaced. Returns the
-    descriptor opened and whether it is still the file ``held`` locks: a check can miss a file
-    that is there (NFS can answer ENOENT for a moment), and closing any descriptor of a file
-    drops every POSIX lock this process holds on it, so that one must stay open."""
+    descriptor that holds the lock and whether it is the one held before: a check can miss a
+    file that is there (NFS can answer ENOENT for a moment). Where it was such a miss, any
+    descriptor opened here must stay open, since closing any descriptor of a file drops every
+    POSIX lock this process holds on it; it is returned, and kept by the caller."""
+    if still_there(path, held):
+        return held, True
+    try:
+        locked: tuple[int, int] | None = _file_id(os.fstat(held))
+    except OSError:
+        locked = None  # the held file is gone for good (ESTALE): nothing of it to keep
     fd = os.open(path, _OPEN_FLAGS, 0o644)
-    # Should fstat fail, fd stays open: it may be the held file's.
-    opened, locked = os.fstat(fd), os.fstat(held)
-    if (opened.st_dev, opened.st_ino) == (locked.st_dev, locked.st_ino):
+    try:
+        same = _file_id(os.fstat(fd)) == locked
+    except BaseException:
+        if locked is None:
+            os.close(fd)  # cannot be the held file: closing it drops nothing
+        raise  # (else fd stays open: it may be the held file's)
+    if same:
         return fd, True
     os.close(fd)  # another file: closing it drops nothing of ours
     return take(path), False
+
+
+def _file_id(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
 
 
 class _OneCall:
@@ -216,7 +231,8 @@ async def _hold(path: Path, fd: int, nfs: ThreadLane, timeout_s: float, calls: t
                 continue
             new_fd, same_file = answer
             if same_file:
-                kept_open.append(new_fd)
+                if new_fd != fd:
+                    kept_open.append(new_fd)
                 log.info("%s is still the file this service holds locked (a check missed it)", path)
                 continue
             log.warning("%s was removed or replaced while this service held it; locked again", path)

@@ -72,12 +72,12 @@ M_ARENA_MAX = -8  # glibc's mallopt() parameter
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas, unless MALLOC_ARENA_MAX is set. glibc gives threads that
+    """Cap glibc's malloc arenas, unless MALLOC_ARENA_MAX (or GLIBC_TUNABLES) sets them. glibc gives threads that
     allocate at once arenas of their own, up to 8 per CPU of the node (not of the pod's CPU
     limit), and each keeps freed buffers (8 MiB blocks here): in a soak, 15 arenas held
     ~115 MiB more than 2 did, at the same throughput (benchmarks/RESULTS.md). Before any
     thread starts; a C library without mallopt (musl) is left as it is."""
-    if "MALLOC_ARENA_MAX" in os.environ:
+    if "MALLOC_ARENA_MAX" in os.environ or "malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -8,13 +8,17 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.service import REPO_ROOT
 from uploader import fileops
 from uploader.errors import Disposition, NotARegularFile, SourceChanged, SourceVanished, classify
 from uploader.fileops import (
@@ -146,7 +150,7 @@ def test_claim_finishes_interrupted_claim(tmp_path: Path) -> None:
     target.parent.mkdir()
     os.link(source, target)  # a crash between link() and unlink()
 
-    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.CLAIMED
+    assert claim(source, target, expected_of(source), tmp_path / "in") is Claim.FINISHED
 
     assert not source.exists()
     assert target.read_bytes() == b"data"
@@ -785,6 +789,72 @@ def test_a_verified_file_the_completed_folder_cannot_take_is_removed_where_it_is
     mark_completed(processing, tmp_path / "done" / "a" / "b", staged)
     assert not processing.exists()
     assert (tmp_path / "done" / "a").read_bytes() == b"the file a, completed"
+
+
+def test_a_write_while_the_file_is_read_again_at_completion_counts_as_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the ctime moved, so the file is read again; a writer behind that read changes it
+    after the bytes were read: the bytes read match the blob, the file no longer does."""
+    processing, staged = staged_for(tmp_path)
+    time.sleep(0.01)
+    processing.chmod(0o600)  # the ctime moves alone
+    real_read = os.read
+    wrote: list[bool] = []
+
+    def read_then_a_writer_writes(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        if not wrote:
+            wrote.append(True)
+            time.sleep(0.01)  # an mtime tick later, on coarse clocks too
+            with processing.open("r+b") as writer:
+                writer.write(b"PAYLOAD")
+        return data
+
+    monkeypatch.setattr(os, "read", read_then_a_writer_writes)
+    with pytest.raises(SourceChanged):
+        mark_completed(processing, tmp_path / "done" / "a.bin", staged)
+    assert processing.read_bytes() == b"PAYLOAD"
+
+
+MARK_COMPLETED_AFTER_A_CHMOD = r"""
+import os, sys
+from pathlib import Path
+from uploader.fileops import stage_copy, mark_completed
+from uploader.errors import SourceChanged
+root = Path(sys.argv[1])
+processing = root / "proc" / "a.bin"
+processing.parent.mkdir(parents=True)
+processing.write_bytes(b"payload")
+staged = stage_copy(processing, root / "staging" / "a.bin", 4 * 1024 * 1024)
+os.chmod(processing, 0o200)  # its owner makes it unreadable: the ctime moves alone
+try:
+    mark_completed(processing, root / "done" / "a.bin", staged)
+except SourceChanged:
+    print("SourceChanged")
+except OSError as exc:
+    print(type(exc).__name__)
+else:
+    print("completed")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="running as another user needs setpriv (util-linux) and root")
+def test_a_file_made_unreadable_after_its_upload_counts_as_changed(tmp_path: Path) -> None:
+    """It cannot be read again to prove its bytes unchanged: a change (copied again, and
+    quarantined if it stays unreadable), not an NFS failure retried for ever."""
+    shared = Path(tempfile.mkdtemp(prefix="uploader-chmod-"))
+    try:
+        shared.chmod(0o777)
+        done = subprocess.run(
+            ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups",
+             sys.executable, "-c", MARK_COMPLETED_AFTER_A_CHMOD, str(shared)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        shutil.rmtree(shared)
+    assert done.stdout.strip() == "SourceChanged", done.stdout + done.stderr
 
 
 def test_mark_completed_refuses_a_symlink_put_in_the_file_s_place(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -318,3 +320,103 @@ async def test_files_staged_before_the_disk_failed_are_no_evidence_against_a_fil
 
     assert progress.files_quarantined == 0
     assert layout.processing_path(refused).exists()
+
+
+async def test_a_retry_that_only_completes_is_no_evidence_that_the_staging_disk_works(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Y's completion on NFS fails once (EIO) just as the staging disk turns read-only for
+    everyone. Y's retry completes without staging (blob still verified): that must not count
+    as 'a file that began after X's first failure completed', or X -- which the read-only
+    disk fails like every file -- is quarantined. README: an outage that fails every file
+    quarantines nothing."""
+    settings = settings.model_copy(
+        update={"max_attempts": 2, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05}
+    )
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    y, x = FileKey("20240102", "s", "y.bin"), FileKey("20240102", "s", "x.bin")
+    for key in (y, x):
+        layout.incoming_path(key).parent.mkdir(parents=True, exist_ok=True)
+        layout.incoming_path(key).write_bytes(b"x" * 100)
+    read_only = threading.Event()
+    x_failed_at: list[float] = []
+    real_stage_copy, real_finish = fileops.stage_copy, fileops.finish
+
+    def stage_copy(source: Path, target: Path, *args: Any, **kwargs: Any) -> fileops.StagedFile:
+        if read_only.is_set():
+            if target.name == "x.bin":
+                x_failed_at.append(time.monotonic())
+            raise OSError(errno.EROFS, "Read-only file system", str(target))
+        return real_stage_copy(source, target, *args, **kwargs)
+
+    def finish(processing: Path, completed: Path, staged: fileops.StagedFile) -> list[str]:
+        if processing.name == "y.bin":
+            read_only.set()  # the staging disk fails from now on, for every file
+            # Y's completion keeps failing (an NFS blip) until X has failed for a while.
+            if not x_failed_at or time.monotonic() - x_failed_at[0] < 0.3:
+                raise OSError(errno.EIO, "Input/output error", str(processing))
+        return real_finish(processing, completed, staged)
+
+    def disk_refuses(root: Path) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(root))
+
+    monkeypatch.setattr(fileops, "stage_copy", stage_copy)
+    monkeypatch.setattr(fileops, "finish", finish)
+    monkeypatch.setattr(fileops, "probe_writable", disk_refuses)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        stat = layout.incoming_path(y).stat()
+        await send.send(WorkItem(y, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        with trio.fail_after(10):
+            while not read_only.is_set():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        stat = layout.incoming_path(x).stat()
+        await send.send(WorkItem(x, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        with trio.fail_after(20):
+            while progress.files_processed < 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        await trio.sleep(0.5)  # X's next failures
+        nursery.cancel_scope.cancel()
+
+    assert progress.files_processed == 1  # Y, completed without being staged again
+    assert len(x_failed_at) >= 2
+    # Every file that needs the disk fails, and the disk's probe fails: expected 0.
+    assert progress.files_quarantined == 0, [r["file"] for r in progress.quarantined]
+
+
+async def test_a_claim_that_only_removed_an_owned_twin_takes_nothing_once_the_owner_finished(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The name is owned (claimed, in flight); incoming still holds the same inode (a claim
+    stopped between link and unlink). The claim only removes the twin, and the owner
+    completes meanwhile: the item moved nothing in and takes no claim (else it would fail on
+    a missing file until its retries ran out)."""
+    settings = settings.model_copy(
+        update={"max_attempts": 2, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.02}
+    )
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "twin.bin")
+    owner_file = layout.processing_path(key)
+    owner_file.parent.mkdir(parents=True)
+    owner_file.write_bytes(b"in flight")
+    layout.incoming_path(key).parent.mkdir(parents=True)
+    os.link(owner_file, layout.incoming_path(key))  # the interrupted claim's twin
+    progress.claimed.add(key)
+    real_claim = fileops.claim
+
+    def claim_then_the_owner_completes(*args: Any) -> fileops.Claim:
+        outcome = real_claim(*args)  # same inode: removes the twin
+        owner_file.unlink()  # the owner's completion
+        trio.from_thread.run_sync(progress.claimed.discard, key)
+        return outcome
+
+    monkeypatch.setattr(fileops, "claim", claim_then_the_owner_completes)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        stat = layout.incoming_path(key).stat()
+        await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    assert progress.files_failed == 0, caplog.text[-2000:]

@@ -44,6 +44,9 @@ MAX_BLOCKS_PER_BLOB = 50_000  # Azure's limit for a block blob
 
 class Claim(enum.Enum):
     CLAIMED = "claimed"
+    # The other half of an interrupted claim (the file under both names): only the name left
+    # in incoming was removed. Whoever holds the claimed file uploads it.
+    FINISHED = "an interrupted claim finished"
     GONE = "gone"  # taken or deleted by someone else: nothing to do
     # An older file of that name, or named like one of its folders, or files in a folder of
     # its name, are still in flight.
@@ -162,9 +165,9 @@ def make_session_folder(path: Path) -> bool:
     except FileNotFoundError:
         try:
             os.mkdir(path)
+            return True
         except FileExistsError:
-            return make_session_folder(path)  # made meanwhile: check what it is
-        return True
+            mode = os.lstat(path).st_mode  # made meanwhile: check what it is
     if not stat.S_ISDIR(mode):
         what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
         raise NotADirectoryError(errno.ENOTDIR, f"it is {what}, and only a real folder is read", str(path))
@@ -398,7 +401,7 @@ def _claim_in(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
         raise
-    return Claim.CLAIMED
+    return Claim.CLAIMED if linked_now else Claim.FINISHED
 
 
 @dataclass(frozen=True)
@@ -610,18 +613,24 @@ def _unchanged(
         return True
     if now[:2] != before[:2]:  # size or mtime
         return False
-    return _md5_of(path) == md5
+    try:
+        reread, after = _md5_of(path)
+    except PermissionError:
+        return False  # its mode changed, and it cannot be read again to tell: as changed
+    # Written while it was read again: changed, whatever the MD5 of what was read.
+    return reread == md5 and after == now
 
 
-def _md5_of(path: Path) -> bytes:
+def _md5_of(path: Path) -> tuple[bytes, tuple[int, int, int]]:
+    """The MD5 of the file at ``path`` and its identity once read."""
     md5 = hashlib.md5(usedforsecurity=False)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         while chunk := os.read(fd, COPY_CHUNK):
             md5.update(chunk)
+        return md5.digest(), _identity(os.fstat(fd))
     finally:
         os.close(fd)
-    return md5.digest()
 
 
 def _fresh_stat(path: Path) -> os.stat_result:
@@ -672,8 +681,13 @@ def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> Non
         now = _fresh_stat(processing)
     except FileNotFoundError:
         # An earlier attempt may have moved it already, its answer lost on the way back.
-        with contextlib.suppress(FileNotFoundError):
+        # (Or removed where it was, the completed folder unable to take it: no way to tell.)
+        try:
             done = os.lstat(completed)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+                raise
+        else:
             if (done.st_size, done.st_mtime_ns) == (staged.size, staged.mtime_ns):
                 return
         raise SourceVanished(f"{processing} is gone") from None
@@ -708,7 +722,7 @@ def claim_and_stage(
     """Claim a file and copy it to staging, in one trip to a worker thread (each trip costs
     a thread wake-up and a wake-up of the event loop: per small file, that adds up)."""
     outcome = claim(source, target, expected, within)
-    if outcome is not Claim.CLAIMED:
+    if outcome not in (Claim.CLAIMED, Claim.FINISHED):
         return Claimed(outcome)
     with _tracer.start_as_current_span("stage"):
         try:

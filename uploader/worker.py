@@ -204,7 +204,8 @@ class Pipeline:
                     # A bug must not take the other files down with it: the file stays where
                     # it is (incoming, or claimed where GC finds it: no longer ours) and the
                     # stage goes on.
-                    self.progress.claimed.discard(item.key)
+                    if item.claimed:
+                        self.progress.claimed.discard(item.key)
                     log.exception("unexpected error on %s", item.key)
                     self.progress.note_error(f"{item.key}: {describe(bug)}")
                 return False
@@ -257,11 +258,15 @@ class Pipeline:
         if item.staged is not None:
             return True  # copied in the claim's trip to a thread
         if item.verified is not None:
-            verified, item.verified = item.verified, None
-            if await self._still_in_storage(item, verified):
-                item.staged = verified
-                item.report = UploadReport(0, verified.size, 0)
+            # The blob was verified: a failure from here on (a storage read) quarantines nothing.
+            item.completing = True
+            if await self._still_in_storage(item, item.verified):
+                item.staged, item.verified = item.verified, None
+                item.report = UploadReport(0, item.staged.size, 0)
+                # Neither staged nor uploaded now: no evidence that either works.
+                item.attempt_number = 0
                 return True
+            item.verified, item.completing = None, False
         processing = self.layout.processing_path(key)
         if item.claimed_size is None:
             item.claimed_size = await self.lanes.nfs.run(_size, processing)
@@ -332,12 +337,15 @@ class Pipeline:
             self.progress.claim_ended(key)
             if item.on_claim_settled is not None:
                 item.on_claim_settled(failed)
-        if claimed.outcome in (Claim.CLAIMED, Claim.GONE):
+        if claimed.outcome in (Claim.CLAIMED, Claim.FINISHED, Claim.GONE):
             self._said_waiting.pop(key, None)
+        if claimed.outcome is Claim.FINISHED:
+            if owned:
+                return Claimed(Claim.GONE)  # the file's owner uploads it
+            claimed = Claimed(Claim.CLAIMED, claimed.staged, claimed.stage_error)
         if claimed.outcome is Claim.CLAIMED:
-            if owned and key in self.progress.claimed:
-                return Claimed(Claim.GONE)
-            # Else its owner finished while this claim ran, and what it moved in is ours.
+            # Moved in now: ours, even where the name was owned when the claim began (that
+            # owner finished meanwhile, or the name could not have been free).
             item.claimed = True
             item.claimed_size = _expected_size(item)
             self.progress.claimed.add(key)
@@ -417,7 +425,7 @@ class Pipeline:
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")
         at_completion, item.completing = item.completing, False
-        if at_completion and isinstance(exc, OSError):
+        if at_completion and isinstance(exc, OSError) and item.staged is not None:
             # NFS failed the move, not the file (a changed or vanished file is no OSError).
             item.verified = item.staged
         item.report = None

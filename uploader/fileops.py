@@ -698,7 +698,7 @@ def mark_completed(processing: Path, completed: Path, staged: StagedFile) -> Non
     try:
         instead_of_an_empty_folder(completed, lambda: in_folder(completed, lambda: os.rename(processing, completed)))
     except OSError as exc:
-        if exc.errno not in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.ENAMETOOLONG):
+        if not _cannot_be_kept_there(exc):
             raise
         # The completed folder cannot take it under its name (the completed file "a", not yet
         # removed, where "a/b" goes; a path too long): no retry would change that, and the

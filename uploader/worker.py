@@ -4,7 +4,8 @@ A file that fails stays claimed, on NFS, and is tried again later in this proces
 capped exponential backoff. It is quarantined when its failure is permanent, or after
 ``max_attempts`` failures when the side that fails it works for others: a file whose attempt
 began after its first failure has completed since, or a probe of that side (a write to
-storage, a listing on NFS, a write on the staging disk) succeeds. An outage of NFS or storage, which fails everyone, quarantines nothing.
+storage, a listing on NFS, a write on the staging disk) succeeds. An outage of NFS or
+storage, which fails everyone, quarantines nothing.
 """
 
 from __future__ import annotations

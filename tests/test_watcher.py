@@ -386,3 +386,20 @@ async def test_cancelling_the_watcher_closes_its_channel_end(autojump_clock: tri
         nursery.cancel_scope.cancel()
     with pytest.raises(trio.EndOfChannel):
         await receive.receive()
+
+
+async def test_stable_files_are_offered_oldest_first(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
+    """Listing order says nothing of age: files late in it must not wait behind newer ones."""
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    ages = {"a.bin": 10, "b.bin": 30, "c.bin": 20, "d.bin": 40}  # seconds old
+    now = time.time()
+    for name, age in ages.items():
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, (now - age, now - age))
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane(), min_age=1, poll=1,
+                                      wall_clock=time.time)
+        offered = [(await receive.receive()).key.rel for _ in ages]
+        nursery.cancel_scope.cancel()
+    assert offered == ["d.bin", "b.bin", "c.bin", "a.bin"]

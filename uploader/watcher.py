@@ -231,6 +231,10 @@ async def run(
                 stable += found
                 await trio.lowlevel.checkpoint()
             progress.claims_failing = tracker.claims_failing
+            # Oldest first: a folder's listing order says nothing of age, and a file late in it
+            # would wait behind every newer one each time a restart or a full queue interrupted
+            # the offers (under a backlog that never drains, for ever).
+            stable.sort(key=lambda entry: (entry.mtime_ns, entry.rel))
             for entry in stable:
                 key = FileKey(date_prefix, session, entry.rel)
                 if progress.is_claimed(key) or _below_a_file_in_flight(progress, key):

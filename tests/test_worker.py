@@ -185,6 +185,16 @@ def pipeline_for(settings: Settings, store: BlobStore, progress: Progress) -> tu
     return layout, pipeline, send, receive
 
 
+def offer(layout: Layout, key: FileKey) -> WorkItem:
+    """The watcher's offer of the file at ``key`` in incoming, as it is now."""
+    stat = layout.incoming_path(key).stat()
+    return WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns))
+
+
+def staging_disk_refuses(root: Path) -> None:
+    raise OSError(errno.EROFS, "Read-only file system", str(root))
+
+
 async def wait_for_blob(container: ContainerClient, name: str) -> bytes:
     with trio.fail_after(20):
         while not container.get_blob_client(name).exists():  # noqa: ASYNC110
@@ -302,17 +312,13 @@ async def test_files_staged_before_the_disk_failed_are_no_evidence_against_a_fil
         await first_failure.wait()
         return await real_upload(staged, name, **kwargs)
 
-    def disk_refuses(root: Path) -> None:
-        raise OSError(errno.EROFS, "Read-only file system", str(root))
-
     monkeypatch.setattr(fileops, "stage_copy", read_only_for_b)
-    monkeypatch.setattr(fileops, "probe_writable", disk_refuses)
+    monkeypatch.setattr(fileops, "probe_writable", staging_disk_refuses)
     monkeypatch.setattr(store, "upload", upload_after_b_failed)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         for key in (staged_before, refused):
-            stat = layout.incoming_path(key).stat()
-            await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+            await send.send(offer(layout, key))
         with trio.fail_after(20):
             while progress.files_processed < 1 or (len(attempts) < 5 and not progress.files_quarantined):  # noqa: ASYNC110
                 await trio.sleep(0.01)
@@ -358,21 +364,16 @@ async def test_a_retry_that_only_completes_is_no_evidence_that_the_staging_disk_
                 raise OSError(errno.EIO, "Input/output error", str(processing))
         return real_finish(processing, completed, staged)
 
-    def disk_refuses(root: Path) -> None:
-        raise OSError(errno.EROFS, "Read-only file system", str(root))
-
     monkeypatch.setattr(fileops, "stage_copy", stage_copy)
     monkeypatch.setattr(fileops, "finish", finish)
-    monkeypatch.setattr(fileops, "probe_writable", disk_refuses)
+    monkeypatch.setattr(fileops, "probe_writable", staging_disk_refuses)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
-        stat = layout.incoming_path(y).stat()
-        await send.send(WorkItem(y, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        await send.send(offer(layout, y))
         with trio.fail_after(10):
             while not read_only.is_set():  # noqa: ASYNC110
                 await trio.sleep(0.01)
-        stat = layout.incoming_path(x).stat()
-        await send.send(WorkItem(x, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        await send.send(offer(layout, x))
         with trio.fail_after(20):
             while progress.files_processed < 1:  # noqa: ASYNC110
                 await trio.sleep(0.01)
@@ -415,8 +416,7 @@ async def test_a_claim_that_only_removed_an_owned_twin_takes_nothing_once_the_ow
     monkeypatch.setattr(fileops, "claim", claim_then_the_owner_completes)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
-        stat = layout.incoming_path(key).stat()
-        await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        await send.send(offer(layout, key))
         await trio.sleep(2)
         nursery.cancel_scope.cancel()
     assert progress.files_failed == 0, caplog.text[-2000:]

@@ -191,6 +191,17 @@ def offer(layout: Layout, key: FileKey) -> WorkItem:
     return WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns))
 
 
+def with_quick_retries(settings: Settings) -> Settings:
+    """Two attempts before a quarantine, and retries at once."""
+    return settings.model_copy(update={"max_attempts": 2, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05})
+
+
+def in_incoming(layout: Layout, *keys: FileKey) -> None:
+    for key in keys:
+        layout.incoming_path(key).parent.mkdir(parents=True, exist_ok=True)
+        layout.incoming_path(key).write_bytes(b"x" * 100)
+
+
 def staging_disk_refuses(root: Path) -> None:
     raise OSError(errno.EROFS, "Read-only file system", str(root))
 
@@ -289,13 +300,11 @@ async def test_files_staged_before_the_disk_failed_are_no_evidence_against_a_fil
     """The staging disk turns read-only: a file staged before still goes up after another's
     first failure, which says nothing about the disk. Retries run out; the probe of the disk
     fails: nothing is quarantined."""
-    settings = settings.model_copy(update={"max_attempts": 2, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.02})
+    settings = with_quick_retries(settings)
     progress = Progress()
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     staged_before, refused = FileKey("20240102", "s", "a.bin"), FileKey("20240102", "s", "b.bin")
-    for key in (staged_before, refused):
-        layout.incoming_path(key).parent.mkdir(parents=True, exist_ok=True)
-        layout.incoming_path(key).write_bytes(b"x" * 100)
+    in_incoming(layout, staged_before, refused)
     first_failure = trio.Event()
     real_stage_copy, real_upload = fileops.stage_copy, store.upload
     attempts: list[int] = []
@@ -336,15 +345,11 @@ async def test_a_retry_that_only_completes_is_no_evidence_that_the_staging_disk_
     as 'a file that began after X's first failure completed', or X -- which the read-only
     disk fails like every file -- is quarantined. README: an outage that fails every file
     quarantines nothing."""
-    settings = settings.model_copy(
-        update={"max_attempts": 2, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05}
-    )
+    settings = with_quick_retries(settings)
     progress = Progress()
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     y, x = FileKey("20240102", "s", "y.bin"), FileKey("20240102", "s", "x.bin")
-    for key in (y, x):
-        layout.incoming_path(key).parent.mkdir(parents=True, exist_ok=True)
-        layout.incoming_path(key).write_bytes(b"x" * 100)
+    in_incoming(layout, y, x)
     read_only = threading.Event()
     x_failed_at: list[float] = []
     real_stage_copy, real_finish = fileops.stage_copy, fileops.finish
@@ -393,9 +398,7 @@ async def test_a_claim_that_only_removed_an_owned_twin_takes_nothing_once_the_ow
     stopped between link and unlink). The claim only removes the twin, and the owner
     completes meanwhile: the item moved nothing in and takes no claim (else it would fail on
     a missing file until its retries ran out)."""
-    settings = settings.model_copy(
-        update={"max_attempts": 2, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.02}
-    )
+    settings = with_quick_retries(settings)
     progress = Progress()
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     key = FileKey("20240102", "s", "twin.bin")

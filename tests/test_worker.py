@@ -86,8 +86,7 @@ async def test_a_gc_sweep_during_a_claim_keeps_the_copy_being_staged(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
-        stat = source.stat()
-        await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        await send.send(offer(layout, key))
         with trio.fail_after(20):
             await finished.wait()
         nursery.cancel_scope.cancel()
@@ -161,8 +160,7 @@ async def test_a_file_whose_failure_handling_hit_a_bug_is_left_for_gc_to_queue_a
     monkeypatch.setattr(pipeline, "_failed", buggy_failure_handling)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
-        stat = source.stat()
-        await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        await send.send(offer(layout, key))
         with trio.fail_after(10):
             await handled.wait()
         await trio.testing.wait_all_tasks_blocked()
@@ -288,8 +286,7 @@ async def test_a_claim_that_outlives_the_owner_of_its_name_keeps_what_it_claimed
     monkeypatch.setattr(fileops, "claim", claim_while_the_owner_completes)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
-        stat = source.stat()
-        await send.send(WorkItem(key, claimed=False, expected=(stat.st_size, stat.st_mtime_ns)))
+        await send.send(offer(layout, key))
         assert await wait_for_blob(container, blob_name(key)) == newer
         nursery.cancel_scope.cancel()
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from uploader.fileops import (
     stage_copy,
     write_atomically,
 )
-from uploader.layout import FileKey, Layout, apart_folder_name
+from uploader.layout import FileKey, Layout
 
 BLOCK = 64 * 1024
 
@@ -962,12 +963,8 @@ def quarantine_in(layout: Layout, rel: str, data: bytes) -> Path:
         layout.processing_path(key).rmdir()  # emptied by an earlier quarantine; GC's job
     processing = make_file(layout.processing_path(key), data)
     failed = layout.failed_path(key)
-
-    def apart(file: os.stat_result) -> tuple[Path, Path]:
-        path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino, key.rel))
-        return path, layout.failed_reason_path(path)
-
-    where = quarantine(processing, failed, layout.failed_reason_path(failed), {"file": rel}, apart)
+    where = quarantine(processing, failed, layout.failed_reason_path(failed), {"file": rel},
+                       partial(layout.failed_apart, key))
     assert not processing.exists()
     assert where.read_bytes() == data
     return where
@@ -1023,13 +1020,8 @@ def test_two_hard_links_of_one_file_quarantined_apart_keep_both_reasons(tmp_path
     os.link(layout.processing_path(first), layout.processing_path(second))
     for key in (first, second):
         failed = layout.failed_path(key)
-
-        def apart(file: os.stat_result, key: FileKey = key) -> tuple[Path, Path]:
-            path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino, key.rel))
-            return path, layout.failed_reason_path(path)
-
         quarantine(layout.processing_path(key), failed, layout.failed_reason_path(failed),
-                   {"file": key.rel}, apart)
+                   {"file": key.rel}, partial(layout.failed_apart, key))
     reasons = reasons_in(layout)
     assert set(reasons) == {"p", "p/q/n", "p/r/n"} and reasons["p/q/n"] != reasons["p/r/n"]
 
@@ -1040,7 +1032,7 @@ def test_quarantine_apart_finishes_an_interrupted_quarantine(tmp_path: Path) -> 
     key = FileKey("20240102", "s", "a/b")
     processing = make_file(layout.processing_path(key), b"then")
     info = os.lstat(processing)
-    apart = layout.failed_path(key, apart_folder_name(info.st_dev, info.st_ino, key.rel))
+    apart, _ = layout.failed_apart(key, info)
     apart.parent.mkdir(parents=True)
     os.link(processing, apart)  # a crash after the link, before the reason and the unlink
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from tests.conftest import ServiceFactory
 from tests.support.azurite import REPO_ROOT, blob_contents, unreachable_connection_string
 from tests.support.service import Folders, clean_environment, wait_for, write_file
 from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
+from uploader.layout import FileKey, Layout
 
 MiB = 1024 * 1024
 
@@ -151,6 +153,55 @@ def test_an_interrupted_claim_uploads_the_file_once(
     assert wait_for_blobs(container, {f"{date}/twin/t.bin"}) == {f"{date}/twin/t.bin": data}
     wait_until_clean(folders)
     assert service.status()["files_processed"] == 1
+
+
+def interrupted_quarantine(folders: Folders, session: str, rel: Path, size: int) -> tuple[bytes, Path]:
+    """A crash in the middle of a quarantine: the file linked into the failed folder, its
+    reason written, the claimed name not yet removed. (the file's bytes, its failed path)"""
+    date = today()
+    layout = Layout(folders.incoming, folders.processing, folders.staging)
+    key = FileKey(date, session, rel.as_posix())
+    data = write_file(layout.processing_path(key), size)
+    failed = layout.failed_path(key)
+    failed.parent.mkdir(parents=True)
+    os.link(layout.processing_path(key), failed)
+    reason = layout.failed_reason_path(failed)
+    reason.parent.mkdir(parents=True)
+    reason.write_text(json.dumps({"file": key.rel, "path": str(failed), "reason": "the staging disk is full"}))
+    (folders.processing / "session.json").write_text(
+        f'{{"active": false, "session_name": "{session}", "date_prefix": "{date}"}}'
+    )
+    return data, failed
+
+
+def test_a_file_whose_quarantine_a_crash_interrupted_goes_up_and_leaves_the_failed_folder(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    """Tried again after the restart, it goes up: it is not also listed as quarantined."""
+    service = service_factory(start=False)
+    data, failed = interrupted_quarantine(folders, "q", Path("x.bin"), 5000)
+    service.start()
+    assert wait_for_blobs(container, {f"{today()}/q/x.bin"}) == {f"{today()}/q/x.bin": data}
+    wait_until_clean(folders)
+    status = service.status()
+    assert status["files_quarantined"] == 0 and status["quarantined"] == []
+    assert not failed.exists()
+
+
+def test_a_file_whose_quarantine_a_crash_interrupted_is_counted_once_when_quarantined_again(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    service = service_factory(start=False)
+    far = Path(*["d" * 200] * 5) / "far.bin"  # a blob name Azure refuses: quarantined at once
+    data, failed = interrupted_quarantine(folders, "deep", far, 100)
+    service.start()
+    wait_for(lambda: service.status()["files_quarantined"] >= 1, timeout=30, what="the quarantine")
+    time.sleep(1)  # the failed folder is read once start-up is done: it must not count it twice
+    status = service.status()
+    assert status["files_quarantined"] == 1
+    assert [record["path"] for record in status["quarantined"]] == [str(failed)]
+    assert failed.read_bytes() == data
+    assert [path for path in folders.files_on_nfs() if ".failed" not in path.parts] == []
 
 
 def test_a_state_file_the_service_did_not_write_is_set_aside_and_reported(

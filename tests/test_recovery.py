@@ -34,10 +34,10 @@ def test_the_failed_folder_is_counted_and_its_last_records_listed_oldest_first(t
     for n in range(5):
         quarantined_file(layout, f"f{n}", f"2024-01-02T00:00:0{n}+00:00")
 
-    count, recent = find_quarantined(layout, keep=3)
+    found = find_quarantined(layout, keep=3)
 
-    assert count == 5
-    assert [record["file"] for record in recent] == ["f2", "f3", "f4"]
+    assert found.count == 5
+    assert [record["file"] for record in found.recent] == ["f2", "f3", "f4"]
 
 
 def test_files_no_longer_in_the_failed_folder_and_broken_records_are_left_out(tmp_path: Path) -> None:
@@ -48,10 +48,10 @@ def test_files_no_longer_in_the_failed_folder_and_broken_records_are_left_out(tm
     (reasons / "broken.json").write_text("{not json")
     (reasons / "kept.json.tmp").write_text("{}")  # a write that a crash interrupted
 
-    count, recent = find_quarantined(layout)
+    found = find_quarantined(layout)
 
-    assert count == 1
-    assert [record["path"] for record in recent] == [str(kept)]
+    assert found.count == 1
+    assert [record["path"] for record in found.recent] == [str(kept)]
 
 
 def test_a_record_written_before_records_named_their_file_is_found_by_its_place(tmp_path: Path) -> None:
@@ -62,9 +62,98 @@ def test_a_record_written_before_records_named_their_file_is_found_by_its_place(
     del record["path"]
     reason.write_text(json.dumps(record))
 
-    count, recent = find_quarantined(layout)
+    found = find_quarantined(layout)
 
-    assert count == 1 and recent[0]["path"] == str(failed)
+    assert found.count == 1 and found.recent[0]["path"] == str(failed)
+
+
+def test_the_files_quarantined_since_a_time_are_named_apart(tmp_path: Path) -> None:
+    """So that a running service does not count twice what it quarantined itself."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    quarantined_file(layout, "before", "2024-01-02T00:00:01+00:00")
+    during = quarantined_file(layout, "during", "2024-01-02T00:00:05+00:00")
+
+    found = find_quarantined(layout, since="2024-01-02T00:00:05+00:00")
+
+    assert found.count == 2 and found.since == {str(during)}
+
+
+def interrupted_quarantine(layout: Layout, rel: str, *, with_reason: bool) -> tuple[Path, Path]:
+    """A crash after quarantine's link into the failed folder, before its unlink of the
+    claimed name: (processing path, failed path), one file under both."""
+    key = FileKey("20240102", "s", rel)
+    processing = layout.processing_path(key)
+    processing.parent.mkdir(parents=True, exist_ok=True)
+    processing.write_bytes(b"claimed")
+    failed = layout.failed_path(key)
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    if failed.exists():  # an earlier file of that name: the quarantine took a numbered name
+        failed = failed.with_name(failed.name + ".1")
+    os.link(processing, failed)
+    if with_reason:
+        reason = layout.failed_reason_path(failed)
+        reason.parent.mkdir(parents=True, exist_ok=True)
+        reason.write_text(json.dumps({"file": rel, "path": str(failed), "quarantined_at": "2024-01-02T00:00:09+00:00"}))
+    return processing, failed
+
+
+@pytest.mark.parametrize("with_reason", [False, True])
+def test_recovery_takes_back_a_quarantine_a_crash_interrupted(tmp_path: Path, with_reason: bool) -> None:
+    """The file is claimed still: it is tried again, and not also listed as quarantined."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    processing, failed = interrupted_quarantine(layout, "sub/x.bin", with_reason=with_reason)
+
+    unfinished, _ = find_unfinished(layout)
+
+    assert unfinished == [FileKey("20240102", "s", "sub/x.bin")]
+    assert processing.read_bytes() == b"claimed" and os.lstat(processing).st_nlink == 1
+    assert not failed.exists() and not layout.failed_reason_path(failed).exists()
+    assert find_quarantined(layout).count == 0
+
+
+def test_taking_back_an_interrupted_quarantine_leaves_an_earlier_file_of_its_name(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    earlier = quarantined_file(layout, "x.bin", "2024-01-02T00:00:01+00:00")
+    _, failed = interrupted_quarantine(layout, "x.bin", with_reason=True)
+    assert failed != earlier
+
+    find_unfinished(layout)
+
+    assert not failed.exists() and earlier.read_bytes() == b"bad"
+    assert find_quarantined(layout).count == 1
+
+
+def test_recovery_takes_back_a_quarantine_apart_that_a_crash_interrupted(tmp_path: Path) -> None:
+    """'a' was quarantined before, so 'a/b' went to a folder apart, where the crash left it."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    earlier = quarantined_file(layout, "a", "2024-01-02T00:00:01+00:00")
+    key = FileKey("20240102", "s", "a/b")
+    processing = layout.processing_path(key)
+    processing.parent.mkdir(parents=True)
+    processing.write_bytes(b"claimed")
+    apart, reason = layout.failed_apart(key, os.lstat(processing))
+    apart.parent.mkdir(parents=True)
+    os.link(processing, apart)
+    reason.parent.mkdir(parents=True)
+    reason.write_text(json.dumps({"file": "a/b", "path": str(apart)}))
+
+    unfinished, _ = find_unfinished(layout)
+
+    assert key in unfinished and os.lstat(processing).st_nlink == 1
+    assert not apart.exists() and not reason.exists() and earlier.exists()
+    assert find_quarantined(layout).count == 1
+
+
+def test_a_claimed_file_with_another_hard_link_is_not_taken_for_a_quarantine(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    kept = quarantined_file(layout, "x.bin", "2024-01-02T00:00:01+00:00")
+    key = FileKey("20240102", "s", "y.bin")
+    layout.processing_path(key).parent.mkdir(parents=True, exist_ok=True)
+    os.link(kept, layout.processing_path(key))  # someone's link to a quarantined file
+
+    unfinished, _ = find_unfinished(layout)
+
+    assert unfinished == [key] and kept.exists() and find_quarantined(layout).count == 1
 
 
 def interrupted_claim(tmp_path: Path) -> tuple[Layout, Path, Path]:

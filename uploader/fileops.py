@@ -801,6 +801,43 @@ def quarantine(
     return candidate
 
 
+def undo_quarantine(
+    processing: Path,
+    failed: Path,
+    reason_path: Path,
+    apart: Callable[[os.stat_result], tuple[Path, Path]],
+) -> Path | None:
+    """Take back a quarantine that a crash stopped half-way: the file is still claimed at
+    ``processing`` and already linked into the failed folder (``quarantine``'s arguments say
+    where it may be), maybe with its reason beside it. The claim is what counts: the link
+    in the failed folder and its reason go, and the file is tried again like any other
+    claimed file, instead of being both uploaded and listed as quarantined. Returns the
+    name taken back, if any.
+    """
+    here = os.lstat(processing)
+    if here.st_nlink < 2:
+        return None  # linked nowhere else (or moved by a rename, which leaves no twin)
+    apart_failed, apart_reason = apart(here)
+    for first, reasons in ((failed, reason_path), (apart_failed, apart_reason)):
+        candidate = first
+        for n in range(1, 10_000):
+            try:
+                there = os.lstat(candidate)
+            except (FileNotFoundError, NotADirectoryError):
+                break  # the first free name: a quarantine would have taken it
+            if same_file(there, here):
+                for reason in {_reason_of(candidate, first, reasons), _reason_of(candidate, first, apart_reason)}:
+                    for leftover in (reason, reason.with_name(reason.name + ".tmp")):
+                        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                            os.unlink(leftover)
+                os.unlink(candidate)
+                return candidate
+            if stat.S_ISDIR(there.st_mode):
+                break
+            candidate = first.with_name(name_with_suffix(first.name, f".{n}"))
+    return None
+
+
 def _cannot_be_kept_there(exc: OSError) -> bool:
     """A file and a folder of one name meet, or the path is too long: no retry helps."""
     return exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.ENAMETOOLONG)

@@ -248,6 +248,11 @@ class Layout:
         relative = failed_path.relative_to(self.failed_files_root)
         return self.failed_reasons_root / relative.parent / reason_file_name(relative.name)
 
+    def failed_apart(self, key: FileKey, file: os.stat_result) -> tuple[Path, Path]:
+        """(failed path, reason path) of ``key``'s file, as ``file`` is, in a folder apart."""
+        path = self.failed_path(key, apart_folder_name(file.st_dev, file.st_ino, key.rel))
+        return path, self.failed_reason_path(path)
+
 
 def apart_folder_name(device: int, inode: int, rel: str) -> str:
     """A folder of the failed folder for one file apart, named after the file itself (and its

@@ -3,7 +3,9 @@
 Every unfinished file of every session folder under the processing root is queued again
 (its blob is overwritten), and the session that was active resumes. A claim that stopped
 between ``link()`` and ``unlink()`` left the same file in incoming too: that name is
-removed from incoming, so the file goes up once.
+removed from incoming, so the file goes up once. A quarantine that stopped between its
+``link()`` into the failed folder and its ``unlink()`` is taken back: the file is claimed
+still, and tried again (uploaded, or quarantined once more, never both).
 
 Recovery reads what it can: a folder the share will not list now is left to GC, which
 queues claimed files that nobody owns (see gc.py), so a flaky share cannot hold start-up.
@@ -16,10 +18,11 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from uploader.errors import describe
-from uploader.fileops import list_files, open_folder_within, same_file
+from uploader.fileops import list_files, open_folder_within, same_file, undo_quarantine
 from uploader.lanes import ThreadLane
 from uploader.layout import FileKey, Layout, is_date_prefix, is_session_name
 from uploader.session import BadStateFile, SessionState, read_state
@@ -64,6 +67,16 @@ def _drop_incoming_twin(layout: Layout, key: FileKey) -> None:
         os.close(folder)
 
 
+def _take_back_interrupted_quarantine(layout: Layout, key: FileKey) -> None:
+    failed = layout.failed_path(key)
+    taken_back = undo_quarantine(
+        layout.processing_path(key), failed, layout.failed_reason_path(failed),
+        partial(layout.failed_apart, key),
+    )
+    if taken_back is not None:
+        log.info("took back %s, whose quarantine a restart interrupted: it is tried again", key)
+
+
 def find_unfinished(layout: Layout) -> tuple[list[FileKey], list[str]]:
     """Blocking: the claimed files of every session (run it in a thread).
 
@@ -96,19 +109,34 @@ def find_unfinished(layout: Layout) -> tuple[list[FileKey], list[str]]:
                 except OSError as exc:
                     # The claim finishes when the watcher offers the twin again.
                     log.warning("cannot check %s for an interrupted claim: %s", key, describe(exc))
+                try:
+                    _take_back_interrupted_quarantine(layout, key)
+                except OSError as exc:
+                    # Its next quarantine, if it comes to that, finishes this one.
+                    log.warning("cannot check %s for an interrupted quarantine: %s", key, describe(exc))
                 unfinished.append(key)
     return unfinished, unreadable
 
 
-def find_quarantined(layout: Layout, keep: int = 100) -> tuple[int, list[dict[str, object]]]:
+@dataclass(frozen=True)
+class Quarantined:
+    count: int  # files in the failed folder
+    recent: list[dict[str, object]]  # the reason records of the last of them, oldest first
+    since: set[str]  # paths of the files quarantined at or after the time asked about
+
+
+def find_quarantined(layout: Layout, keep: int = 100, since: str = "~") -> Quarantined:
     """Blocking: how many files are in the failed folder, and the reason records of the last
-    ``keep`` of them (oldest first), so that status still shows them after a restart.
+    ``keep`` of them, so that status still shows them after a restart; also which of them
+    were quarantined at or after ``since`` (an ISO time), which the running service may
+    have counted already.
 
     A record names its file (``path``; one written before it did is found beside its reason
     file's place); records that cannot be read, and files no longer there, are left out.
     """
     count = 0
     records: list[dict[str, object]] = []
+    recent_paths: set[str] = set()
     for folder, _, names in os.walk(layout.failed_reasons_root):
         for name in names:
             if not name.endswith(".json"):
@@ -127,9 +155,12 @@ def find_quarantined(layout: Layout, keep: int = 100) -> tuple[int, list[dict[st
             if os.path.lexists(where):
                 count += 1
                 records.append({**record, "path": where})
+                if _quarantined_at(record) >= since:
+                    recent_paths.add(where)
                 if len(records) > 2 * keep:  # keep memory bounded on a huge failed folder
                     records = heapq.nlargest(keep, records, key=_quarantined_at)
-    return count, sorted(heapq.nlargest(keep, records, key=_quarantined_at), key=_quarantined_at)
+    recent = sorted(heapq.nlargest(keep, records, key=_quarantined_at), key=_quarantined_at)
+    return Quarantined(count, recent, recent_paths)
 
 
 def _quarantined_at(record: dict[str, object]) -> str:

@@ -24,7 +24,7 @@ from uploader.errors import StartupError, describe
 from uploader.folders import check_folders, make_folders
 from uploader.lanes import Lanes, ThreadLane
 from uploader.layout import FileKey, Layout
-from uploader.progress import Progress
+from uploader.progress import Progress, utc_now_iso
 from uploader.recovery import Recovered, find_quarantined, read_stored_state, recover
 from uploader.session import SessionControl, SessionState
 from uploader.telemetry import Metrics, Telemetry
@@ -81,6 +81,7 @@ class Service:
         )
         self.lanes = make_lanes(settings)
         self.progress = Progress()
+        self.started_at = utc_now_iso()
         lanes = (self.lanes.nfs, self.lanes.staging, self.lanes.azure)
         self.metrics = Metrics.create(
             queue_depth=self.queue_depth,
@@ -228,13 +229,16 @@ class Service:
         """Count the files an earlier run quarantined and list the last of them in status;
         after start-up, since a failed folder can be large."""
         try:
-            count, recent = await self.lanes.nfs.run(find_quarantined, self.layout)
+            found = await self.lanes.nfs.run(find_quarantined, self.layout, 100, self.started_at)
         except OSError as exc:
             log.warning("cannot read the failed folder: %s", describe(exc))
             return
         progress = self.progress
-        progress.files_quarantined += count
         since_start = list(progress.quarantined)
+        # Files this run quarantined while the folder was being read were counted already.
+        counted = found.since & {str(record["path"]) for record in since_start}
+        progress.files_quarantined += found.count - len(counted)
+        recent = [record for record in found.recent if record["path"] not in counted]
         progress.quarantined.clear()
         progress.quarantined.extend([*recent, *since_start])  # the last 100 of both
 

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -36,7 +37,6 @@ from uploader.lanes import Lanes
 from uploader.layout import (
     FileKey,
     Layout,
-    apart_folder_name,
     blob_name,
     blob_name_problem,
     printable,
@@ -508,10 +508,6 @@ class Pipeline:
         key, layout = item.key, self.layout
         failed = layout.failed_path(key)
 
-        def apart(file: os.stat_result) -> tuple[Path, Path]:
-            path = layout.failed_path(key, apart_folder_name(file.st_dev, file.st_ino, key.rel))
-            return path, layout.failed_reason_path(path)
-
         record: dict[str, object] = {
             "date_prefix": key.date_prefix,
             "session": key.session,
@@ -529,7 +525,7 @@ class Pipeline:
                 failed,
                 layout.failed_reason_path(failed),
                 record,
-                apart,
+                partial(layout.failed_apart, key),
             )
         except FileNotFoundError:
             try:

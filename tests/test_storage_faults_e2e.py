@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 from azure.storage.blob import ContainerClient
@@ -206,3 +207,28 @@ def test_a_deleted_container_is_created_again(
     blobs = wait_for_blobs(container, {f"{today()}/gone/second.bin"})
     assert blobs[f"{today()}/gone/second.bin"] == second
     assert service.status()["files_quarantined"] == 0
+
+
+def test_files_queued_when_a_session_stopped_still_go_up_after_a_restart(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    """Stop a session, then a rolling update (SIGTERM) before its queue drained: the queue
+    was in memory, and the files in it must not wait in incoming for ever."""
+    service = through_proxy(service_factory, azurite, proxy, APP_WORKER_CONCURRENCY="1")
+    service.start_session("drain")
+    held = proxy.stall(method="PUT", times=None)  # the first upload holds the single worker
+    files = drop(folders, "drain", {f"f{i:02}.bin": 1000 + i for i in range(20)})
+    wait_for(lambda: service.status()["queue_depth"] >= 10, what="files to queue behind the held upload")
+    assert service.stop_session()["draining"] == ["drain"]
+    time.sleep(0.1)
+    late = write_file(folders.session("drain") / "late.bin", 10)  # after the stop: stays
+    assert service.stop(signal.SIGTERM) == 0
+    proxy.release(held)
+
+    service.restart()
+    assert wait_for_blobs(container, set(files)) == files
+    wait_for(lambda: service.status()["draining"] == [], what="the drain to be forgotten")
+    assert (folders.session("drain") / "late.bin").read_bytes() == late
+    assert f"{today()}/drain/late.bin" not in blob_contents(container)
+    assert service.status()["active"] is False

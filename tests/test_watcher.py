@@ -403,3 +403,51 @@ async def test_stable_files_are_offered_oldest_first(autojump_clock: trio.testin
         offered = [(await receive.receive()).key.rel for _ in ages]
         nursery.cancel_scope.cancel()
     assert offered == ["d.bin", "b.bin", "c.bin", "a.bin"]
+
+
+async def catch_up(layout: Layout, stopped_at_ns: int, *, min_age: float = 5.0, queue: int = 100,
+                   progress: Progress | None = None) -> tuple[watcher.Offers, list[WorkItem]]:
+    send, receive = trio.open_memory_channel[WorkItem](queue)
+    offers = await watcher.catch_up(
+        send, date_prefix=DATE, session="s", stopped_at_ns=stopped_at_ns, layout=layout,
+        nfs=InlineLane(), progress=progress or Progress(), min_file_age_s=min_age,  # type: ignore[arg-type]
+    )
+    return offers, [item async for item in receive]
+
+
+async def test_a_catch_up_offers_what_was_stable_when_the_session_stopped(layout: Layout) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    now = time.time()
+    append(folder / "old.bin", b"x", mtime=now - 60)
+    append(folder / "young.bin", b"y", mtime=now - 1)  # not yet stable at the stop
+    stopped_at_ns = time.time_ns()
+    await trio.sleep(0.05)  # file times are coarser than time_ns()
+    append(folder / "after.bin", b"z", mtime=now - 60)  # dropped after the stop, mtime kept
+
+    offers, items = await catch_up(layout, stopped_at_ns)
+
+    assert [item.key.rel for item in items] == ["old.bin"]
+    assert items[0].expected == (1, os.stat(folder / "old.bin").st_mtime_ns)
+    assert offers.outstanding == 1
+    assert items[0].on_claim_settled is not None
+    items[0].on_claim_settled(False)
+    assert offers.outstanding == 0 and offers.failed == 0
+
+
+async def test_a_catch_up_of_a_folder_that_is_gone_offers_nothing_and_makes_nothing(layout: Layout) -> None:
+    offers, items = await catch_up(layout, time.time_ns())
+    assert items == [] and offers.outstanding == 0
+    assert not layout.incoming_dir("s").exists()
+
+
+async def test_a_catch_up_counts_a_file_whose_name_is_in_flight_as_not_offered(layout: Layout) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    append(folder / "a.bin", b"new", mtime=time.time() - 60)
+    progress = Progress()
+    progress.claimed.add(FileKey(DATE, "s", "a.bin"))  # an older a.bin still going up
+
+    offers, items = await catch_up(layout, time.time_ns(), progress=progress)
+
+    assert items == [] and offers.failed == 1

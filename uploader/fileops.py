@@ -59,6 +59,9 @@ class ScanEntry(NamedTuple):
     rel: str
     size: int
     mtime_ns: int
+    # When the file last changed in any way, its arrival in the folder included (set by the
+    # file system: no writer can set it back).
+    ctime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
                 elif stat.S_ISREG(info.st_mode):
                     if extensions and not entry.name.lower().endswith(extensions):
                         continue
-                    entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns))
+                    entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
                 elif stat.S_ISLNK(info.st_mode):
                     continue  # never followed, by design
                 elif not extensions or entry.name.lower().endswith(extensions):

@@ -26,7 +26,7 @@ from uploader.lanes import Lanes, ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress, utc_now_iso
 from uploader.recovery import Recovered, find_quarantined, read_stored_state, recover
-from uploader.session import SessionControl, SessionState
+from uploader.session import Draining, SessionControl, SessionState
 from uploader.telemetry import Metrics, Telemetry
 from uploader.worker import Pipeline, WorkItem
 
@@ -178,7 +178,7 @@ class Service:
             )
         )
         control = SessionControl(
-            layout, lanes.nfs, self._watch,
+            layout, lanes.nfs, self._watch, catch_up=self._catch_up,
             nfs_timeout_s=settings.nfs_op_timeout_s,
             note_error=self.progress.note_error, resolve_error=self.progress.resolve_error,
         )
@@ -189,6 +189,7 @@ class Service:
             await control.resume(recovered.state)
         else:
             control.state = recovered.state
+        control.finish_drains()
 
     async def _recover(self) -> Recovered:
         """Recovery must finish before the service is ready; a failing share delays it. A
@@ -249,8 +250,22 @@ class Service:
             for key in unfinished:
                 await send.send(WorkItem(key, claimed=True))
 
+    async def _catch_up(self, drain: Draining) -> watcher.Offers:
+        assert self._send is not None
+        return await watcher.catch_up(
+            self._send.clone(),
+            date_prefix=drain.date_prefix,
+            session=drain.session_name,
+            stopped_at_ns=drain.stopped_at_ns(),
+            layout=self.layout,
+            nfs=self.lanes.nfs,
+            progress=self.progress,
+            min_file_age_s=self.settings.min_file_age_s,
+            extensions=self.settings.file_extensions,
+        )
+
     async def _watch(
-        self, date_prefix: str, session: str, *, task_status: trio.TaskStatus[None]
+        self, date_prefix: str, session: str, *, task_status: trio.TaskStatus[watcher.Offers]
     ) -> None:
         assert self._send is not None
         settings = self.settings

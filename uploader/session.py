@@ -7,6 +7,7 @@ scope of its own; stopping cancels only that scope, so workers drain what is que
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import json
@@ -34,6 +35,7 @@ from uploader.layout import (
     new_session_name,
     validate_new_session_name,
 )
+from uploader.watcher import Offers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,12 +59,29 @@ class NfsRefused(NfsUnavailable):
 
 
 @dataclass(frozen=True)
+class Draining:
+    """A stopped session whose files offered to the workers may not all be claimed yet."""
+
+    session_name: str
+    date_prefix: str
+    stopped_at: str  # to the millisecond: what was in its folder before, and unchanged since
+
+    def stopped_at_ns(self) -> int:
+        return int(datetime.fromisoformat(self.stopped_at).timestamp() * 1e9)
+
+
+# Stops in quick succession, each with a queue: the oldest drains are forgotten past this.
+MAX_DRAINING = 100
+
+
+@dataclass(frozen=True)
 class SessionState:
     active: bool = False
     session_name: str | None = None
     date_prefix: str | None = None
     started_at: str | None = None
     stopped_at: str | None = None
+    draining: tuple[Draining, ...] = ()
 
     def public(self) -> dict[str, object]:
         return {
@@ -71,11 +90,32 @@ class SessionState:
             "active": self.active,
             "started_at": self.started_at,
             "stopped_at": self.stopped_at,
+            "draining": [drain.session_name for drain in self.draining],
         }
 
 
 def encode_state(state: SessionState) -> bytes:
     return json.dumps(asdict(state), indent=2).encode()
+
+
+def _decode_draining(value: object) -> tuple[Draining, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_DRAINING:
+        raise ValueError("stored draining is not a list of stopped sessions")
+    found = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise ValueError(f"stored draining entry {item!r} is not an object")
+        name, date, stopped = item.get("session_name"), item.get("date_prefix"), item.get("stopped_at")
+        if not (isinstance(name, str) and is_session_name(name)):
+            raise ValueError(f"stored draining session_name {name!r} is not a valid name")
+        if not (isinstance(date, str) and is_date_prefix(date)):
+            raise ValueError(f"stored draining date_prefix {date!r} is not YYYYMMDD")
+        if stopped is None or not _is_time_or_none(stopped):
+            raise ValueError(f"stored draining stopped_at {stopped!r} is not a time")
+        found.append(Draining(name, date, stopped))
+    return tuple(found)
 
 
 def _is_time_or_none(value: object) -> bool:
@@ -102,10 +142,11 @@ def decode_state(raw: bytes) -> SessionState:
     for field_name in ("started_at", "stopped_at"):
         if not _is_time_or_none(data.get(field_name)):
             raise ValueError(f"stored {field_name} {data.get(field_name)!r} is not a time")
+    draining = _decode_draining(data.get("draining"))
     if name is None and date is None:
         if active:
             raise ValueError("stored state is active but names no session")
-        return SessionState()
+        return SessionState(draining=draining)
     if not (isinstance(name, str) and is_session_name(name)):
         raise ValueError(f"stored session_name {name!r} is not a valid name")
     if not (isinstance(date, str) and is_date_prefix(date)):
@@ -116,6 +157,7 @@ def decode_state(raw: bytes) -> SessionState:
         date_prefix=date,
         started_at=data.get("started_at"),
         stopped_at=data.get("stopped_at"),
+        draining=draining,
     )
 
 
@@ -232,8 +274,11 @@ class StateFile:
         return write
 
 
-# The watcher of one session, as the service wires it: (date_prefix, session, task_status).
+# The watcher of one session, as the service wires it: (date_prefix, session, task_status),
+# started with the watcher's Offers (or None).
 WatchFn = Callable[..., Awaitable[None]]
+# The catch-up of a stopped session's folder after a restart: its Offers once they are made.
+CatchUpFn = Callable[[Draining], Awaitable[Offers]]
 
 
 class SessionControl:
@@ -245,6 +290,7 @@ class SessionControl:
         nfs: ThreadLane,
         watch: WatchFn,
         *,
+        catch_up: CatchUpFn | None = None,
         nfs_timeout_s: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         note_error: Callable[[str], None] = lambda message: None,
@@ -255,6 +301,8 @@ class SessionControl:
         self._unrecorded: str | None = None  # the problem noted while a stop is not recorded
         self.nfs = nfs
         self._watch = watch
+        self._catch_up = catch_up
+        self._offers: Offers | None = None  # the running watcher's
         self._nfs_timeout_s = nfs_timeout_s
         self._clock = clock
         self.state = SessionState()
@@ -312,7 +360,11 @@ class SessionControl:
                     f"session {self.state.session_name!r} is already active; stop it first."
                 )
             now = self._clock()
-            state = SessionState(True, name, date_prefix(now), now.isoformat(timespec="seconds"))
+            # Its own watcher takes over whatever a drain of the same name had left.
+            draining = tuple(drain for drain in self.state.draining if drain.session_name != name)
+            state = SessionState(
+                True, name, date_prefix(now), now.isoformat(timespec="seconds"), draining=draining
+            )
             await self._on_nfs(_make_session_folders, self.layout, state.date_prefix, name)
             try:
                 await self._save(state)
@@ -333,6 +385,38 @@ class SessionControl:
             await self._start_watcher(state)
             log.info("session %s resumed", state.session_name, extra={"session": state.session_name})
 
+    def finish_drains(self) -> None:
+        """After a restart: offer again what the stopped sessions still draining had queued
+        (the queue was in memory), each drain forgotten once its offers are claimed."""
+        assert self._nursery is not None and self._catch_up is not None
+        for drain in self.state.draining:
+            if not (self.state.active and drain.session_name == self.state.session_name):
+                self._nursery.start_soon(self._finish_drain, drain)
+
+    async def _finish_drain(self, drain: Draining) -> None:
+        assert self._catch_up is not None
+        await self._forget_when_claimed(drain, await self._catch_up(drain))
+
+    async def _forget_when_claimed(self, drain: Draining, offers: Offers | None) -> None:
+        if offers is not None:
+            await offers.wait_settled()
+            if offers.failed:
+                # Still in incoming: the catch-up after the next restart offers them again.
+                log.warning("%d files of stopped session %s could not be claimed; they stay in its "
+                            "folder until a restart or a start of that session", offers.failed,
+                            drain.session_name, extra={"session": drain.session_name})
+                return
+        async with self._lock:
+            if drain not in self.state.draining:
+                return
+            self.state = dataclasses.replace(
+                self.state, draining=tuple(d for d in self.state.draining if d != drain)
+            )
+            try:
+                await self._save(self.state)
+            except (NfsUnavailable, NfsRefused):
+                self._keep_saving()
+
     async def _stop(self) -> SessionState:
         async with self._lock:
             if not self.state.active:
@@ -340,12 +424,25 @@ class SessionControl:
             if self._scope is not None:
                 self._scope.cancel()
                 self._scope = None
+            now = self._clock()
+            draining = self.state.draining
+            offers, self._offers = self._offers, None
+            if offers is not None and offers.outstanding:
+                # Files are queued still: on record until they are claimed (a restart
+                # before then empties the queue, and offers them again).
+                assert self.state.session_name is not None and self.state.date_prefix is not None
+                drain = Draining(self.state.session_name, self.state.date_prefix,
+                                 now.isoformat(timespec="milliseconds"))
+                draining = (*draining, drain)[-MAX_DRAINING:]
+                assert self._nursery is not None
+                self._nursery.start_soon(self._forget_when_claimed, drain, offers)
             stopped = SessionState(
                 False,
                 self.state.session_name,
                 self.state.date_prefix,
                 self.state.started_at,
-                self._clock().isoformat(timespec="seconds"),
+                now.isoformat(timespec="seconds"),
+                draining=draining,
             )
             self.state = stopped
             # Recorded before the answer, so a crash right after it cannot resume the
@@ -369,16 +466,19 @@ class SessionControl:
 
     async def _start_watcher(self, state: SessionState) -> None:
         assert self._nursery is not None
-        self._scope = await self._nursery.start(self._watch_in_scope, state)
+        self._scope, self._offers = await self._nursery.start(self._watch_in_scope, state)
         self.state = state
 
     async def _watch_in_scope(
-        self, state: SessionState, *, task_status: trio.TaskStatus[trio.CancelScope]
+        self,
+        state: SessionState,
+        *,
+        task_status: trio.TaskStatus[tuple[trio.CancelScope, Offers | None]],
     ) -> None:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                await nursery.start(partial(self._watch, state.date_prefix, state.session_name))
-                task_status.started(scope)
+                offers = await nursery.start(partial(self._watch, state.date_prefix, state.session_name))
+                task_status.started((scope, offers))
 
     def _keep_saving(self) -> None:
         """Record the current state in the background until it is. One loop at a time, as it

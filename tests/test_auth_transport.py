@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from uploader.auth import EnvironmentOnceSession, _PooledTransport
+from uploader.auth import _PooledTransport
+from uploader.http_session import EnvironmentOnceSession
 
 ACCOUNT = "https://account.blob.example.invalid/container/blob"
 

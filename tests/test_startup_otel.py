@@ -30,6 +30,9 @@ GOOD = {
     "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
     "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "0",
     "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "4096",
+    "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+    "OTEL_EXPORTER_OTLP_LOGS_COMPRESSION": "none",
+    "OTEL_EXPORTER_OTLP_CERTIFICATE": __file__,  # any file this user can read
 }
 
 
@@ -91,6 +94,14 @@ BAD = [
     ("OTEL_PYTHON_CONTEXT", "bogus"),
     ("OTEL_PYTHON_EXPORTER_OTLP_HTTP_METRICS_CREDENTIAL_PROVIDER", "nope"),
     ("OTEL_METRICS_EXEMPLAR_FILTER", "x"),
+    # Placeholders left in a manifest: refused at start, not looked up at every export.
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://<collector-host>:4318"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://${COLLECTOR_HOST}:4318"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://col lector:4318/v1/traces"),
+    ("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli"),
+    ("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "zstd"),
+    ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
+    ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/nonexistent/client.key"),
 ]
 
 

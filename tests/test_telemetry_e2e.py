@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from azure.storage.blob import ContainerClient
@@ -258,6 +259,28 @@ def test_metrics_switched_off_with_the_sdk_say_so(service_factory: ServiceFactor
     answer = service_factory(OTEL_SDK_DISABLED="true").http.get("/metrics")
     assert answer.status_code == 503
     assert "OTEL_SDK_DISABLED=true" in answer.json()["error"]
+
+
+def test_the_collector_gets_the_configured_token_and_service_name_whatever_netrc_says(
+    service_factory: ServiceFactory, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    netrc = home / ".netrc"  # requests would send its Basic auth instead of the token
+    netrc.write_text("machine 127.0.0.1 login someone password s3cr3t\n")
+    netrc.chmod(0o600)
+    service = service_factory(
+        HOME=str(home),
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_EXPORTER_OTLP_HEADERS="Authorization=Bearer tok123",
+        OTEL_RESOURCE_ATTRIBUTES="service.name=my-uploader,deployment.environment=lab",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    service.start_session("named")
+    wait_for(lambda: receiver.spans, what="a span to arrive")
+    assert receiver.spans[0].resource["service.name"] == "my-uploader"
+    assert receiver.spans[0].resource["deployment.environment"] == "lab"
+    assert set(receiver.authorizations) == {"Bearer tok123"}
 
 
 def test_without_an_endpoint_nothing_is_exported_and_nothing_complains(

@@ -9,9 +9,12 @@ settings (``python -m uploader`` exits 2). Nothing here imports OpenTelemetry.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
+
+from uploader.config import is_host
 
 SIGNALS = ("traces", "metrics", "logs")
 # The exporter names OTEL_{TRACES,METRICS,LOGS}_EXPORTER may list (comma-separated), as the
@@ -45,6 +48,18 @@ _NUMBER_VARIABLES = (
 _ENDPOINT_VARIABLES = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     *(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT" for signal in SIGNALS),
+)
+# What the OTLP/HTTP exporters compress with (opentelemetry.exporter.otlp.proto.http.Compression).
+COMPRESSIONS = ("gzip", "deflate", "none")
+_COMPRESSION_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_COMPRESSION",
+    *(f"OTEL_EXPORTER_OTLP_{signal.upper()}_COMPRESSION" for signal in SIGNALS),
+)
+# Files the exporters open for TLS at every export (and fail, each time, if they cannot).
+_FILE_VARIABLES = tuple(
+    f"OTEL_EXPORTER_OTLP_{part}{name}"
+    for part in ("", *(f"{signal.upper()}_" for signal in SIGNALS))
+    for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY")
 )
 _SDK_DEFAULT_QUEUE_SIZE, _SDK_DEFAULT_BATCH_SIZE = 2048, 512  # both processors
 # Limits on attributes, events and links: whole numbers from 0, or the SDK stops start-up.
@@ -139,12 +154,26 @@ def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
         if value(name):
             try:
                 parts = urlsplit(value(name))
-                valid = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+                host = parts.hostname or ""
+                valid = (
+                    parts.scheme.lower() in ("http", "https")
+                    and not any(c.isspace() for c in value(name))
+                    # A placeholder left in a manifest (<collector-host>, ${HOST}) fails here,
+                    # not in a DNS lookup at every export.
+                    and (is_host(host) or (":" in host and is_host(f"[{host}]")))
+                )
                 parts.port  # noqa: B018 - raises ValueError for a port that is not a number
             except ValueError:
                 valid = False
             if not valid:  # not echoed: a URL may carry credentials
-                problems.append(f"{name}: must be an http(s) URL such as http://collector:4318")
+                problems.append(f"{name}: must be an http(s) URL with a host name or IP address, "
+                                "such as http://collector:4318")
+    for name in _COMPRESSION_VARIABLES:
+        if value(name) and value(name).lower() not in COMPRESSIONS:
+            problems.append(f"{name}: must be one of {', '.join(COMPRESSIONS)} (got {value(name)!r})")
+    for name in _FILE_VARIABLES:
+        if value(name) and not os.access(value(name), os.R_OK):
+            problems.append(f"{name}: there is no file this user can read at {value(name)}")
     for signal in SIGNALS:
         name = f"OTEL_{signal.upper()}_EXPORTER"
         unknown = [e for e in value(name).lower().split(",") if e.strip() not in EXPORTERS]

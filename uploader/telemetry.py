@@ -48,6 +48,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from uploader.config import redact
 from uploader.errors import Disposition
+from uploader.http_session import EnvironmentOnceSession
 from uploader.log_writer import BackgroundLineWriter, own_stderr
 from uploader.otel_settings import SIGNALS
 
@@ -164,15 +165,18 @@ class Telemetry:
 
 def setup_telemetry() -> Telemetry:
     """Install the SDK providers globally; OTLP exporters only where an endpoint is set."""
-    # Service name and attributes come from OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES.
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "uploader")})
+    # Service name and attributes come from OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES;
+    # where neither names the service, the SDK says "unknown_service".
+    resource = Resource.create()
+    if str(resource.attributes.get("service.name", "unknown_service")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "uploader"}))
     exporting = {signal: _endpoint_set(signal) for signal in SIGNALS}
 
     tracer_provider = TracerProvider(resource=resource)
     if exporting["traces"]:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(session=EnvironmentOnceSession())))
         trace.set_tracer_provider(tracer_provider)
     # Otherwise the API's no-op tracer stays: spans nobody receives would cost every file
     # a dozen span objects (and logs carry no trace ids, which would lead nowhere).
@@ -182,7 +186,7 @@ def setup_telemetry() -> Telemetry:
     if exporting["metrics"]:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(session=EnvironmentOnceSession())))
     meter_provider = MeterProvider(
         resource=resource, metric_readers=readers, views=[HTTP_SERVER_METRICS_VIEW]
     )
@@ -193,7 +197,7 @@ def setup_telemetry() -> Telemetry:
         from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
         from opentelemetry.instrumentation.logging.handler import LoggingHandler
 
-        logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
+        logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(session=EnvironmentOnceSession())))
         bridge = LoggingHandler(level=logging.INFO, logger_provider=logger_provider)
         # The exporter's own complaints go to stderr only, never back into the export.
         bridge.addFilter(lambda record: not record.name.startswith("opentelemetry"))

@@ -60,6 +60,7 @@ class OtlpReceiver:
     # metric name -> the data points of the latest export (cumulative), as dicts
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     requests: int = 0
+    authorizations: list[str | None] = field(default_factory=list)  # one per request
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
 
@@ -74,6 +75,8 @@ class OtlpReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.authorizations.append(self.headers.get("Authorization"))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 answer = receiver.receive(self.path, body)

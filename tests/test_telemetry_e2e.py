@@ -102,6 +102,8 @@ def test_one_file_is_one_trace_covering_its_whole_pipeline(
     assert "azure commit_block_list" in below(steps["upload"])
     assert "nfs finish" in below(steps["complete"])
     assert all(s.trace_id == file_span.trace_id for s in steps.values())
+    # A new blob has no blocks to resume from: expected, and no error in the trace.
+    assert [s.name for s in below(file_span).values() if s.error] == []
 
 
 def test_the_failed_attempt_is_a_span_of_its_own(observed: ServiceProcess, receiver: OtlpReceiver) -> None:

@@ -75,6 +75,15 @@ def _matches(properties: BlobProperties, staged: StagedFile) -> bool:
     )
 
 
+def _uncommitted_blocks(blob: BlobClient) -> list[BlobBlock]:
+    """The blocks staged and not committed yet; none for a blob that does not exist, the
+    usual case, answered in the thread (a trace would show every new upload as an error)."""
+    try:
+        return list(blob.get_block_list("uncommitted")[1])
+    except ResourceNotFoundError:
+        return []
+
+
 def block_id(index: int, md5: bytes) -> str:
     # Fixed length for every block of a blob, as Azure requires; well under 64 bytes.
     return f"{index:05d}-{md5.hex()}"
@@ -250,11 +259,7 @@ class BlobStore:
         returns (bytes sent, bytes found already staged). ``copy_ended``: set when the copy
         that feeds ``blocks`` has ended."""
         azure = self.lanes.azure
-        try:
-            _, uncommitted = await azure.run(blob.get_block_list, "uncommitted")
-        except ResourceNotFoundError:
-            uncommitted = []
-        already = {block.id: block.size for block in uncommitted}
+        already = {block.id: block.size for block in await azure.run(_uncommitted_blocks, blob)}
         sent = resumed = 0
 
         def stage_block(block: _Block) -> None:

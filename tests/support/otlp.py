@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 
 def _value(value: AnyValue) -> Any:
@@ -42,6 +43,7 @@ class SpanRecord:
     kind: int
     attributes: dict[str, Any]
     resource: dict[str, Any]
+    error: bool = False  # its status is ERROR
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class OtlpReceiver:
                             kind=span.kind,
                             attributes=_attributes(span.attributes),
                             resource=resource,
+                            error=span.status.code == Status.STATUS_CODE_ERROR,
                         )
                     )
 

@@ -114,6 +114,25 @@ def test_the_failed_attempt_is_a_span_of_its_own(observed: ServiceProcess, recei
     assert wait_for(lambda: outcomes() == ["failed", "uploaded"], timeout=20, what="both attempts")
 
 
+def test_a_quarantined_file_s_span_says_so_and_holds_the_move(
+    service_factory: ServiceFactory, receiver: OtlpReceiver, folders: Folders
+) -> None:
+    service = service_factory(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
+    service.start_session("deep")
+    write_file(folders.session("deep") / Path(*["d" * 200] * 5) / "far.bin", 100)  # a name Azure refuses
+
+    def far_span() -> SpanRecord | None:
+        spans = [s for s in spans_named(receiver, "file") if str(s.attributes.get("file")).endswith("far.bin")]
+        return spans[0] if spans else None
+
+    span = wait_for(far_span, timeout=20, what="the span of the quarantined file")
+    assert span.attributes["outcome"] == "quarantined" and span.attributes["disposition"] == "permanent"
+    assert span.error
+    with receiver.lock:
+        children = [s.name for s in receiver.spans if s.parent_span_id == span.span_id]
+    assert "nfs quarantine" in children
+
+
 def test_api_requests_get_server_spans_but_probes_do_not(
     observed: ServiceProcess, receiver: OtlpReceiver
 ) -> None:

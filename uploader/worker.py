@@ -188,17 +188,19 @@ class Pipeline:
 
     async def _step(self, item: WorkItem, step: Callable[[WorkItem], Awaitable[bool]]) -> bool:
         """Run one stage of ``item`` inside its span: True if it goes on to the next stage."""
-        assert item.span is not None
-        with trace.use_span(item.span, end_on_exit=False):
+        span = item.span
+        assert span is not None
+        with trace.use_span(span, end_on_exit=False):
             try:
                 return await step(item)
             except Exception as exc:
-                item.span.set_attribute("outcome", "failed")
+                span.set_attribute("outcome", "failed")
+                span.set_attribute("disposition", classify(exc).value)
                 if (size := _known_size(item)) is not None:
-                    item.span.set_attribute("size", size)
-                item.span.record_exception(exc)
-                item.span.set_status(trace.StatusCode.ERROR, describe(exc))
-                self._leave(item)
+                    span.set_attribute("size", size)
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR, describe(exc))
+                self._leave(item, end_span=False)  # what follows (a quarantine) is part of it
                 try:
                     await self._failed(item, exc)
                 except Exception as bug:
@@ -209,6 +211,8 @@ class Pipeline:
                         self.progress.claimed.discard(item.key)
                     log.exception("unexpected error on %s", item.key)
                     self.progress.note_error(f"{item.key}: {describe(bug)}")
+                finally:
+                    span.end()
                 return False
 
     def _enter(self, item: WorkItem) -> None:
@@ -217,13 +221,13 @@ class Pipeline:
         self.progress.in_flight += 1
         self.metrics.in_flight.add(1)
 
-    def _leave(self, item: WorkItem) -> None:
+    def _leave(self, item: WorkItem, *, end_span: bool = True) -> None:
         if item.in_pipeline:
             item.in_pipeline = False
             self._active.discard(item.key)
             self.progress.in_flight -= 1
             self.metrics.in_flight.add(-1)
-        if item.span is not None:
+        if item.span is not None and end_span:
             item.span.end()
 
     def _streams(self, size: int | None) -> bool:
@@ -543,6 +547,8 @@ class Pipeline:
             log.error("cannot quarantine %s: %s", key, describe(exc), extra=_log_fields(key))
             return False
         record["path"] = str(where)
+        if item.span is not None:
+            item.span.set_attribute("outcome", "quarantined")
         # Said once it is done: a file found gone instead is not quarantined.
         log.error("quarantined %s after %d attempt%s: %s", key, item.attempts,
                   "" if item.attempts == 1 else "s", reason, extra=_log_fields(key))

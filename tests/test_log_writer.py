@@ -128,3 +128,19 @@ def test_the_sdk_s_repeated_complaints_are_let_through_once_per_interval(
     again = record(exporter, failed)
     assert only.filter(again)
     assert again.held_back == 50  # type: ignore[attr-defined]
+
+
+def test_complaints_about_different_things_are_held_back_apart() -> None:
+    only = OncePerInterval(interval_s=60)
+    processor = "opentelemetry.sdk._shared_internal"
+
+    def dropping(what: str) -> logging.LogRecord:
+        return logging.LogRecord(processor, logging.WARNING, __file__, 1, "Queue full, dropping %s.", (what,), None)
+
+    assert only.filter(dropping("Span")) and only.filter(dropping("LogRecord"))
+    assert not only.filter(dropping("Span"))
+    long_error = "HTTPConnectionPool(host='collector', port=4318): Max retries exceeded"
+    failing = logging.LogRecord(processor, logging.WARNING, __file__, 1, "Failed: %s", (long_error,), None)
+    assert only.filter(failing)
+    failing.args = (long_error + " (again)",)
+    assert not only.filter(failing)  # the same complaint, however its text varies

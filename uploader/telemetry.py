@@ -88,13 +88,17 @@ class OncePerInterval(logging.Filter):
     def __init__(self, prefix: str = "opentelemetry", interval_s: float = 60.0) -> None:
         super().__init__()
         self.prefix, self.interval_s = prefix, interval_s
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._seen: dict[tuple[str, ...], tuple[float, int]] = {}
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(self.prefix):
             return True
-        key, now = (record.name, str(record.msg)), time.monotonic()
+        # Short words filled in name what a message is about ("Queue full, dropping %s":
+        # Span or LogRecord); longer ones (an error's text) and numbers only vary it.
+        args = record.args if isinstance(record.args, tuple) else ()
+        what = tuple(arg for arg in args if isinstance(arg, str) and len(arg) <= 20)
+        key, now = (record.name, str(record.msg), *what), time.monotonic()
         with self._lock:
             last, held = self._seen.get(key, (-math.inf, 0))
             if now - last < self.interval_s:

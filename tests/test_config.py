@@ -410,6 +410,14 @@ def test_a_password_in_a_url_is_never_shown() -> None:
     assert "hunter2" not in redact("at http://user:hunter2@127.0.0.1:10000/x/c: refused")
 
 
+@pytest.mark.parametrize("url", ["http://collector:4318/?token=s3cr3t/v1/logs",
+                                 "http://collector:4318/v1/traces?api_key=s3cr3t&region=eu",
+                                 "https://otel.example/v1/metrics?code=s3cr3t"])
+def test_a_credential_in_a_url_s_query_is_never_shown(url: str) -> None:
+    shown = redact(f"Failed to export to {url}: 401")
+    assert "s3cr3t" not in shown and shown.endswith(" 401")
+
+
 def test_a_malformed_connection_string_is_not_echoed() -> None:
     secret = f"AccountName=acct;AccountKey={ACCOUNT_KEY}x;Oops"
     message = settings_error(APP_AZURE_CONNECTION_STRING=secret)

@@ -429,7 +429,13 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
 # Values of these are never repeated in an error message, wherever they turn up.
 _SECRET_FIELDS = ("azure_connection_string", "azure_account_key")
 _NOT_ECHOED = {*_SECRET_FIELDS, "azure_account_url"}
-_SECRET_PATTERN = re.compile(r"(AccountKey|SharedAccessSignature|sig)=[^;&\s]+", re.IGNORECASE)
+# Keys and signatures in connection strings and SAS URLs, and the usual names of a credential
+# in a URL's query (a collector's endpoint with ?token=..., echoed by the exporter's warnings).
+_SECRET_PATTERN = re.compile(
+    r"\b(AccountKey|SharedAccessSignature|sig|token|access_token|api[-_]?key|key|password|secret|code)"
+    r"=[^;&\s]+",
+    re.IGNORECASE,
+)
 _URL_USER = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a URL
 
 

@@ -418,6 +418,10 @@ def test_a_credential_in_a_url_s_query_is_never_shown(url: str) -> None:
     assert "s3cr3t" not in shown and shown.endswith(" 401")
 
 
+def test_a_file_name_that_looks_like_a_query_is_shown() -> None:
+    assert redact("uploaded 20240102/s/run-code=5.csv") == "uploaded 20240102/s/run-code=5.csv"
+
+
 def test_a_malformed_connection_string_is_not_echoed() -> None:
     secret = f"AccountName=acct;AccountKey={ACCOUNT_KEY}x;Oops"
     message = settings_error(APP_AZURE_CONNECTION_STRING=secret)

@@ -429,12 +429,11 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
 # Values of these are never repeated in an error message, wherever they turn up.
 _SECRET_FIELDS = ("azure_connection_string", "azure_account_key")
 _NOT_ECHOED = {*_SECRET_FIELDS, "azure_account_url"}
-# Keys and signatures in connection strings and SAS URLs, and the usual names of a credential
-# in a URL's query (a collector's endpoint with ?token=..., echoed by the exporter's warnings).
-_SECRET_PATTERN = re.compile(
-    r"\b(AccountKey|SharedAccessSignature|sig|token|access_token|api[-_]?key|key|password|secret|code)"
-    r"=[^;&\s]+",
-    re.IGNORECASE,
+_SECRET_PATTERN = re.compile(r"(AccountKey|SharedAccessSignature|sig)=[^;&\s]+", re.IGNORECASE)
+# The usual names of a credential in a URL's query (a collector's endpoint with ?token=...,
+# echoed by the exporter's warnings); only after ? or &, so a file named key=1.csv shows.
+_QUERY_SECRET = re.compile(
+    r"([?&](?:token|access_token|api[-_]?key|key|password|secret|code)=)[^&\s]+", re.IGNORECASE
 )
 _URL_USER = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a URL
 
@@ -447,6 +446,7 @@ def redact(text: str) -> str:
             if secret and len(secret) >= 4:
                 text = text.replace(secret, "***")
     text = _URL_USER.sub("***@", text)
+    text = _QUERY_SECRET.sub(lambda m: f"{m.group(1)}***", text)
     return _SECRET_PATTERN.sub(lambda m: f"{m.group(1)}=***", text)
 
 

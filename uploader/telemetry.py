@@ -161,6 +161,9 @@ class Telemetry:
             for provider in (self.tracer_provider, self.meter_provider, self.logger_provider):
                 with contextlib.suppress(Exception):  # best effort on the way out
                     provider.shutdown()
+            # Calls abandoned in their threads may still end spans: nothing to say about them
+            # after the service said "stopped".
+            logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.WARNING)
 
         stopper = threading.Thread(target=stop, name="telemetry-shutdown", daemon=True)
         stopper.start()

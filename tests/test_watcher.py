@@ -378,6 +378,22 @@ async def test_only_matching_extensions_are_queued(autojump_clock: trio.testing.
         nursery.cancel_scope.cancel()
 
 
+async def test_the_backlog_beyond_a_full_queue_is_counted(
+    autojump_clock: trio.testing.MockClock, layout: Layout
+) -> None:
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    for n in range(5):
+        (folder / f"f{n}.bin").write_bytes(b"x")
+    progress = Progress()
+    async with trio.open_nursery() as nursery:
+        receive = await start_watcher(nursery, layout, InlineLane(), queue=1, min_age=0, poll=1, progress=progress)
+        await trio.sleep(10)  # one file queued, the watcher waits for room for the next
+        assert receive.statistics().current_buffer_used == 1
+        assert progress.incoming_files == 5
+        nursery.cancel_scope.cancel()
+
+
 async def test_cancelling_the_watcher_closes_its_channel_end(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
     layout.incoming_dir("s").mkdir(parents=True)
     async with trio.open_nursery() as nursery:

@@ -36,6 +36,9 @@ class Progress:
     # Entries of the session's folder its last scan left out (could not read them, or not
     # regular files): they stay in incoming until someone fixes them.
     entries_skipped: int = 0
+    # Files the last scan of the session's folder listed (stable or not, queued or not): the
+    # backlog the queue, capped at max_queue_size, does not show.
+    incoming_files: int = 0
     last_error: str | None = None
     last_error_at: str | None = None
     # Files claimed from incoming (or recovered) and not yet completed or quarantined.
@@ -82,6 +85,7 @@ class Progress:
             "retry_waiting": self.retry_waiting,
             "claims_failing": self.claims_failing,
             "entries_skipped": self.entries_skipped,
+            "incoming_files": self.incoming_files,
             "claimed": len(self.claimed),
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,

@@ -289,6 +289,7 @@ class Service:
             otel_context.detach(detached)
             # A stopped session's folder is not ours to report.
             self.progress.claims_failing = self.progress.entries_skipped = 0
+            self.progress.incoming_files = 0
 
 
 def _first_os_error(exc: BaseException) -> OSError | None:

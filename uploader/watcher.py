@@ -278,6 +278,7 @@ async def run(
                 progress.note_error(f"watcher: {problem}")
             reported = set(scan.skipped)
             progress.entries_skipped = len(scan.skipped)
+            progress.incoming_files = len(scan.entries)
             stable: list[ScanEntry] = []
             for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
                 stable += found

@@ -191,7 +191,7 @@ def test_metrics_are_scrapeable_in_prometheus_format(observed: ServiceProcess) -
     assert f"file_size_bytes_sum {sum(SIZES.values())}" in lines
     assert "queue_depth 0" in lines
     assert 'files_failed_total{disposition="retryable"} 1' in lines
-    assert {"files_retry_waiting 0", "files_claimed 0"} <= lines
+    assert {"files_retry_waiting 0", "files_claimed 0", "files_incoming 0"} <= lines
     assert {f'calls_stuck{{lane="{lane}"}} 0' for lane in ("nfs", "staging", "azure")} <= lines
 
 

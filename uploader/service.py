@@ -87,6 +87,7 @@ class Service:
             queue_depth=self.queue_depth,
             retry_waiting=lambda: self.progress.retry_waiting,
             claimed=lambda: len(self.progress.claimed),
+            incoming=lambda: self.progress.incoming_files,
             stuck_calls=lambda: {lane.name: lane.stuck() for lane in lanes},
         )
         self.ready = False

@@ -256,6 +256,7 @@ class Metrics:
         queue_depth: Callable[[], int] = lambda: 0,
         retry_waiting: Callable[[], int] = lambda: 0,
         claimed: Callable[[], int] = lambda: 0,
+        incoming: Callable[[], int] = lambda: 0,
         stuck_calls: Callable[[], dict[str, int]] = dict,
     ) -> Metrics:
         """The instruments; the callables are read when metrics are collected (in the
@@ -273,6 +274,7 @@ class Metrics:
         gauge("queue.depth", queue_depth, "Stable files waiting for a worker (retries included)")
         gauge("files.retry_waiting", retry_waiting, "Failed files waiting out their backoff")
         gauge("files.claimed", claimed, "Files taken from incoming and not yet completed or quarantined")
+        gauge("files.incoming", incoming, "Files the last scan of the active session's folder found")
 
         def observe_stuck(options: CallbackOptions) -> Iterable[Observation]:
             for lane, stuck in stuck_calls().items():

@@ -511,6 +511,11 @@ def test_backoff_cap_below_base_is_refused() -> None:
     assert "APP_RETRY_BACKOFF_MAX_S" in message
 
 
+def test_a_staging_budget_too_small_for_one_request_s_file_is_refused() -> None:
+    message = settings_error(APP_LOCAL_STAGING_MAX_BYTES=str(MiB))
+    assert message.startswith("APP_LOCAL_STAGING_MAX_BYTES must be 0")
+
+
 # --- secrets never appear in error messages ----------------------------------------------
 
 

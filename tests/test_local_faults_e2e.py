@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +12,11 @@ import pytest
 from azure.storage.blob import ContainerClient
 
 from tests.conftest import ServiceFactory
+from tests.support.azurite import blob_contents
 from tests.support.service import Folders, wait_for, write_file
 from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
+
+MiB = 1024 * 1024
 
 
 @contextlib.contextmanager
@@ -82,6 +86,37 @@ def test_a_file_larger_than_the_staging_disk_is_quarantined_and_the_others_go_up
         assert quarantined["attempts"] == 1  # no number of attempts could make room for it
         failed = folders.processing / ".failed" / "files" / today() / "big" / "huge.bin"
         assert failed.read_bytes() == huge
+
+
+def test_a_staging_budget_makes_copies_wait_and_quarantines_a_file_larger_than_it(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+) -> None:
+    """APP_LOCAL_STAGING_MAX_BYTES, where the disk cannot tell (an emptyDir's sizeLimit): the
+    staging folder, on a roomy disk here, never holds more, and a file that could never fit
+    is quarantined before a byte of it is copied."""
+    budget = 12 * MiB
+    service = service_factory(
+        APP_LOCAL_STAGING_MAX_BYTES=str(budget), APP_AZURE_MAX_BLOCK_SIZE=str(MiB),
+        APP_AZURE_MAX_SINGLE_PUT_SIZE=str(MiB),
+    )
+    service.start_session("budget")
+    huge = write_file(folders.session("budget") / "huge.bin", 13 * MiB, seed=9)
+    expected = {
+        f"{today()}/budget/{name}": write_file(folders.session("budget") / name, 5 * MiB, seed=i)
+        for i, name in enumerate(["a.bin", "b.bin", "c.bin", "d.bin"])
+    }
+    peak = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(blob_contents(container)) < len(expected):
+        peak = max(peak, sum(f.stat().st_size for f in folders.staging.rglob("*") if f.is_file()))
+        time.sleep(0.01)
+    assert peak <= budget
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_for(lambda: service.status()["files_quarantined"] == 1, what="the quarantine of the file that can never fit")
+    [quarantined] = service.status()["quarantined"]
+    assert quarantined["file"] == "huge.bin" and "APP_LOCAL_STAGING_MAX_BYTES" in quarantined["reason"]
+    assert quarantined["attempts"] == 1
+    assert (folders.processing / ".failed" / "files" / today() / "budget" / "huge.bin").read_bytes() == huge
 
 
 def test_a_read_only_staging_disk_quarantines_nothing_and_everything_goes_up_once_writable(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def simulated_disk(monkeypatch: pytest.MonkeyPatch, free: int) -> list[int]:
     the list that counts the looks at it."""
     looks: list[int] = []
 
-    def room(root: Path, running: list[tuple[int, Path]]) -> int:
+    def room(root: Path, running: list[tuple[int, Path]], budget: int = 0) -> int:
         looks.append(len(running))
         return free - sum(size for size, _ in running)
 
@@ -116,3 +117,24 @@ def test_the_room_on_disk_leaves_out_what_running_copies_have_still_to_write(
         tmp_path, [(8192, half_written), (1000, tmp_path / "not-started")]
     )
     assert abs(free - room - (4096 + 1000)) < 1024 * 1024  # the disk may move a little meanwhile
+
+
+def test_with_a_budget_the_room_is_what_the_budget_leaves_beside_the_files_staged(tmp_path: Path) -> None:
+    """An emptyDir's sizeLimit: the folder shows the node's disk, the kubelet evicts past it."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "staged").write_bytes(b"x" * 3 * MB)
+    half_written = tmp_path / "half"
+    half_written.write_bytes(b"x" * MB)
+    room = staging_space._room_on_disk(tmp_path, [(2 * MB, half_written)], budget=10 * MB)
+    # 10 MB, less 4 MB there (and a few KiB of blocks), less 1 MB the copy has still to write
+    assert 5 * MB - 64 * 1024 < room <= 5 * MB
+
+
+async def test_a_file_larger_than_the_budget_fails_at_once_with_enospc() -> None:
+    staging = StagingSpace(Path("/unused"), InlineLane(), budget=10 * MB)  # type: ignore[arg-type]
+    with pytest.raises(OSError) as refused:
+        async with staging.reserve(11 * MB, Path("big")):
+            pytest.fail("a copy that can never fit started")
+    assert refused.value.errno == errno.ENOSPC and "APP_LOCAL_STAGING_MAX_BYTES" in str(refused.value)
+    assert await staging.larger_than_disk(11 * MB)
+    assert not await staging.larger_than_disk(9 * MB)

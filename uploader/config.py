@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     nfs_incoming_dir: Path = Path("/mnt/nfs/incoming")
     nfs_processing_root: Path = Path("/mnt/nfs/.processing")
     local_staging_root: Path = Path("/mnt/staging")
+    # What staging may hold, where its disk cannot say (an emptyDir's sizeLimit); 0: the disk.
+    local_staging_max_bytes: int = Field(default=0, ge=0)
 
     # Watcher
     poll_interval_s: float = Field(default=2.0, gt=0, le=3600)
@@ -196,6 +198,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"APP_AZURE_AUTH={self.azure_auth} needs APP_AZURE_ACCOUNT_URL "
                 "(or a connection string that names the blob endpoint)"
+            )
+        if 0 < self.local_staging_max_bytes < max(self.azure_max_single_put_size, 4 * self.azure_max_block_size):
+            # Files sent in one request are copied whole before they are claimed for good.
+            raise ValueError(
+                "APP_LOCAL_STAGING_MAX_BYTES must be 0 (the disk's size) or at least "
+                "APP_AZURE_MAX_SINGLE_PUT_SIZE and 4 x APP_AZURE_MAX_BLOCK_SIZE "
+                f"({max(self.azure_max_single_put_size, 4 * self.azure_max_block_size)} bytes)"
             )
         if self.retry_backoff_max_s < self.retry_backoff_s:
             raise ValueError("APP_RETRY_BACKOFF_MAX_S must not be smaller than APP_RETRY_BACKOFF_S")

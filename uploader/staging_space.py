@@ -5,11 +5,18 @@ together half-way (ENOSPC), and the parts they wrote would keep each other from 
 finishing. A copy waits, in turn, until the disk's free space less what the copies already
 running have still to write holds its file; a copy alone always starts (a file larger than
 the whole disk then fails on its own, and is quarantined).
+
+A budget (``APP_LOCAL_STAGING_MAX_BYTES``) stands in for the disk's size where the disk
+cannot tell it: a Kubernetes ``emptyDir`` with a ``sizeLimit`` is a folder on the node's disk,
+and the kubelet evicts the pod that writes past it. The room is then also at most the
+budget less what the staging folder holds, and a file larger than the budget fails at once
+(ENOSPC), before a byte of it is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import sys
@@ -22,10 +29,11 @@ from uploader.lanes import ThreadLane
 
 
 class StagingSpace:
-    def __init__(self, root: Path, lane: ThreadLane, *, recheck_s: float = 1.0) -> None:
+    def __init__(self, root: Path, lane: ThreadLane, *, recheck_s: float = 1.0, budget: int = 0) -> None:
         self.root = root
         self.lane = lane
         self.recheck_s = recheck_s
+        self.budget = budget  # bytes the staging folder may hold; 0: as many as the disk
         self._running: dict[int, tuple[int, Path]] = {}  # reservation: (size, staging path)
         self._ids = itertools.count()
         self._turn = trio.Lock()  # first come, first served: a large file is not starved
@@ -43,6 +51,9 @@ class StagingSpace:
         if size <= 0:
             yield
             return
+        if self.budget and size > self.budget:
+            raise OSError(errno.ENOSPC, f"{size} bytes do not fit in APP_LOCAL_STAGING_MAX_BYTES "
+                          f"({self.budget})", str(path))
         async with self._turn:
             while self._running and size > self._room():
                 if size <= await self._look():
@@ -62,6 +73,8 @@ class StagingSpace:
 
     async def larger_than_disk(self, size: int) -> bool:
         """Whether a file of ``size`` bytes could never fit, even on an empty disk."""
+        if self.budget and size > self.budget:
+            return True
         try:
             disk = await self.lane.run(os.statvfs, self.root)
         except OSError:
@@ -75,17 +88,21 @@ class StagingSpace:
 
     async def _look(self) -> int:
         running = list(self._running.values())
-        room = await self.lane.run(_room_on_disk, self.root, running)
+        room = await self.lane.run(_room_on_disk, self.root, running, self.budget)
         self._room_seen, self._seen_at, self._reserved_since = room, trio.current_time(), 0
         return room
 
 
-def _room_on_disk(root: Path, running: list[tuple[int, Path]]) -> int:
-    """Blocking: free bytes, less what the running copies have still to write."""
+def _room_on_disk(root: Path, running: list[tuple[int, Path]], budget: int = 0) -> int:
+    """Blocking: free bytes (within ``budget`` if any), less what the running copies have
+    still to write."""
     try:
         disk = os.statvfs(root)
     except OSError:
         return sys.maxsize  # cannot tell: hold no copy back
+    free = disk.f_bavail * disk.f_frsize
+    if budget:
+        free = min(free, budget - _bytes_under(root))
     to_write = 0
     for size, path in running:
         try:
@@ -93,4 +110,17 @@ def _room_on_disk(root: Path, running: list[tuple[int, Path]]) -> int:
         except OSError:
             written = 0
         to_write += max(0, size - written)
-    return disk.f_bavail * disk.f_frsize - to_write
+    return free - to_write
+
+
+def _bytes_under(root: Path) -> int:
+    """The disk space the files under ``root`` use, as ``du`` (and the kubelet) count it."""
+    used = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            try:
+                info = os.lstat(os.path.join(folder, name))
+            except OSError:
+                continue
+            used += max(info.st_size, info.st_blocks * 512)
+    return used

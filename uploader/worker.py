@@ -124,7 +124,9 @@ class Pipeline:
         retry_send: trio.MemorySendChannel[WorkItem],
     ) -> None:
         self.settings = settings
-        self.space = StagingSpace(layout.staging_root, lanes.staging)
+        self.space = StagingSpace(
+            layout.staging_root, lanes.staging, budget=settings.local_staging_max_bytes
+        )
         self.layout = layout
         self.lanes = lanes
         self.store = store

@@ -466,6 +466,15 @@ def test_auto_auth_refuses_a_fallback_to_another_account() -> None:
     )
 
 
+def test_key_auth_refuses_an_account_url_its_connection_string_would_ignore() -> None:
+    other = "DefaultEndpointsProtocol=https;AccountName=other;AccountKey=eQ==;EndpointSuffix=core.windows.net"
+    message = settings_error(APP_AZURE_AUTH="key", APP_AZURE_CONNECTION_STRING=other)
+    assert message.startswith(
+        "APP_AZURE_CONNECTION_STRING names the blob endpoint https://other.blob.core.windows.net, "
+        f"not APP_AZURE_ACCOUNT_URL ({ACCOUNT_URL}): APP_AZURE_AUTH=key uses the connection string's"
+    )
+
+
 def test_auto_auth_accepts_a_fallback_to_the_same_account_written_otherwise(
     clean_env: pytest.MonkeyPatch,
 ) -> None:

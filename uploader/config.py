@@ -194,6 +194,19 @@ class Settings(BaseSettings):
                 f"APP_AZURE_ACCOUNT_URL ({self.azure_account_url}): APP_AZURE_AUTH=auto would "
                 "fall back to another account; make them the same, or use APP_AZURE_AUTH=default"
             )
+        if (
+            self.azure_auth == "key"
+            and self.azure_account_url is not None
+            and fallback is not None
+            and _same_endpoint(fallback) != _same_endpoint(self.azure_account_url)
+        ):
+            # Key auth talks to the connection string's endpoint: an account URL that names
+            # another is a setting the user believes in and that would be ignored.
+            raise ValueError(
+                f"APP_AZURE_CONNECTION_STRING names the blob endpoint {fallback}, not "
+                f"APP_AZURE_ACCOUNT_URL ({self.azure_account_url}): APP_AZURE_AUTH=key uses the "
+                "connection string's; make them the same, or leave APP_AZURE_ACCOUNT_URL unset"
+            )
         if self.azure_auth != "key" and self.token_account_url is None:
             raise ValueError(
                 f"APP_AZURE_AUTH={self.azure_auth} needs APP_AZURE_ACCOUNT_URL "

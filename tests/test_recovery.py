@@ -144,6 +144,21 @@ def test_recovery_takes_back_a_quarantine_apart_that_a_crash_interrupted(tmp_pat
     assert find_quarantined(layout).count == 1
 
 
+def test_an_interrupted_quarantine_under_a_number_is_taken_back_though_a_lower_one_is_free(
+    tmp_path: Path,
+) -> None:
+    """x.bin was in the failed folder, so the quarantine took x.bin.1; x.bin has been sent
+    again since (moved out, as the README says), which leaves a gap before x.bin.1."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    earlier = quarantined_file(layout, "x.bin", "2024-01-02T00:00:01+00:00")
+    _, failed = interrupted_quarantine(layout, "x.bin", with_reason=True)
+    earlier.unlink()
+
+    find_unfinished(layout)
+
+    assert not failed.exists() and find_quarantined(layout).count == 0
+
+
 def test_a_claimed_file_with_another_hard_link_is_not_taken_for_a_quarantine(tmp_path: Path) -> None:
     layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
     kept = quarantined_file(layout, "x.bin", "2024-01-02T00:00:01+00:00")

@@ -8,7 +8,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from uploader.layout import Layout
 from uploader.session import (
     MAX_STATE_BYTES,
     BadStateFile,
-    Draining,
     NfsUnavailable,
     SessionControl,
     SessionState,
@@ -30,7 +28,6 @@ from uploader.session import (
     encode_state,
     read_state,
 )
-from uploader.watcher import Offers
 
 
 def layout_in(tmp_path: Path) -> Layout:
@@ -62,19 +59,8 @@ STOPPED = SessionState(
 )
 
 
-DRAINING = SessionState(
-    active=False,
-    session_name="run-2",
-    date_prefix="20240102",
-    started_at="2024-01-02T05:00:01+00:00",
-    stopped_at="2024-01-02T05:00:03+00:00",
-    draining=(Draining("run-1", "20240102", "2024-01-02T05:00:00.250+00:00"),
-              Draining("run-2", "20240102", "2024-01-02T05:00:03.125+00:00")),
-)
-
-
 @pytest.mark.parametrize(
-    "state", [ACTIVE, STOPPED, DRAINING, SessionState()], ids=["active", "stopped", "draining", "none"]
+    "state", [ACTIVE, STOPPED, SessionState()], ids=["active", "stopped", "none"]
 )
 def test_encode_decode_round_trip(state: SessionState) -> None:
     assert decode_state(encode_state(state)) == state
@@ -88,7 +74,6 @@ def test_encode_state_is_a_json_object_with_every_field() -> None:
         "date_prefix": "20240102",
         "started_at": "2024-01-02T03:04:05+00:00",
         "stopped_at": None,
-        "draining": [],
     }
 
 
@@ -154,11 +139,6 @@ UNUSABLE = [
         b'{"active": true, "session_name": "run-1", "date_prefix": "20240102", "started_at": "garbage"}',
         id="time-garbage",
     ),
-    pytest.param(b'{"active": false, "draining": {"session_name": "run-1"}}', id="draining-object"),
-    pytest.param(b'{"active": false, "draining": [{"session_name": "../x", "date_prefix": "20240102", '
-                 b'"stopped_at": "2024-01-02T05:00:00+00:00"}]}', id="draining-name-path"),
-    pytest.param(b'{"active": false, "draining": [{"session_name": "run-1", "date_prefix": "20240102"}]}',
-                 id="draining-without-time"),
 ]
 
 
@@ -394,98 +374,3 @@ def test_a_state_write_that_ends_late_never_puts_an_older_state_back(tmp_path: P
     started()
     stopped()  # the abandoned write ends last
     assert read_state(tmp_path / "session.json") == ACTIVE
-
-
-async def written(layout: Layout, wanted: Callable[[SessionState], bool]) -> None:
-    """Wait until the state file says what is ``wanted`` (it is written in a thread)."""
-    for _ in range(500):
-        if layout.state_file.exists() and wanted(read_state(layout.state_file)):
-            return
-        await trio.sleep(0.01)
-    raise AssertionError(f"the state file never said so: {read_state(layout.state_file)}")
-
-
-async def test_a_stop_with_files_still_queued_is_recorded_as_a_drain_until_they_are_claimed(
-    tmp_path: Path,
-) -> None:
-    """The queue lives in memory: until its files are claimed, a restart must know that the
-    stopped session still had some to offer."""
-    layout = layout_in(tmp_path)
-    offers = Offers()
-
-    async def offering_watch(date: str, session: str, *, task_status: trio.TaskStatus[Offers]) -> None:
-        offers.add()  # one file queued, not yet claimed
-        task_status.started(offers)
-        await trio.sleep_forever()
-
-    control = SessionControl(layout, ThreadLane("nfs", 2), offering_watch, nfs_timeout_s=5)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(control.run)
-        await control.start("run-1")
-        stopped = await control.stop()
-        [drain] = read_state(layout.state_file).draining
-        assert drain.session_name == "run-1" and stopped.draining == (drain,)
-        offers.settle()  # claimed
-        await written(layout, lambda state: state.draining == ())
-        assert control.state.draining == ()
-        nursery.cancel_scope.cancel()
-
-
-async def test_a_stop_with_nothing_queued_records_no_drain(tmp_path: Path) -> None:
-    layout = layout_in(tmp_path)
-    control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(control.run)
-        await control.start("run-1")
-        await control.stop()
-        assert read_state(layout.state_file).draining == ()
-        nursery.cancel_scope.cancel()
-
-
-async def test_drains_left_by_a_restart_are_caught_up_and_then_forgotten(tmp_path: Path) -> None:
-    layout = layout_in(tmp_path)
-    caught_up: list[str] = []
-
-    async def catch_up(drain: Draining) -> Offers:
-        caught_up.append(drain.session_name)
-        return Offers()  # everything offered is claimed already
-
-    control = SessionControl(layout, ThreadLane("nfs", 2), watch, catch_up=catch_up, nfs_timeout_s=5)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(control.run)
-        control.state = DRAINING
-        control.finish_drains()
-        await written(layout, lambda state: state.draining == ())
-        assert sorted(caught_up) == ["run-1", "run-2"] and control.state.draining == ()
-        nursery.cancel_scope.cancel()
-
-
-async def test_a_drain_whose_files_cannot_be_claimed_stays_on_record(tmp_path: Path) -> None:
-    layout = layout_in(tmp_path)
-
-    async def catch_up(drain: Draining) -> Offers:
-        offers = Offers()
-        offers.add()
-        offers.settle(failed=True)
-        return offers
-
-    control = SessionControl(layout, ThreadLane("nfs", 2), watch, catch_up=catch_up, nfs_timeout_s=5)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(control.run)
-        control.state = DRAINING
-        control.finish_drains()
-        await trio.testing.wait_all_tasks_blocked()
-        assert control.state.draining == DRAINING.draining
-        nursery.cancel_scope.cancel()
-
-
-async def test_starting_a_session_again_takes_over_its_drain(tmp_path: Path) -> None:
-    layout = layout_in(tmp_path)
-    control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(control.run)
-        control.state = DRAINING
-        started = await control.start("run-1")
-        assert [drain.session_name for drain in started.draining] == ["run-2"]
-        assert read_state(layout.state_file).draining == started.draining
-        nursery.cancel_scope.cancel()

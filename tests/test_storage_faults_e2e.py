@@ -221,8 +221,10 @@ def test_files_queued_when_a_session_stopped_still_go_up_after_a_restart(
     files = drop(folders, "drain", {f"f{i:02}.bin": 1000 + i for i in range(20)})
     wait_for(lambda: service.status()["queue_depth"] >= 10, what="files to queue behind the held upload")
     assert service.stop_session()["draining"] == ["drain"]
-    time.sleep(0.1)
     late = write_file(folders.session("drain") / "late.bin", 10)  # after the stop: stays
+    # So does a folder of older files moved in whole (a rename keeps its files' times).
+    run = write_file(folders.root / "elsewhere" / "run7" / "old.bin", 10, seed=7)
+    (folders.root / "elsewhere" / "run7").rename(folders.session("drain") / "run7")
     assert service.stop(signal.SIGTERM) == 0
     proxy.release(held)
 
@@ -230,5 +232,7 @@ def test_files_queued_when_a_session_stopped_still_go_up_after_a_restart(
     assert wait_for_blobs(container, set(files)) == files
     wait_for(lambda: service.status()["draining"] == [], what="the drain to be forgotten")
     assert (folders.session("drain") / "late.bin").read_bytes() == late
-    assert f"{today()}/drain/late.bin" not in blob_contents(container)
+    assert (folders.session("drain") / "run7" / "old.bin").read_bytes() == run
+    assert set(blob_contents(container)) == set(files)
     assert service.status()["active"] is False
+    assert not list((folders.processing / ".drains").rglob("*.json"))

@@ -92,14 +92,14 @@ def create_app(service: Service) -> QuartTrio:
             return error(500, f"Cannot start the session: {exc}")
         except NfsUnavailable as exc:
             return error(503, f"Cannot start the session: {exc}")
-        return state.public()
+        return {**state.public(), "draining": service.draining()}
 
     @app.post("/v1/watch/stop")
     async def stop() -> Any:
         if service.sessions is None:
             return error(503, NOT_READY)
         state = await service.sessions.stop()
-        return state.public()
+        return {**state.public(), "draining": service.draining()}
 
     @app.get("/v1/status")
     async def status() -> Any:

@@ -15,6 +15,7 @@ import ctypes
 import enum
 import errno
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -59,9 +60,6 @@ class ScanEntry(NamedTuple):
     rel: str
     size: int
     mtime_ns: int
-    # When the file last changed in any way, its arrival in the folder included (set by the
-    # file system: no writer can set it back).
-    ctime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,7 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
                 elif stat.S_ISREG(info.st_mode):
                     if extensions and not entry.name.lower().endswith(extensions):
                         continue
-                    entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
+                    entries.append(ScanEntry(rel, info.st_size, info.st_mtime_ns))
                 elif stat.S_ISLNK(info.st_mode):
                     continue  # never followed, by design
                 elif not extensions or entry.name.lower().endswith(extensions):
@@ -822,23 +820,32 @@ def undo_quarantine(
         return None  # linked nowhere else (or moved by a rename, which leaves no twin)
     apart_failed, apart_reason = apart(here)
     for first, reasons in ((failed, reason_path), (apart_failed, apart_reason)):
-        candidate = first
-        for n in range(1, 10_000):
-            try:
-                there = os.lstat(candidate)
-            except (FileNotFoundError, NotADirectoryError):
-                break  # the first free name: a quarantine would have taken it
-            if same_file(there, here):
-                for reason in {_reason_of(candidate, first, reasons), _reason_of(candidate, first, apart_reason)}:
-                    for leftover in (reason, reason.with_name(reason.name + ".tmp")):
-                        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                            os.unlink(leftover)
-                os.unlink(candidate)
-                return candidate
-            if stat.S_ISDIR(there.st_mode):
-                break
-            candidate = first.with_name(name_with_suffix(first.name, f".{n}"))
+        # Its name there, or a numbered one (whatever was removed from the folder since).
+        try:
+            with os.scandir(first.parent) as entries:
+                names = [e.name for e in entries if e.inode() == here.st_ino]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
+            candidate = first.with_name(name)
+            if not (_a_name_quarantine_gives(first.name, name) and _is(candidate, here)):
+                continue  # another file's quarantine, hard-linked to this one by someone
+            for reason in {_reason_of(candidate, first, reasons), _reason_of(candidate, first, apart_reason)}:
+                for leftover in (reason, reason.with_name(reason.name + ".tmp")):
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                        os.unlink(leftover)
+            os.unlink(candidate)
+            return candidate
     return None
+
+
+def _a_name_quarantine_gives(name: str, candidate: str) -> bool:
+    """Whether ``_move_to_failed`` may have given a file to be kept as ``name`` the name
+    ``candidate``: that name, or it numbered."""
+    if candidate == name:
+        return True
+    _, dot, number = candidate.rpartition(".")
+    return bool(dot) and number.isdigit() and candidate == name_with_suffix(name, f".{int(number)}")
 
 
 def _cannot_be_kept_there(exc: OSError) -> bool:
@@ -885,6 +892,38 @@ def write_atomically(path: Path, payload: bytes) -> None:
             os.unlink(tmp)
         raise
     _sync_folder(path.parent)
+
+
+class OrderedWrites:
+    """Writes (and the removal) of one small file on NFS, done in the order they were asked
+    for. A write abandoned by a timeout (a hung share) goes on in its thread and may end after
+    a newer one was asked for: it must not put older content back. They take turns, and one
+    older than the last done is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._versions = itertools.count(1)
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def writer(self, payload: bytes) -> Callable[[], None]:
+        """The blocking write of ``payload``, numbered now (on the event loop), for a thread."""
+        return self._in_turn(lambda: write_atomically(self.path, payload))
+
+    def remover(self) -> Callable[[], None]:
+        """The blocking removal of the file, numbered now, for a thread."""
+        return self._in_turn(lambda: remove_quietly(self.path))
+
+    def _in_turn(self, operation: Callable[[], None]) -> Callable[[], None]:
+        version = next(self._versions)
+
+        def run() -> None:
+            with self._lock:
+                if version > self._done:
+                    operation()
+                    self._done = version
+
+        return run
 
 
 def _open_new(path: Path) -> int:

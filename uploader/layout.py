@@ -38,6 +38,7 @@ LOCK_FILE_NAME = ".uploader.lock"
 NAME_MAX = 255  # bytes in one file name, on Linux and on NFS
 COMPLETED_DIR_NAME = ".completed"
 FAILED_DIR_NAME = ".failed"
+DRAINS_DIR_NAME = ".drains"
 
 
 class InvalidSessionName(ValueError):
@@ -212,6 +213,14 @@ class Layout:
     @property
     def failed_reasons_root(self) -> Path:
         return self.processing_root / FAILED_DIR_NAME / "reasons"
+
+    @property
+    def drains_root(self) -> Path:
+        return self.processing_root / DRAINS_DIR_NAME
+
+    def drain_file(self, date: str, session: str) -> Path:
+        """The record of what a stopped session had queued (drain.py)."""
+        return self.drains_root / date / name_with_suffix(session, ".json", room=len(".tmp"))
 
     def incoming_dir(self, session: str) -> Path:
         return self.incoming_root / session

@@ -49,6 +49,9 @@ class Progress:
     quarantined: collections.deque[dict[str, object]] = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_QUARANTINED)
     )
+    # Where the files quarantined by this run went, until the failed folder has been read
+    # once at start-up (which must not count them twice); None after.
+    quarantined_before_recall: set[str] | None = field(default_factory=set)
 
     def is_claimed(self, key: FileKey) -> bool:
         return key in self.claimed or key in self.claiming

@@ -20,13 +20,14 @@ from opentelemetry import context as otel_context
 from uploader import api, gc, instance_lock, watcher
 from uploader.blobstore import BlobStore, open_blob_store
 from uploader.config import Settings
+from uploader.drain import Drains, Offers
 from uploader.errors import StartupError, describe
 from uploader.folders import check_folders, make_folders
 from uploader.lanes import Lanes, ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress, utc_now_iso
 from uploader.recovery import Recovered, find_quarantined, read_stored_state, recover
-from uploader.session import Draining, SessionControl, SessionState
+from uploader.session import SessionControl, SessionState
 from uploader.telemetry import Metrics, Telemetry
 from uploader.worker import Pipeline, WorkItem
 
@@ -92,6 +93,7 @@ class Service:
         )
         self.ready = False
         self.sessions: SessionControl | None = None
+        self.drains: Drains | None = None
         self.store: BlobStore | None = None
         self._queue: trio.MemoryReceiveChannel[WorkItem] | None = None
         self._send: trio.MemorySendChannel[WorkItem] | None = None
@@ -104,12 +106,17 @@ class Service:
         session = (self.sessions.state if self.sessions else SessionState()).public()
         return {
             **session,
+            "draining": self.draining(),
             "ready": self.ready,
             "queue_depth": self.queue_depth(),
             **self.progress.snapshot(),
             "nfs_calls": self.lanes.nfs.snapshot(),
             "azure_calls": self.lanes.azure.snapshot(),
         }
+
+    def draining(self) -> list[str]:
+        """The stopped sessions whose queued files are not all claimed yet (drain.py)."""
+        return self.drains.names() if self.drains else []
 
     async def run(self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED) -> None:
         settings = self.settings
@@ -178,19 +185,24 @@ class Service:
                 interval_s=settings.gc_interval_s,
             )
         )
+        self.drains = await root.start(Drains(layout, lanes.nfs, send.clone(), self.progress).run)
         control = SessionControl(
-            layout, lanes.nfs, self._watch, catch_up=self._catch_up,
+            layout, lanes.nfs, self._watch, drains=self.drains,
             nfs_timeout_s=settings.nfs_op_timeout_s,
             note_error=self.progress.note_error, resolve_error=self.progress.resolve_error,
         )
         self.sessions = await root.start(control.run)
         root.start_soon(self._feed_recovered, send.clone(), recovered.unfinished)
         root.start_soon(self._recall_quarantined)
-        if recovered.state.active:
-            await control.resume(recovered.state)
+        state = recovered.state
+        if state.active:
+            await control.resume(state)
         else:
-            control.state = recovered.state
-        control.finish_drains()
+            control.state = state
+        active = None
+        if state.active and state.date_prefix is not None and state.session_name is not None:
+            active = (state.date_prefix, state.session_name)
+        root.start_soon(self.drains.catch_up, active)
 
     async def _recover(self) -> Recovered:
         """Recovery must finish before the service is ready; a failing share delays it. A
@@ -234,11 +246,13 @@ class Service:
             found = await self.lanes.nfs.run(find_quarantined, self.layout, 100, self.started_at)
         except OSError as exc:
             log.warning("cannot read the failed folder: %s", describe(exc))
+            self.progress.quarantined_before_recall = None
             return
         progress = self.progress
         since_start = list(progress.quarantined)
         # Files this run quarantined while the folder was being read were counted already.
-        counted = found.since & {str(record["path"]) for record in since_start}
+        counted = found.since & (progress.quarantined_before_recall or set())
+        progress.quarantined_before_recall = None
         progress.files_quarantined += found.count - len(counted)
         recent = [record for record in found.recent if record["path"] not in counted]
         progress.quarantined.clear()
@@ -251,22 +265,13 @@ class Service:
             for key in unfinished:
                 await send.send(WorkItem(key, claimed=True))
 
-    async def _catch_up(self, drain: Draining) -> watcher.Offers:
-        assert self._send is not None
-        return await watcher.catch_up(
-            self._send.clone(),
-            date_prefix=drain.date_prefix,
-            session=drain.session_name,
-            stopped_at_ns=drain.stopped_at_ns(),
-            layout=self.layout,
-            nfs=self.lanes.nfs,
-            progress=self.progress,
-            min_file_age_s=self.settings.min_file_age_s,
-            extensions=self.settings.file_extensions,
-        )
-
     async def _watch(
-        self, date_prefix: str, session: str, *, task_status: trio.TaskStatus[watcher.Offers]
+        self,
+        date_prefix: str,
+        session: str,
+        *,
+        offers: Offers | None = None,
+        task_status: trio.TaskStatus[None],
     ) -> None:
         assert self._send is not None
         settings = self.settings
@@ -284,6 +289,7 @@ class Service:
                 poll_interval_s=settings.poll_interval_s,
                 min_file_age_s=settings.min_file_age_s,
                 extensions=settings.file_extensions,
+                offers=offers,
                 task_status=task_status,
             )
         finally:

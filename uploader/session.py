@@ -7,14 +7,11 @@ scope of its own; stopping cancels only that scope, so workers drain what is que
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
-import itertools
 import json
 import logging
 import os
 import stat
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -25,6 +22,7 @@ from typing import TypeVar
 import trio
 
 from uploader import fileops
+from uploader.drain import Drains
 from uploader.errors import describe
 from uploader.lanes import ThreadLane
 from uploader.layout import (
@@ -35,7 +33,6 @@ from uploader.layout import (
     new_session_name,
     validate_new_session_name,
 )
-from uploader.watcher import Offers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,29 +56,12 @@ class NfsRefused(NfsUnavailable):
 
 
 @dataclass(frozen=True)
-class Draining:
-    """A stopped session whose files offered to the workers may not all be claimed yet."""
-
-    session_name: str
-    date_prefix: str
-    stopped_at: str  # to the millisecond: what was in its folder before, and unchanged since
-
-    def stopped_at_ns(self) -> int:
-        return int(datetime.fromisoformat(self.stopped_at).timestamp() * 1e9)
-
-
-# Stops in quick succession, each with a queue: the oldest drains are forgotten past this.
-MAX_DRAINING = 100
-
-
-@dataclass(frozen=True)
 class SessionState:
     active: bool = False
     session_name: str | None = None
     date_prefix: str | None = None
     started_at: str | None = None
     stopped_at: str | None = None
-    draining: tuple[Draining, ...] = ()
 
     def public(self) -> dict[str, object]:
         return {
@@ -90,32 +70,11 @@ class SessionState:
             "active": self.active,
             "started_at": self.started_at,
             "stopped_at": self.stopped_at,
-            "draining": [drain.session_name for drain in self.draining],
         }
 
 
 def encode_state(state: SessionState) -> bytes:
     return json.dumps(asdict(state), indent=2).encode()
-
-
-def _decode_draining(value: object) -> tuple[Draining, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or len(value) > MAX_DRAINING:
-        raise ValueError("stored draining is not a list of stopped sessions")
-    found = []
-    for item in value:
-        if not isinstance(item, dict):
-            raise ValueError(f"stored draining entry {item!r} is not an object")
-        name, date, stopped = item.get("session_name"), item.get("date_prefix"), item.get("stopped_at")
-        if not (isinstance(name, str) and is_session_name(name)):
-            raise ValueError(f"stored draining session_name {name!r} is not a valid name")
-        if not (isinstance(date, str) and is_date_prefix(date)):
-            raise ValueError(f"stored draining date_prefix {date!r} is not YYYYMMDD")
-        if stopped is None or not _is_time_or_none(stopped):
-            raise ValueError(f"stored draining stopped_at {stopped!r} is not a time")
-        found.append(Draining(name, date, stopped))
-    return tuple(found)
 
 
 def _is_time_or_none(value: object) -> bool:
@@ -142,11 +101,10 @@ def decode_state(raw: bytes) -> SessionState:
     for field_name in ("started_at", "stopped_at"):
         if not _is_time_or_none(data.get(field_name)):
             raise ValueError(f"stored {field_name} {data.get(field_name)!r} is not a time")
-    draining = _decode_draining(data.get("draining"))
     if name is None and date is None:
         if active:
             raise ValueError("stored state is active but names no session")
-        return SessionState(draining=draining)
+        return SessionState()
     if not (isinstance(name, str) and is_session_name(name)):
         raise ValueError(f"stored session_name {name!r} is not a valid name")
     if not (isinstance(date, str) and is_date_prefix(date)):
@@ -157,7 +115,6 @@ def decode_state(raw: bytes) -> SessionState:
         date_prefix=date,
         started_at=data.get("started_at"),
         stopped_at=data.get("stopped_at"),
-        draining=draining,
     )
 
 
@@ -248,37 +205,20 @@ def _make_session_folders(layout: Layout, date: str, name: str) -> None:
 
 
 class StateFile:
-    """The session state on NFS, written in the order the writes were asked for.
-
-    A write abandoned by a timeout (a hung share) goes on in its thread and may end after a
-    newer one was asked for: it must not put the older state back. Writes take turns, and one
-    older than the last written is dropped.
-    """
+    """The session state on NFS, written in the order the writes were asked for (a write
+    abandoned by a timeout must not put an older state back)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._versions = itertools.count(1)
-        self._written = 0
-        self._lock = threading.Lock()
+        self._writes = fileops.OrderedWrites(path)
 
     def writer(self, state: SessionState) -> Callable[[], None]:
         """The blocking write of ``state``, numbered now (on the event loop), for a thread."""
-        version, payload = next(self._versions), encode_state(state)
-
-        def write() -> None:
-            with self._lock:
-                if version > self._written:
-                    fileops.write_atomically(self.path, payload)
-                    self._written = version
-
-        return write
+        return self._writes.writer(encode_state(state))
 
 
-# The watcher of one session, as the service wires it: (date_prefix, session, task_status),
-# started with the watcher's Offers (or None).
+# The watcher of one session, as the service wires it: (date_prefix, session, task_status).
 WatchFn = Callable[..., Awaitable[None]]
-# The catch-up of a stopped session's folder after a restart: its Offers once they are made.
-CatchUpFn = Callable[[Draining], Awaitable[Offers]]
 
 
 class SessionControl:
@@ -290,7 +230,7 @@ class SessionControl:
         nfs: ThreadLane,
         watch: WatchFn,
         *,
-        catch_up: CatchUpFn | None = None,
+        drains: Drains | None = None,
         nfs_timeout_s: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         note_error: Callable[[str], None] = lambda message: None,
@@ -301,8 +241,7 @@ class SessionControl:
         self._unrecorded: str | None = None  # the problem noted while a stop is not recorded
         self.nfs = nfs
         self._watch = watch
-        self._catch_up = catch_up
-        self._offers: Offers | None = None  # the running watcher's
+        self._drains = drains
         self._nfs_timeout_s = nfs_timeout_s
         self._clock = clock
         self.state = SessionState()
@@ -360,11 +299,7 @@ class SessionControl:
                     f"session {self.state.session_name!r} is already active; stop it first."
                 )
             now = self._clock()
-            # Its own watcher takes over whatever a drain of the same name had left.
-            draining = tuple(drain for drain in self.state.draining if drain.session_name != name)
-            state = SessionState(
-                True, name, date_prefix(now), now.isoformat(timespec="seconds"), draining=draining
-            )
+            state = SessionState(True, name, date_prefix(now), now.isoformat(timespec="seconds"))
             await self._on_nfs(_make_session_folders, self.layout, state.date_prefix, name)
             try:
                 await self._save(state)
@@ -385,38 +320,6 @@ class SessionControl:
             await self._start_watcher(state)
             log.info("session %s resumed", state.session_name, extra={"session": state.session_name})
 
-    def finish_drains(self) -> None:
-        """After a restart: offer again what the stopped sessions still draining had queued
-        (the queue was in memory), each drain forgotten once its offers are claimed."""
-        assert self._nursery is not None and self._catch_up is not None
-        for drain in self.state.draining:
-            if not (self.state.active and drain.session_name == self.state.session_name):
-                self._nursery.start_soon(self._finish_drain, drain)
-
-    async def _finish_drain(self, drain: Draining) -> None:
-        assert self._catch_up is not None
-        await self._forget_when_claimed(drain, await self._catch_up(drain))
-
-    async def _forget_when_claimed(self, drain: Draining, offers: Offers | None) -> None:
-        if offers is not None:
-            await offers.wait_settled()
-            if offers.failed:
-                # Still in incoming: the catch-up after the next restart offers them again.
-                log.warning("%d files of stopped session %s could not be claimed; they stay in its "
-                            "folder until a restart or a start of that session", offers.failed,
-                            drain.session_name, extra={"session": drain.session_name})
-                return
-        async with self._lock:
-            if drain not in self.state.draining:
-                return
-            self.state = dataclasses.replace(
-                self.state, draining=tuple(d for d in self.state.draining if d != drain)
-            )
-            try:
-                await self._save(self.state)
-            except (NfsUnavailable, NfsRefused):
-                self._keep_saving()
-
     async def _stop(self) -> SessionState:
         async with self._lock:
             if not self.state.active:
@@ -424,31 +327,23 @@ class SessionControl:
             if self._scope is not None:
                 self._scope.cancel()
                 self._scope = None
-            now = self._clock()
-            draining = self.state.draining
-            offers, self._offers = self._offers, None
-            if offers is not None and offers.outstanding:
-                # Files are queued still: on record until they are claimed (a restart
-                # before then empties the queue, and offers them again).
-                assert self.state.session_name is not None and self.state.date_prefix is not None
-                drain = Draining(self.state.session_name, self.state.date_prefix,
-                                 now.isoformat(timespec="milliseconds"))
-                draining = (*draining, drain)[-MAX_DRAINING:]
-                assert self._nursery is not None
-                self._nursery.start_soon(self._forget_when_claimed, drain, offers)
             stopped = SessionState(
                 False,
                 self.state.session_name,
                 self.state.date_prefix,
                 self.state.started_at,
-                now.isoformat(timespec="seconds"),
-                draining=draining,
+                self._clock().isoformat(timespec="seconds"),
             )
             self.state = stopped
             # Recorded before the answer, so a crash right after it cannot resume the
             # session; a hung share must not hold the answer up for long, though.
             saved = False
             with trio.move_on_after(min(self._nfs_timeout_s, STOP_SAVE_WAIT_S)):
+                if self._drains is not None:
+                    # What its watcher queued and no worker claimed yet, on record first: a
+                    # restart must not leave it in the folder of a stopped session.
+                    assert stopped.date_prefix is not None and stopped.session_name is not None
+                    await self._drains.record(stopped.date_prefix, stopped.session_name)
                 with contextlib.suppress(NfsUnavailable, NfsRefused):
                     await self._save(stopped)
                     saved = True
@@ -466,19 +361,20 @@ class SessionControl:
 
     async def _start_watcher(self, state: SessionState) -> None:
         assert self._nursery is not None
-        self._scope, self._offers = await self._nursery.start(self._watch_in_scope, state)
+        self._scope = await self._nursery.start(self._watch_in_scope, state)
         self.state = state
 
     async def _watch_in_scope(
-        self,
-        state: SessionState,
-        *,
-        task_status: trio.TaskStatus[tuple[trio.CancelScope, Offers | None]],
+        self, state: SessionState, *, task_status: trio.TaskStatus[trio.CancelScope]
     ) -> None:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                offers = await nursery.start(partial(self._watch, state.date_prefix, state.session_name))
-                task_status.started((scope, offers))
+                watch = partial(self._watch, state.date_prefix, state.session_name)
+                if self._drains is not None:
+                    assert state.date_prefix is not None and state.session_name is not None
+                    watch = partial(watch, offers=self._drains.offers_for(state.date_prefix, state.session_name))
+                await nursery.start(watch)
+                task_status.started(scope)
 
     def _keep_saving(self) -> None:
         """Record the current state in the background until it is. One loop at a time, as it

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import trio
 
+from uploader.drain import Offers, below_a_file_in_flight, offer
 from uploader.errors import describe
 from uploader.fileops import Scan, ScanEntry, list_files, make_session_folder
 from uploader.lanes import ThreadLane
@@ -105,7 +106,7 @@ class StabilityTracker:
         min_age_ns = self.min_age_s * 1e9
         wall_now_ns = wall_now * 1e9
         for count, entry in enumerate(entries, 1):
-            rel, size, mtime_ns, _ = entry
+            rel, size, mtime_ns = entry
             before = seen.get(rel)
             if before is not None and before.size == size and before.mtime_ns == mtime_ns:
                 current[rel] = before
@@ -173,64 +174,6 @@ class Backoff:
         self.failures = 0
 
 
-class Offers:
-    """The files a watcher offered to the workers whose claims have not settled yet.
-
-    A stopped session's offers are still to be claimed: until they settle, its stop stays on
-    record as a drain, so that a restart offers them again (see ``catch_up``).
-    """
-
-    def __init__(self) -> None:
-        self.outstanding = 0
-        self.failed = 0  # claims that failed: those files are still in incoming
-        self._settled = trio.Event()
-        self._settled.set()
-
-    def add(self) -> None:
-        self.outstanding += 1
-        if self._settled.is_set():
-            self._settled = trio.Event()
-
-    def settle(self, failed: bool = False) -> None:
-        self.outstanding -= 1
-        self.failed += failed
-        if self.outstanding == 0:
-            self._settled.set()
-
-    async def wait_settled(self) -> None:
-        while self.outstanding:
-            await self._settled.wait()
-
-
-async def _offer(
-    send: trio.MemorySendChannel[WorkItem],
-    offers: Offers,
-    key: FileKey,
-    entry: ScanEntry,
-    on_settled: Callable[[bool], None],
-) -> None:
-    def settled(failed: bool) -> None:
-        offers.settle(failed)
-        on_settled(failed)
-
-    offers.add()
-    try:
-        await send.send(
-            WorkItem(key, claimed=False, expected=(entry.size, entry.mtime_ns), on_claim_settled=settled)
-        )
-    except BaseException:
-        offers.settle()  # never handed over
-        raise
-
-
-def _below_a_file_in_flight(progress: Progress, key: FileKey) -> bool:
-    folders = key.rel.split("/")[:-1]
-    return any(
-        progress.is_claimed(FileKey(key.date_prefix, key.session, "/".join(folders[: depth + 1])))
-        for depth in range(len(folders))
-    )
-
-
 async def run(
     send: trio.MemorySendChannel[WorkItem],
     *,
@@ -243,14 +186,15 @@ async def run(
     min_file_age_s: float,
     extensions: tuple[str, ...] = (),
     wall_clock: Callable[[], float] = time.time,
-    task_status: trio.TaskStatus[Offers] = trio.TASK_STATUS_IGNORED,
+    offers: Offers | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Poll ``incoming/<session>/`` until cancelled; the channel end is closed on exit.
-    Starts with the ``Offers`` it makes, which outlive it."""
+    ``offers``: the session's, which outlive this watcher (see drain.py)."""
     folder = layout.incoming_dir(session)
     tracker = StabilityTracker(min_file_age_s, retry_base_s=poll_interval_s)
     backoff = Backoff(base_s=poll_interval_s)
-    offers = Offers()
+    offers = offers if offers is not None else Offers()
 
     def claim_settled(rel: str, failed: bool) -> None:
         if failed:
@@ -259,7 +203,7 @@ async def run(
             tracker.release(rel)
         progress.claims_failing = tracker.claims_failing
     reported: set[str] = set()
-    task_status.started(offers)
+    task_status.started()
     async with send:
         while True:
             tracker.begin_scan()
@@ -290,60 +234,11 @@ async def run(
             stable.sort(key=lambda entry: (entry.mtime_ns, entry.rel))
             for entry in stable:
                 key = FileKey(date_prefix, session, entry.rel)
-                if progress.is_claimed(key) or _below_a_file_in_flight(progress, key):
+                if progress.is_claimed(key) or below_a_file_in_flight(progress, key):
                     # An older file of the same name is still in flight: it goes first. So
                     # does a file named like one of its folders ("a" still going up, now
                     # "a/b"), which holds that name in the processing folder.
                     continue
                 tracker.mark_pending(entry.rel)
-                await _offer(send, offers, key, entry, partial(claim_settled, entry.rel))
+                await offer(send, offers, key, (entry.size, entry.mtime_ns), partial(claim_settled, entry.rel))
             await trio.sleep(poll_interval_s)
-
-
-async def catch_up(
-    send: trio.MemorySendChannel[WorkItem],
-    *,
-    date_prefix: str,
-    session: str,
-    stopped_at_ns: int,
-    layout: Layout,
-    nfs: ThreadLane,
-    progress: Progress,
-    min_file_age_s: float,
-    extensions: tuple[str, ...] = (),
-) -> Offers:
-    """Offer once, after a restart, what a stopped session's queue may still have held:
-    the files of its folder that were there, unchanged, when it stopped (ctime) and stable by
-    then (mtime). Files that arrived or changed after the stop stay where they are, as
-    they would have without the restart. Returns the offers made; the channel end is closed.
-    """
-    folder = layout.incoming_dir(session)
-    backoff = Backoff()
-    offers = Offers()
-    async with send:
-        while True:
-            try:
-                scan = await nfs.run(list_files, folder, extensions)
-                break
-            except (FileNotFoundError, NotADirectoryError):
-                return offers  # nothing there to upload
-            except OSError as exc:
-                delay = backoff.next_delay()
-                log.warning("cannot list %s to finish its stopped session (%s); next try in %.1f s",
-                            folder, describe(exc), delay)
-                await trio.sleep(delay)
-        stable_by = stopped_at_ns - int(min_file_age_s * 1e9)
-        left: list[ScanEntry] = sorted(
-            (entry for entry in scan.entries if entry.ctime_ns <= stopped_at_ns and entry.mtime_ns <= stable_by),
-            key=lambda entry: (entry.mtime_ns, entry.rel),
-        )
-        if left:
-            log.info("offering %d files that %s still held when it was stopped", len(left), folder,
-                     extra={"session": session})
-        for entry in left:
-            key = FileKey(date_prefix, session, entry.rel)
-            if progress.is_claimed(key) or _below_a_file_in_flight(progress, key):
-                offers.failed += 1  # its turn comes after the file in flight: not now
-                continue
-            await _offer(send, offers, key, entry, lambda failed: None)
-    return offers

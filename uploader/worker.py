@@ -557,6 +557,8 @@ class Pipeline:
         self.progress.claimed.discard(key)
         self.progress.files_quarantined += 1
         self.progress.quarantined.append(record)
+        if self.progress.quarantined_before_recall is not None:
+            self.progress.quarantined_before_recall.add(str(where))
         self.metrics.files_quarantined.add(1)
         await self._drop_staging(key)
         return True

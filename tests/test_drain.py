@@ -1,0 +1,198 @@
+"""Drains: what a stopped session had queued stays on record until claimed (uploader/drain.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from uploader.drain import Drains, Offers, decode_drain, encode_drain, read_drains, still_there
+from uploader.lanes import ThreadLane
+from uploader.layout import FileKey, Layout
+from uploader.progress import Progress
+from uploader.session import SessionControl
+from uploader.worker import WorkItem
+
+DATE = "20240102"
+
+
+def layout_in(tmp_path: Path) -> Layout:
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "staging")
+    for root in (layout.incoming_root, layout.processing_root, layout.staging_root):
+        root.mkdir()
+    return layout
+
+
+def drop(layout: Layout, session: str, rel: str, data: bytes = b"data") -> tuple[str, int, int]:
+    path = layout.incoming_dir(session) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    info = os.lstat(path)
+    return rel, info.st_size, info.st_mtime_ns
+
+
+def test_offers_count_each_offer_and_know_what_is_still_out() -> None:
+    offers = Offers()
+    offers.add("a", (1, 10))
+    offers.add("a", (1, 10))  # offered again by a watcher of a later start
+    offers.add("b", (2, 20))
+    offers.settle("a")
+    assert offers.outstanding == 2 and offers.snapshot() == [("a", 1, 10), ("b", 2, 20)]
+    offers.settle("a", failed=True)
+    offers.settle("b")
+    assert offers.outstanding == 0 and offers.snapshot() == [] and offers.failed == 1
+
+
+def test_a_drain_record_keeps_any_file_name() -> None:
+    files = [("sub/ok.bin", 5, 123), ("bad-\udcff.bin", 1, 2)]  # a name that is no UTF-8
+    assert decode_drain(encode_drain(DATE, "run-1", files)) == ((DATE, "run-1"), files)
+
+
+@pytest.mark.parametrize("raw", [
+    b"[]", b'{"date_prefix": "2024-01-02", "session_name": "s", "files": []}',
+    b'{"date_prefix": "20240102", "session_name": "../s", "files": []}',
+    b'{"date_prefix": "20240102", "session_name": "s", "files": [["a", "1", 2]]}',
+    b"not json",
+])
+def test_a_drain_record_this_service_did_not_write_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_drain(raw)
+
+
+def test_reading_the_drains_removes_what_cannot_be_one(tmp_path: Path) -> None:
+    layout = layout_in(tmp_path)
+    good = layout.drain_file(DATE, "s")
+    good.parent.mkdir(parents=True)
+    good.write_bytes(encode_drain(DATE, "s", [("a", 1, 2)]))
+    (good.parent / "t.json").write_text("{broken")
+    (good.parent / "u.json.tmp").write_text("{}")  # a write that a crash interrupted
+    assert [(path, key, files) for path, key, files in read_drains(layout)] == [(good, (DATE, "s"), [("a", 1, 2)])]
+    assert sorted(p.name for p in good.parent.iterdir()) == ["s.json"]
+
+
+def test_no_drains_folder_is_no_drain(tmp_path: Path) -> None:
+    assert read_drains(layout_in(tmp_path)) == []
+
+
+def test_only_files_still_there_unchanged_are_caught_up(tmp_path: Path) -> None:
+    layout = layout_in(tmp_path)
+    kept = drop(layout, "s", "sub/kept.bin")
+    changed = drop(layout, "s", "changed.bin")
+    gone = drop(layout, "s", "gone.bin")
+    (layout.incoming_dir("s") / "changed.bin").write_bytes(b"other content")
+    (layout.incoming_dir("s") / "gone.bin").unlink()
+    assert still_there(layout, "s", [kept, changed, gone]) == [kept]
+
+
+@pytest.fixture
+async def drains(tmp_path: Path) -> AsyncIterator[tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress]]:
+    send, receive = trio.open_memory_channel[WorkItem](100)
+    progress = Progress()
+    async with trio.open_nursery() as nursery:
+        drains = await nursery.start(Drains(layout_in(tmp_path), ThreadLane("nfs", 2), send, progress).run)
+        yield drains, receive, progress
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for_file(path: Path, *, present: bool) -> None:
+    for _ in range(500):
+        if await trio.Path(path).exists() == present:
+            return
+        await trio.sleep(0.01)
+    raise AssertionError(f"{path} {'never came' if present else 'never went'}")
+
+
+async def test_a_stop_with_offers_out_records_them_until_they_are_claimed(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    drain, _, _ = drains
+    offers = drain.offers_for(DATE, "s")
+    offers.add("a.bin", (4, 40))
+    await drain.record(DATE, "s")
+    path = drain.layout.drain_file(DATE, "s")
+    assert decode_drain(path.read_bytes())[1] == [("a.bin", 4, 40)]
+    assert drain.names() == ["s"]
+    offers.settle("a.bin")
+    await wait_for_file(path, present=False)
+    for _ in range(100):
+        if not drain.names():
+            break
+        await trio.sleep(0.01)
+    assert drain.names() == []
+
+
+async def test_a_stop_with_nothing_out_records_nothing(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    drain, _, _ = drains
+    drain.offers_for(DATE, "s")
+    await drain.record(DATE, "s")
+    assert not drain.layout.drain_file(DATE, "s").exists() and drain.names() == []
+
+
+async def test_after_a_restart_what_a_drain_names_and_incoming_still_holds_is_offered(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    drain, receive, _ = drains
+    layout = drain.layout
+    queued = drop(layout, "s", "queued.bin")
+    drop(layout, "s", "late.bin")  # dropped after the stop: in no drain
+    path = layout.drain_file(DATE, "s")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode_drain(DATE, "s", [queued, ("claimed-meanwhile.bin", 1, 2)]))
+
+    await drain.catch_up(active=None)
+    with trio.fail_after(5):
+        item = await receive.receive()
+    assert item.key == FileKey(DATE, "s", "queued.bin") and item.expected == queued[1:]
+    assert receive.statistics().current_buffer_used == 0
+    assert item.on_claim_settled is not None
+    item.on_claim_settled(False)  # claimed
+    await wait_for_file(path, present=False)
+
+
+async def test_the_drain_of_the_session_active_again_just_goes(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    """Its watcher lists that folder anyway."""
+    drain, receive, _ = drains
+    path = drain.layout.drain_file(DATE, "s")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode_drain(DATE, "s", [drop(drain.layout, "s", "a.bin")]))
+    await drain.catch_up(active=("20240103", "s"))
+    assert not path.exists() and receive.statistics().current_buffer_used == 0
+
+
+async def test_a_session_started_again_and_stopped_at_once_keeps_the_first_stop_s_drain(
+    tmp_path: Path,
+) -> None:
+    """The new watcher has offered nothing yet; the old one's offers are still out."""
+    layout = layout_in(tmp_path)
+    send, _ = trio.open_memory_channel[WorkItem](100)
+    started = 0
+
+    async def watch(date: str, session: str, *, offers: Offers, task_status: trio.TaskStatus[None]) -> None:
+        nonlocal started
+        started += 1
+        if started == 1:
+            offers.add("queued.bin", (1, 2))  # the first run queued a file no worker took yet
+        task_status.started()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        drains = await nursery.start(Drains(layout, ThreadLane("nfs", 2), send, Progress()).run)
+        control = SessionControl(layout, ThreadLane("nfs", 2), watch, drains=drains, nfs_timeout_s=5)
+        await nursery.start(control.run)
+        await control.start("s")
+        await control.stop()
+        await control.start("s")
+        await control.stop()
+        [path] = [p for p in layout.drains_root.rglob("*.json")]
+        assert json.loads(path.read_bytes())["files"] == [["queued.bin", 1, 2]]
+        assert drains.names() == ["s"]
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,297 @@
+"""Drains: the files a stopped session had queued, on record on NFS until they are claimed.
+
+Stopping a session stops its watcher; the workers drain what it had queued. The queue is in
+memory: a restart before it drained (a crash, a rolling update right after a stop) would
+leave those files in incoming for good, the session being stopped. So a stop that leaves
+offers unclaimed writes their names, sizes and mtimes to
+``.processing/.drains/<YYYYMMDD>/<session>.json``, removed once every one of them is
+claimed. At start-up each drain file left there is caught up: the files it names that are
+still in the session's folder, unchanged, are offered again. A file that arrived after the
+stop is in no drain file: it stays in incoming, as the stop promised. No clock is compared.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from uploader import fileops
+from uploader.errors import describe
+from uploader.lanes import ThreadLane
+from uploader.layout import FileKey, Layout, is_date_prefix, is_session_name
+from uploader.progress import Progress, utc_now_iso
+from uploader.worker import WorkItem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# (date_prefix, session)
+SessionKey = tuple[str, str]
+# (rel, size, mtime_ns): a file as it was when offered.
+Offered = tuple[str, int, int]
+MAX_RETRY_DELAY_S = 60.0
+
+
+class Offers:
+    """The files offered to the workers from one session's folder whose claims have not
+    settled yet, whichever of the session's watchers (or catch-up) offered them."""
+
+    def __init__(self) -> None:
+        # rel -> ((size, mtime_ns), how many offers of it are out)
+        self._pending: dict[str, tuple[tuple[int, int], int]] = {}
+        self.outstanding = 0
+        self.failed = 0  # claims that failed: those files are still in incoming
+        self._settled = trio.Event()
+        self._settled.set()
+
+    def add(self, rel: str, expected: tuple[int, int]) -> None:
+        count = self._pending.get(rel, (expected, 0))[1]
+        self._pending[rel] = (expected, count + 1)
+        self.outstanding += 1
+        if self._settled.is_set():
+            self._settled = trio.Event()
+
+    def settle(self, rel: str, failed: bool = False) -> None:
+        expected, count = self._pending.get(rel, ((0, 0), 1))
+        if count <= 1:
+            self._pending.pop(rel, None)
+        else:
+            self._pending[rel] = (expected, count - 1)
+        self.outstanding -= 1
+        self.failed += failed
+        if self.outstanding == 0:
+            self._settled.set()
+
+    def snapshot(self) -> list[Offered]:
+        return [(rel, size, mtime_ns) for rel, ((size, mtime_ns), _) in sorted(self._pending.items())]
+
+    async def wait_settled(self) -> None:
+        while self.outstanding:
+            await self._settled.wait()
+
+
+async def offer(
+    send: trio.MemorySendChannel[WorkItem],
+    offers: Offers,
+    key: FileKey,
+    expected: tuple[int, int],
+    on_settled: Callable[[bool], None] = lambda failed: None,
+) -> None:
+    """Queue ``key``'s file for a claim that expects it as ``expected`` (size, mtime_ns)."""
+
+    def settled(failed: bool) -> None:
+        offers.settle(key.rel, failed)
+        on_settled(failed)
+
+    offers.add(key.rel, expected)
+    try:
+        await send.send(WorkItem(key, claimed=False, expected=expected, on_claim_settled=settled))
+    except BaseException:
+        offers.settle(key.rel)  # never handed over
+        raise
+
+
+def below_a_file_in_flight(progress: Progress, key: FileKey) -> bool:
+    folders = key.rel.split("/")[:-1]
+    return any(
+        progress.is_claimed(FileKey(key.date_prefix, key.session, "/".join(folders[: depth + 1])))
+        for depth in range(len(folders))
+    )
+
+
+def encode_drain(date_prefix: str, session: str, files: list[Offered]) -> bytes:
+    # ASCII JSON: a name that is no UTF-8 (lone surrogates) survives the round trip.
+    record = {"date_prefix": date_prefix, "session_name": session, "stopped_at": utc_now_iso(),
+              "files": [list(entry) for entry in files]}
+    return json.dumps(record, ensure_ascii=True).encode()
+
+
+def decode_drain(raw: bytes) -> tuple[SessionKey, list[Offered]]:
+    """ValueError for anything this service did not write."""
+    record = json.loads(raw)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    date, session, files = record.get("date_prefix"), record.get("session_name"), record.get("files")
+    if not (isinstance(date, str) and is_date_prefix(date)):
+        raise ValueError(f"date_prefix {date!r} is not YYYYMMDD")
+    if not (isinstance(session, str) and is_session_name(session)):
+        raise ValueError(f"session_name {session!r} is not a session name")
+    if not isinstance(files, list):
+        raise ValueError("files is not a list")
+    found: list[Offered] = []
+    for entry in files:
+        if not (
+            isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in entry[1:])
+        ):
+            raise ValueError(f"{entry!r} is not [name, size, mtime_ns]")
+        found.append((entry[0], entry[1], entry[2]))
+    return (date, session), found
+
+
+def read_drains(layout: Layout) -> list[tuple[Path, SessionKey, list[Offered]]]:
+    """Blocking: every drain file left under the processing root; one that cannot be read is
+    said and removed (it is only bookkeeping: its files are still in incoming)."""
+    def failed(exc: OSError) -> None:
+        if not isinstance(exc, FileNotFoundError):  # none there yet: no drain
+            raise exc
+
+    found = []
+    for folder, _, names in os.walk(layout.drains_root, onerror=failed):
+        for name in sorted(names):
+            path = Path(folder) / name
+            if not name.endswith(".json") or not stat.S_ISREG(os.lstat(path).st_mode):
+                fileops.remove_quietly(path)  # a write that a crash interrupted (.tmp)
+                continue
+            try:
+                key, files = decode_drain(path.read_bytes())
+            except (ValueError, RecursionError) as exc:
+                log.error("removing drain file %s, which this service did not write: %s", path, exc)
+                fileops.remove_quietly(path)
+                continue
+            found.append((path, key, files))
+    return found
+
+
+def still_there(layout: Layout, session: str, files: list[Offered]) -> list[Offered]:
+    """Blocking: the files of ``files`` still in the session's folder as they were offered."""
+    folder = layout.incoming_dir(session)
+    left = []
+    for rel, size, mtime_ns in files:
+        try:
+            info = os.lstat(folder / rel)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                continue
+            raise
+        if stat.S_ISREG(info.st_mode) and (info.st_size, info.st_mtime_ns) == (size, mtime_ns):
+            left.append((rel, size, mtime_ns))
+    return left
+
+
+class Drains:
+    """Every session's offers, and the drains on record until those are claimed."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        nfs: ThreadLane,
+        send: trio.MemorySendChannel[WorkItem],
+        progress: Progress,
+    ) -> None:
+        self.layout = layout
+        self.nfs = nfs
+        self._send = send
+        self.progress = progress
+        # Kept for the process's life: a watcher may hold its session's Offers at any time.
+        self._offers: dict[SessionKey, Offers] = {}
+        self._files: dict[SessionKey, fileops.OrderedWrites] = {}
+        self._waiting: set[SessionKey] = set()  # drains on record, waiting for their claims
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[Drains] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._send, trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    def offers_for(self, date_prefix: str, session: str) -> Offers:
+        return self._offers.setdefault((date_prefix, session), Offers())
+
+    def names(self) -> list[str]:
+        """The sessions whose drains are on record."""
+        return sorted({session for _, session in self._waiting})
+
+    async def record(self, date_prefix: str, session: str) -> None:
+        """At a stop: put the session's offers that are not claimed yet on record, once the
+        drain file is written (which goes on in the background, should the caller give up)."""
+        key = (date_prefix, session)
+        offers = self._offers.get(key)
+        if offers is None or not offers.outstanding:
+            return
+        written = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._write, key, offers.snapshot(), written)
+        if key not in self._waiting:
+            self._waiting.add(key)
+            self._nursery.start_soon(self._forget_when_claimed, key, offers)
+        await written.wait()
+
+    async def _write(self, key: SessionKey, files: list[Offered], written: trio.Event) -> None:
+        path = self.layout.drain_file(*key)
+        ordered = self._files.setdefault(key, fileops.OrderedWrites(path))
+        await self._until_done(f"record the drain of {key[1]}", ordered.writer(encode_drain(*key, files)))
+        written.set()
+
+    async def _forget_when_claimed(self, key: SessionKey, offers: Offers) -> None:
+        await offers.wait_settled()
+        if offers.failed:
+            # Still in incoming: the catch-up after the next restart offers them again.
+            log.warning("%d files of stopped session %s could not be claimed; they stay in its folder "
+                        "until a restart or a start of that session", offers.failed, key[1],
+                        extra={"session": key[1]})
+            return
+        ordered = self._files.setdefault(key, fileops.OrderedWrites(self.layout.drain_file(*key)))
+        await self._until_done(f"remove the drain file of {key[1]}", ordered.remover())
+        self._waiting.discard(key)
+
+    async def _until_done(self, what: str, blocking: Callable[[], None]) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.nfs.run(blocking)
+                return
+            except OSError as exc:
+                log.error("cannot %s (%s); retrying in %.0f s", what, describe(exc), delay)
+                self.progress.note_error(f"cannot {what}: {describe(exc)}")
+            await trio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
+    async def catch_up(self, active: SessionKey | None) -> None:
+        """At start-up: offer again what the drains on record name and incoming still holds
+        unchanged. The active session's own watcher covers its folder: its drain just goes."""
+        found = await self._reading(read_drains, self.layout)
+        assert self._nursery is not None
+        for path, key, files in found:
+            if active is not None and key[1] == active[1]:  # one incoming folder per name
+                await self._until_done(f"remove the drain file of {key[1]}", partial(fileops.remove_quietly, path))
+                continue
+            self._waiting.add(key)
+            self._nursery.start_soon(self._catch_up, key, files)
+
+    async def _catch_up(self, key: SessionKey, files: list[Offered]) -> None:
+        date_prefix, session = key
+        left = await self._reading(still_there, self.layout, session, files)
+        offers = self.offers_for(date_prefix, session)
+        if left:
+            log.info("offering %d files that stopped session %s had queued before the restart",
+                     len(left), session, extra={"session": session})
+        for rel, size, mtime_ns in sorted(left, key=lambda entry: (entry[2], entry[0])):
+            file_key = FileKey(date_prefix, session, rel)
+            if self.progress.is_claimed(file_key) or below_a_file_in_flight(self.progress, file_key):
+                offers.failed += 1  # its turn comes after the file in flight: at a next restart
+                continue
+            await offer(self._send, offers, file_key, (size, mtime_ns))
+        await self._forget_when_claimed(key, offers)
+
+    async def _reading(self, blocking: Callable[..., list[T]], *args: object) -> list[T]:
+        delay = 1.0
+        while True:
+            try:
+                return await self.nfs.run(blocking, *args)
+            except OSError as exc:
+                log.error("cannot read the drains (%s); retrying in %.0f s", describe(exc), delay)
+                self.progress.note_error(f"cannot read the drains: {describe(exc)}")
+            await trio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY_S)

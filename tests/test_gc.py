@@ -64,6 +64,14 @@ async def test_sweep_reports_a_claimed_file_no_worker_owns(layout: Layout) -> No
     assert (await sweep_once(layout, Progress())).unowned == {KEY}
 
 
+async def test_sweep_keeps_drains_and_removes_their_empty_folders(layout: Layout) -> None:
+    drain = put(layout.drain_file("20240102", "s"))
+    (layout.drains_root / "20240101").mkdir()  # a day whose drains were all claimed
+    await sweep_once(layout, Progress())
+    assert drain.exists() and sorted(p.name for p in layout.drains_root.iterdir()) == ["20240102"]
+    assert (await sweep_once(layout, Progress())).unowned == set()
+
+
 async def test_sweep_leaves_files_in_a_folder_that_is_no_session(layout: Layout) -> None:
     # Recovery ignores it too: its name was never a session's, so it is not the service's.
     put(layout.processing_root / "20240102" / "bad name" / "a.bin")

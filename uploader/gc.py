@@ -92,7 +92,8 @@ def sweep(layout: Layout, progress: Progress) -> Sweep:
             remove_quietly(path)
             counts["staging"] += 1
     unowned = {key for key, _ in _keys_below(layout.processing_root) if not claimed(key)}
-    for top in (layout.completed_root, layout.staging_root, layout.failed_files_root, layout.failed_reasons_root):
+    for top in (layout.completed_root, layout.staging_root, layout.failed_files_root, layout.failed_reasons_root,
+                layout.drains_root):
         counts["folders"] += remove_empty_folders(top)
     for date in _dated_folders(layout.processing_root):
         counts["folders"] += remove_empty_folders(date, keep_top=False)

@@ -908,22 +908,27 @@ class OrderedWrites:
 
     def writer(self, payload: bytes) -> Callable[[], None]:
         """The blocking write of ``payload``, numbered now (on the event loop), for a thread."""
-        return self._in_turn(lambda: write_atomically(self.path, payload))
+        version = next(self._versions)
+
+        def write() -> None:
+            self._in_turn(version, lambda: write_atomically(self.path, payload))
+
+        return write
 
     def remover(self) -> Callable[[], None]:
         """The blocking removal of the file, numbered now, for a thread."""
-        return self._in_turn(lambda: remove_quietly(self.path))
-
-    def _in_turn(self, operation: Callable[[], None]) -> Callable[[], None]:
         version = next(self._versions)
 
-        def run() -> None:
-            with self._lock:
-                if version > self._done:
-                    operation()
-                    self._done = version
+        def remove() -> None:
+            self._in_turn(version, lambda: remove_quietly(self.path))
 
-        return run
+        return remove
+
+    def _in_turn(self, version: int, operation: Callable[[], None]) -> None:
+        with self._lock:
+            if version > self._done:
+                operation()
+                self._done = version
 
 
 def _open_new(path: Path) -> int:

@@ -12,7 +12,8 @@ import pytest
 from azure.storage.blob import ContainerClient
 
 from tests.conftest import ServiceFactory
-from tests.support.azurite import blob_contents
+from tests.faults.proxy import FaultProxy
+from tests.support.azurite import Azurite, blob_contents
 from tests.support.service import Folders, wait_for, write_file
 from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
 
@@ -39,14 +40,14 @@ def test_a_full_staging_disk_quarantines_nothing_and_everything_goes_up_once_spa
     service_factory: ServiceFactory, folders: Folders, container: ContainerClient
 ) -> None:
     with small_disk(folders.staging, "1m") as staging:
-        filler = staging / "filler"
+        service = service_factory(
+            APP_MAX_ATTEMPTS="2", APP_RETRY_BACKOFF_S="0.2", APP_RETRY_BACKOFF_MAX_S="0.5"
+        )
+        filler = staging / "filler"  # another's file: the service empties staging at its start
         with contextlib.suppress(OSError), open(filler, "wb") as f:
             while True:  # until ENOSPC
                 f.write(b"\0" * 65536)
                 f.flush()
-        service = service_factory(
-            APP_MAX_ATTEMPTS="2", APP_RETRY_BACKOFF_S="0.2", APP_RETRY_BACKOFF_MAX_S="0.5"
-        )
         service.start_session("full")
         expected = {
             f"{today()}/full/{name}": write_file(folders.session("full") / name, 200_000, seed=i)
@@ -89,24 +90,29 @@ def test_a_file_larger_than_the_staging_disk_is_quarantined_and_the_others_go_up
 
 
 def test_a_staging_budget_makes_copies_wait_and_quarantines_a_file_larger_than_it(
-    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient,
+    azurite: Azurite, proxy: FaultProxy,
 ) -> None:
     """APP_LOCAL_STAGING_MAX_BYTES, where the disk cannot tell (an emptyDir's sizeLimit): the
-    staging folder, on a roomy disk here, never holds more, and a file that could never fit
-    is quarantined before a byte of it is copied."""
-    budget = 12 * MiB
+    staging folder, on a roomy disk here, never holds more, though storage is slower than the
+    copies (staged files wait for their uploads), and a file that could never fit is
+    quarantined before a byte of it is copied."""
+    budget = 4 * MiB  # the least it may be with 1 MiB blocks
     service = service_factory(
+        connection_string=azurite.connection_string(port=proxy.port),
         APP_LOCAL_STAGING_MAX_BYTES=str(budget), APP_AZURE_MAX_BLOCK_SIZE=str(MiB),
         APP_AZURE_MAX_SINGLE_PUT_SIZE=str(MiB),
     )
+    proxy.latency(0.5)
     service.start_session("budget")
-    huge = write_file(folders.session("budget") / "huge.bin", 13 * MiB, seed=9)
+    huge = write_file(folders.session("budget") / "huge.bin", 5 * MiB, seed=9)
+    sizes = {**{f"{name}.bin": 3 * MiB for name in "ab"}, **{f"small-{n}.bin": 900_000 for n in range(12)}}
     expected = {
-        f"{today()}/budget/{name}": write_file(folders.session("budget") / name, 5 * MiB, seed=i)
-        for i, name in enumerate(["a.bin", "b.bin", "c.bin", "d.bin"])
+        f"{today()}/budget/{name}": write_file(folders.session("budget") / name, size, seed=i)
+        for i, (name, size) in enumerate(sizes.items())
     }
     peak = 0
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(blob_contents(container)) < len(expected):
         peak = max(peak, sum(f.stat().st_size for f in folders.staging.rglob("*") if f.is_file()))
         time.sleep(0.01)
@@ -117,6 +123,17 @@ def test_a_staging_budget_makes_copies_wait_and_quarantines_a_file_larger_than_i
     assert quarantined["file"] == "huge.bin" and "APP_LOCAL_STAGING_MAX_BYTES" in quarantined["reason"]
     assert quarantined["attempts"] == 1
     assert (folders.processing / ".failed" / "files" / today() / "budget" / "huge.bin").read_bytes() == huge
+
+
+def test_what_an_earlier_run_left_in_staging_is_removed_at_start(
+    service_factory: ServiceFactory, folders: Folders
+) -> None:
+    """Every claimed file is copied again after a restart: a leftover only takes room."""
+    leftover = folders.staging / today() / "old" / "half.bin"
+    write_file(leftover, 1000)
+    service = service_factory()
+    assert not leftover.exists() and not (folders.staging / today()).exists()
+    assert "removed 1 copies an earlier run left in staging" in service.log()
 
 
 def test_a_read_only_staging_disk_quarantines_nothing_and_everything_goes_up_once_writable(

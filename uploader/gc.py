@@ -40,6 +40,21 @@ def remove_empty_folders(top: Path, *, keep_top: bool = True) -> int:
     return removed
 
 
+def empty_staging(root: Path) -> int:
+    """Blocking: remove everything under the staging root; returns how many files went.
+
+    At start-up, before any worker: every file claimed before is copied again (a copy a
+    crash left may be partial), so what staging holds then is of no use, and would only
+    take the room that the copies to come are counted against (staging_space.py)."""
+    removed = 0
+    for folder, _, names in os.walk(root, topdown=False):
+        for name in names:
+            remove_quietly(Path(folder) / name)
+            removed += 1
+    remove_empty_folders(root)
+    return removed
+
+
 def _keys_below(root: Path) -> list[tuple[FileKey, Path]]:
     """(key, path) of every file in a <date>/<session>/<rel> tree."""
     found: list[tuple[FileKey, Path]] = []

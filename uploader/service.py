@@ -163,6 +163,11 @@ class Service:
         self.progress.claimed.update(recovered.unfinished)
         if recovered.state_problem is not None:
             self.progress.note_error(recovered.state_problem)
+        try:
+            if removed := await lanes.staging.run(gc.empty_staging, layout.staging_root):
+                log.info("removed %d copies an earlier run left in staging", removed)
+        except OSError as exc:  # a staging disk that refuses fails each copy, and says so
+            log.warning("cannot empty the staging folder: %s", describe(exc))
         send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)
         self._send, self._queue = send, receive
         pipeline = Pipeline(

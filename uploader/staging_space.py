@@ -6,11 +6,13 @@ finishing. A copy waits, in turn, until the disk's free space less what the copi
 running have still to write holds its file; a copy alone always starts (a file larger than
 the whole disk then fails on its own, and is quarantined).
 
-A budget (``APP_LOCAL_STAGING_MAX_BYTES``) stands in for the disk's size where the disk
-cannot tell it: a Kubernetes ``emptyDir`` with a ``sizeLimit`` is a folder on the node's disk,
-and the kubelet evicts the pod that writes past it. The room is then also at most the
-budget less what the staging folder holds, and a file larger than the budget fails at once
-(ENOSPC), before a byte of it is written.
+A reservation lasts from before a copy until the copy is removed, so the reservations are
+what staging holds (its leftovers are removed at start-up). A budget
+(``APP_LOCAL_STAGING_MAX_BYTES``) stands in for the disk's size where the disk cannot tell
+it: a Kubernetes ``emptyDir`` with a ``sizeLimit`` is a folder on the node's disk, and the
+kubelet evicts the pod that writes past it. The room is then also at most the budget less
+what is reserved, and a file larger than the budget fails at once (ENOSPC), before a byte
+of it is written.
 """
 
 from __future__ import annotations
@@ -47,10 +49,23 @@ class StagingSpace:
 
     @contextlib.asynccontextmanager
     async def reserve(self, size: int, path: Path) -> AsyncIterator[None]:
-        """Hold ``size`` bytes of the disk for the copy to ``path``, waiting for them if need be."""
-        if size <= 0:
+        """Hold ``size`` bytes of the disk for the copy to ``path`` while in the block."""
+        reservation = await self.take(size, path)
+        try:
             yield
-            return
+        finally:
+            self.release(reservation)
+
+    async def take(self, size: int, path: Path) -> int | None:
+        """Hold ``size`` bytes of the disk for the copy to ``path``, waiting for them if need
+        be, until ``release``: from before the copy until the copy is removed, so that what
+        staging holds is what is held. Returns the reservation (None for nothing to hold).
+
+        Whoever waits holds the turn; the copies that stand in its way are further down the
+        pipeline, which never waits for room, so they leave.
+        """
+        if size <= 0:
+            return None
         if self.budget and size > self.budget:
             raise OSError(errno.ENOSPC, f"{size} bytes do not fit in APP_LOCAL_STAGING_MAX_BYTES "
                           f"({self.budget})", str(path))
@@ -64,12 +79,13 @@ class StagingSpace:
             reservation = next(self._ids)
             self._running[reservation] = (size, path)
             self._reserved_since += size
-        try:
-            yield
-        finally:
-            del self._running[reservation]
-            self._released.set()
-            self._released = trio.Event()
+        return reservation
+
+    def release(self, reservation: int | None) -> None:
+        if reservation is None or self._running.pop(reservation, None) is None:
+            return
+        self._released.set()
+        self._released = trio.Event()
 
     async def larger_than_disk(self, size: int) -> bool:
         """Whether a file of ``size`` bytes could never fit, even on an empty disk."""
@@ -88,21 +104,19 @@ class StagingSpace:
 
     async def _look(self) -> int:
         running = list(self._running.values())
-        room = await self.lane.run(_room_on_disk, self.root, running, self.budget)
+        room = await self.lane.run(_room_on_disk, self.root, running)
+        if self.budget:
+            room = min(room, self.budget - sum(size for size, _ in running))
         self._room_seen, self._seen_at, self._reserved_since = room, trio.current_time(), 0
         return room
 
 
-def _room_on_disk(root: Path, running: list[tuple[int, Path]], budget: int = 0) -> int:
-    """Blocking: free bytes (within ``budget`` if any), less what the running copies have
-    still to write."""
+def _room_on_disk(root: Path, running: list[tuple[int, Path]]) -> int:
+    """Blocking: free bytes, less what the running copies have still to write."""
     try:
         disk = os.statvfs(root)
     except OSError:
         return sys.maxsize  # cannot tell: hold no copy back
-    free = disk.f_bavail * disk.f_frsize
-    if budget:
-        free = min(free, budget - _bytes_under(root))
     to_write = 0
     for size, path in running:
         try:
@@ -110,17 +124,4 @@ def _room_on_disk(root: Path, running: list[tuple[int, Path]], budget: int = 0) 
         except OSError:
             written = 0
         to_write += max(0, size - written)
-    return free - to_write
-
-
-def _bytes_under(root: Path) -> int:
-    """The disk space the files under ``root`` use, as ``du`` (and the kubelet) count it."""
-    used = 0
-    for folder, _, names in os.walk(root):
-        for name in names:
-            try:
-                info = os.lstat(os.path.join(folder, name))
-            except OSError:
-                continue
-            used += max(info.st_size, info.st_blocks * 512)
-    return used
+    return disk.f_bavail * disk.f_frsize - to_write

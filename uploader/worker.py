@@ -74,6 +74,8 @@ class WorkItem:
     claimed_size: int | None = None
     # This attempt's span, carried from stage to stage.
     span: trace.Span | None = None
+    # Its room on the staging disk (staging_space.py), held until its copy is removed.
+    room: int | None = None
     in_pipeline: bool = False
 
 
@@ -223,7 +225,12 @@ class Pipeline:
         self.progress.in_flight += 1
         self.metrics.in_flight.add(1)
 
+    def _release_room(self, item: WorkItem) -> None:
+        self.space.release(item.room)
+        item.room = None
+
     def _leave(self, item: WorkItem, *, end_span: bool = True) -> None:
+        self._release_room(item)  # its copy is removed now, or as it waits for a retry
         if item.in_pipeline:
             item.in_pipeline = False
             self._active.discard(item.key)
@@ -248,14 +255,16 @@ class Pipeline:
             size = _expected_size(item)
             stage_now = not self._streams(size)
             staging = self.layout.staging_path(item.key)
-            async with self.space.reserve(size if stage_now and size is not None else 0, staging):
-                claimed = await self._claim(item, stage=stage_now)
+            item.room = await self.space.take(size if stage_now and size is not None else 0, staging)
+            claimed = await self._claim(item, stage=stage_now)
             if claimed.outcome is not Claim.CLAIMED:
+                self._release_room(item)
                 span.set_attribute("outcome", f"not claimed: {claimed.outcome.value}")
                 span.end()
                 return False
             item.staged, stage_error = claimed.staged, claimed.stage_error
         if key in self._active:
+            self._release_room(item)
             span.set_attribute("outcome", "already being uploaded")
             span.end()
             return False
@@ -277,13 +286,15 @@ class Pipeline:
         processing = self.layout.processing_path(key)
         if item.claimed_size is None:
             item.claimed_size = await self.lanes.nfs.run(_size, processing)
+        staging = self.layout.staging_path(key)
+        # Held until the copy is removed; here, where waiting for it holds up no copy that
+        # is further down the pipeline (a large file's copy is made by the upload step).
+        item.room = await self.space.take(item.claimed_size, staging)
         if not self._streams(item.claimed_size):
             with tracer.start_as_current_span("stage"):
-                staging = self.layout.staging_path(key)
-                async with self.space.reserve(item.claimed_size, staging):
-                    item.staged = await self.lanes.nfs.run(
-                        fileops.stage_copy, processing, staging, self.settings.azure_max_block_size
-                    )
+                item.staged = await self.lanes.nfs.run(
+                    fileops.stage_copy, processing, staging, self.settings.azure_max_block_size
+                )
         return True
 
     async def _still_in_storage(self, item: WorkItem, verified: StagedFile) -> bool:
@@ -379,11 +390,10 @@ class Pipeline:
         started = trio.current_time()
         with tracer.start_as_current_span("upload") as span:
             if item.staged is None:
-                async with self.space.reserve(_known_size(item) or 0, self.layout.staging_path(key)):
-                    item.staged, item.report = await self.store.upload_while_staging(
-                        self.layout.processing_path(key), self.layout.staging_path(key),
-                        blob_name(key), on_sent=sent,
-                    )
+                item.staged, item.report = await self.store.upload_while_staging(
+                    self.layout.processing_path(key), self.layout.staging_path(key),
+                    blob_name(key), on_sent=sent,
+                )
             else:
                 item.report = await self.store.upload(item.staged, blob_name(key), on_sent=sent)
             span.set_attribute("size", item.staged.size)

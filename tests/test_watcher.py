@@ -391,6 +391,11 @@ async def test_the_backlog_beyond_a_full_queue_is_counted(
         await trio.sleep(10)  # one file queued, the watcher waits for room for the next
         assert receive.statistics().current_buffer_used == 1
         assert progress.incoming_files == 5
+        # A worker claims what it takes; the watcher, waiting, does not scan again meanwhile.
+        first = await receive.receive()
+        progress.left_incoming(first.key)
+        progress.left_incoming(FileKey(DATE, "another-session", "f1.bin"))  # not this folder's
+        assert progress.incoming_files == 4
         nursery.cancel_scope.cancel()
 
 

@@ -36,9 +36,15 @@ class Progress:
     # Entries of the session's folder its last scan left out (could not read them, or not
     # regular files): they stay in incoming until someone fixes them.
     entries_skipped: int = 0
-    # Files the last scan of the session's folder listed (stable or not, queued or not): the
-    # backlog the queue, capped at max_queue_size, does not show.
+    # Files in the active session's folder (stable or not, queued or not): the backlog the
+    # queue, capped at max_queue_size, does not show. Set by each scan, less each claim since
+    # (while the queue is full the watcher waits to offer, and does not scan again).
     incoming_files: int = 0
+    incoming_session: str | None = None  # whose folder that is
+
+    def left_incoming(self, key: FileKey) -> None:
+        if key.session == self.incoming_session and self.incoming_files > 0:
+            self.incoming_files -= 1
     last_error: str | None = None
     last_error_at: str | None = None
     # Files claimed from incoming (or recovered) and not yet completed or quarantined.

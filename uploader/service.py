@@ -301,7 +301,7 @@ class Service:
             otel_context.detach(detached)
             # A stopped session's folder is not ours to report.
             self.progress.claims_failing = self.progress.entries_skipped = 0
-            self.progress.incoming_files = 0
+            self.progress.incoming_files, self.progress.incoming_session = 0, None
 
 
 def _first_os_error(exc: BaseException) -> OSError | None:

@@ -222,7 +222,7 @@ async def run(
                 progress.note_error(f"watcher: {problem}")
             reported = set(scan.skipped)
             progress.entries_skipped = len(scan.skipped)
-            progress.incoming_files = len(scan.entries)
+            progress.incoming_files, progress.incoming_session = len(scan.entries), session
             stable: list[ScanEntry] = []
             for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
                 stable += found

@@ -357,6 +357,7 @@ class Pipeline:
                 item.on_claim_settled(failed)
         if claimed.outcome in (Claim.CLAIMED, Claim.FINISHED, Claim.GONE):
             self._said_waiting.pop(key, None)
+            self.progress.left_incoming(key)
         if claimed.outcome is Claim.FINISHED:
             if owned:
                 return Claimed(Claim.GONE)  # the file's owner uploads it

@@ -58,6 +58,10 @@ def test_a_drain_record_keeps_any_file_name() -> None:
     b'{"date_prefix": "20240102", "session_name": "../s", "files": []}',
     b'{"date_prefix": "20240102", "session_name": "s", "files": [["a", "1", 2]]}',
     b"not json",
+    b'{"date_prefix": "20240102", "session_name": "s", "files": [["../../outside/secret.txt", 1, 2]]}',
+    b'{"date_prefix": "20240102", "session_name": "s", "files": [["/etc/passwd", 1, 2]]}',
+    b'{"date_prefix": "20240102", "session_name": "s", "files": [["a//b", 1, 2]]}',
+    b'{"date_prefix": "20240102", "session_name": "s", "files": [["", 1, 2]]}',
 ])
 def test_a_drain_record_this_service_did_not_write_is_refused(raw: bytes) -> None:
     with pytest.raises(ValueError):
@@ -113,7 +117,7 @@ async def test_a_stop_with_offers_out_records_them_until_they_are_claimed(
     drain, _, _ = drains
     offers = drain.offers_for(DATE, "s")
     offers.add("a.bin", (4, 40))
-    await drain.record(DATE, "s")
+    await drain.record(DATE, "s").wait()
     path = drain.layout.drain_file(DATE, "s")
     assert decode_drain(path.read_bytes())[1] == [("a.bin", 4, 40)]
     assert drain.names() == ["s"]
@@ -131,7 +135,7 @@ async def test_a_stop_with_nothing_out_records_nothing(
 ) -> None:
     drain, _, _ = drains
     drain.offers_for(DATE, "s")
-    await drain.record(DATE, "s")
+    assert drain.record(DATE, "s").is_set()
     assert not drain.layout.drain_file(DATE, "s").exists() and drain.names() == []
 
 
@@ -165,7 +169,8 @@ async def test_the_drain_of_the_session_active_again_just_goes(
     path.parent.mkdir(parents=True)
     path.write_bytes(encode_drain(DATE, "s", [drop(drain.layout, "s", "a.bin")]))
     await drain.catch_up(active=("20240103", "s"))
-    assert not path.exists() and receive.statistics().current_buffer_used == 0
+    await wait_for_file(path, present=False)
+    assert receive.statistics().current_buffer_used == 0
 
 
 async def test_a_session_started_again_and_stopped_at_once_keeps_the_first_stop_s_drain(
@@ -195,4 +200,50 @@ async def test_a_session_started_again_and_stopped_at_once_keeps_the_first_stop_
         [path] = [p for p in layout.drains_root.rglob("*.json")]
         assert json.loads(path.read_bytes())["files"] == [["queued.bin", 1, 2]]
         assert drains.names() == ["s"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_drain_whose_claims_failed_is_forgotten_once_a_later_stop_s_files_are_claimed(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    drain, _, _ = drains
+    offers = drain.offers_for(DATE, "s")
+    offers.add("a.bin", (1, 1))
+    await drain.record(DATE, "s").wait()
+    offers.settle("a.bin", failed=True)  # stays in incoming: the drain stays
+    await trio.testing.wait_all_tasks_blocked()
+    assert drain.names() == ["s"]
+    offers.add("b.bin", (2, 2))  # started again, and stopped with a file queued
+    await drain.record(DATE, "s").wait()
+    offers.settle("b.bin")
+    await wait_for_file(drain.layout.drain_file(DATE, "s"), present=False)
+
+
+async def test_no_state_is_written_before_the_drain_a_stop_asked_for(tmp_path: Path) -> None:
+    """A restart must not find the session stopped and nothing to say what it had queued."""
+    layout = layout_in(tmp_path)
+    send, _ = trio.open_memory_channel[WorkItem](100)
+
+    async def watch(date: str, session: str, *, offers: Offers, task_status: trio.TaskStatus[None]) -> None:
+        offers.add("queued.bin", (1, 2))
+        task_status.started()
+        await trio.sleep_forever()
+
+    blocker = layout.drains_root  # a file where the drains' folder goes: no drain can be written
+    blocker.write_bytes(b"")
+    async with trio.open_nursery() as nursery:
+        drains = await nursery.start(Drains(layout, ThreadLane("nfs", 2), send, Progress()).run)
+        control = SessionControl(layout, ThreadLane("nfs", 2), watch, drains=drains, nfs_timeout_s=0.5)
+        await nursery.start(control.run)
+        await control.start("s")
+        assert (await control.stop()).active is False
+        await trio.sleep(1.5)
+        assert json.loads(layout.state_file.read_bytes())["active"] is True  # not yet
+        blocker.unlink()
+        await wait_for_file(layout.drain_file(control.state.date_prefix or "", "s"), present=True)
+        for _ in range(500):
+            if json.loads(layout.state_file.read_bytes())["active"] is False:
+                break
+            await trio.sleep(0.01)
+        assert json.loads(layout.state_file.read_bytes())["active"] is False
         nursery.cancel_scope.cancel()

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from uploader import watcher
+from uploader.drain import Offers
 from uploader.fileops import ScanEntry
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
@@ -424,3 +425,27 @@ async def test_stable_files_are_offered_oldest_first(autojump_clock: trio.testin
         offered = [(await receive.receive()).key.rel for _ in ages]
         nursery.cancel_scope.cancel()
     assert offered == ["d.bin", "b.bin", "c.bin", "a.bin"]
+
+
+async def test_a_file_another_watcher_of_the_session_queued_is_not_queued_again(
+    autojump_clock: trio.testing.MockClock, layout: Layout
+) -> None:
+    """Started again while its files from before a stop wait in the queue: offered twice,
+    the second would only be found gone (and counted as skipped)."""
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    for name in ("queued.bin", "new.bin"):
+        (folder / name).write_bytes(b"x")
+    offers = Offers()
+    offers.add("queued.bin", (1, 0))  # by the watcher of the session's previous start
+    send, receive = trio.open_memory_channel[WorkItem](100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: watcher.run(
+            send, date_prefix=DATE, session="s", layout=layout, nfs=InlineLane(),  # type: ignore[arg-type]
+            progress=Progress(), poll_interval_s=1, min_file_age_s=0, offers=offers,
+            wall_clock=virtual_wall_clock(), task_status=task_status,
+        ))
+        await trio.sleep(10)
+        assert [item.key.rel for item in [receive.receive_nowait()]] == ["new.bin"]
+        assert receive.statistics().current_buffer_used == 0
+        nursery.cancel_scope.cancel()

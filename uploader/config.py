@@ -217,7 +217,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "APP_LOCAL_STAGING_MAX_BYTES must be 0 (the disk's size) or at least "
                 "APP_AZURE_MAX_SINGLE_PUT_SIZE and 4 x APP_AZURE_MAX_BLOCK_SIZE "
-                f"({max(self.azure_max_single_put_size, 4 * self.azure_max_block_size)} bytes)"
+                f"({max(self.azure_max_single_put_size, 4 * self.azure_max_block_size)} bytes; "
+                f"got {self.local_staging_max_bytes})"
             )
         if self.retry_backoff_max_s < self.retry_backoff_s:
             raise ValueError("APP_RETRY_BACKOFF_MAX_S must not be smaller than APP_RETRY_BACKOFF_S")
@@ -344,8 +345,10 @@ def url_problem(url: str) -> str | None:
         return "must be an http(s) URL"
     if "@" in parts.netloc:  # it would be printed wherever the URL is
         return "must not carry a user name or password (the credential settings are for that)"
-    if "//" in parts.path or parts.query or parts.fragment:
+    if "//" in parts.path:
         return "must be only scheme, host, port and path (a '//' in the path is a mistyped scheme)"
+    if parts.query or parts.fragment:
+        return "must be only scheme, host, port and path (no '?' or '#')"
     host, has_port, port = parts.netloc, False, ""
     if not host.endswith("]") and ":" in host:
         host, has_port, port = host.rpartition(":")[0], True, host.rpartition(":")[2]

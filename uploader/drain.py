@@ -71,6 +71,11 @@ class Offers:
         if self.outstanding == 0:
             self._settled.set()
 
+    def is_pending(self, rel: str) -> bool:
+        """Whether a file of that name is offered and not settled (by another watcher of the
+        session, or a catch-up): offered again, it would only be found gone."""
+        return rel in self._pending
+
     def snapshot(self) -> list[Offered]:
         return [(rel, size, mtime_ns) for rel, ((size, mtime_ns), _) in sorted(self._pending.items())]
 
@@ -134,8 +139,14 @@ def decode_drain(raw: bytes) -> tuple[SessionKey, list[Offered]]:
             and all(isinstance(n, int) and not isinstance(n, bool) for n in entry[1:])
         ):
             raise ValueError(f"{entry!r} is not [name, size, mtime_ns]")
+        if not _is_relative_path(entry[0]):  # nothing outside the session's folder, ever
+            raise ValueError(f"{entry[0]!r} is not a path inside a session's folder")
         found.append((entry[0], entry[1], entry[2]))
     return (date, session), found
+
+
+def _is_relative_path(rel: str) -> bool:
+    return bool(rel) and "\0" not in rel and all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
 def read_drains(layout: Layout) -> list[tuple[Path, SessionKey, list[Offered]]]:
@@ -149,11 +160,17 @@ def read_drains(layout: Layout) -> list[tuple[Path, SessionKey, list[Offered]]]:
     for folder, _, names in os.walk(layout.drains_root, onerror=failed):
         for name in sorted(names):
             path = Path(folder) / name
-            if not name.endswith(".json") or not stat.S_ISREG(os.lstat(path).st_mode):
-                fileops.remove_quietly(path)  # a write that a crash interrupted (.tmp)
+            try:
+                if not name.endswith(".json") or not stat.S_ISREG(os.lstat(path).st_mode):
+                    fileops.remove_quietly(path)  # a write that a crash interrupted (.tmp)
+                    continue
+                raw = path.read_bytes()
+            except OSError as exc:
+                # Kept for the next start; the other drains go on.
+                log.error("cannot read drain file %s: %s", path, describe(exc))
                 continue
             try:
-                key, files = decode_drain(path.read_bytes())
+                key, files = decode_drain(raw)
             except (ValueError, RecursionError) as exc:
                 log.error("removing drain file %s, which this service did not write: %s", path, exc)
                 fileops.remove_quietly(path)
@@ -198,6 +215,7 @@ class Drains:
         self._offers: dict[SessionKey, Offers] = {}
         self._files: dict[SessionKey, fileops.OrderedWrites] = {}
         self._waiting: set[SessionKey] = set()  # drains on record, waiting for their claims
+        self._forgetting: set[SessionKey] = set()  # those whose claims are being waited for
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[Drains] = trio.TASK_STATUS_IGNORED) -> None:
@@ -207,26 +225,33 @@ class Drains:
             await trio.sleep_forever()
 
     def offers_for(self, date_prefix: str, session: str) -> Offers:
-        return self._offers.setdefault((date_prefix, session), Offers())
+        """The session's offers, for a watcher starting: a drain of it whose claims failed
+        is forgotten once the claims of this watcher's offers are settled too."""
+        key = (date_prefix, session)
+        offers = self._offers.setdefault(key, Offers())
+        if key in self._waiting:
+            self._forget_when_claimed_soon(key, offers)
+        return offers
 
     def names(self) -> list[str]:
         """The sessions whose drains are on record."""
         return sorted({session for _, session in self._waiting})
 
-    async def record(self, date_prefix: str, session: str) -> None:
-        """At a stop: put the session's offers that are not claimed yet on record, once the
-        drain file is written (which goes on in the background, should the caller give up)."""
+    def record(self, date_prefix: str, session: str) -> trio.Event:
+        """At a stop: put the session's offers that are not claimed yet on record. Returns
+        what is set once the drain file is written (or at once, for nothing to record); the
+        write goes on in the background until it is."""
         key = (date_prefix, session)
+        written = trio.Event()
         offers = self._offers.get(key)
         if offers is None or not offers.outstanding:
-            return
-        written = trio.Event()
+            written.set()
+            return written
         assert self._nursery is not None
         self._nursery.start_soon(self._write, key, offers.snapshot(), written)
-        if key not in self._waiting:
-            self._waiting.add(key)
-            self._nursery.start_soon(self._forget_when_claimed, key, offers)
-        await written.wait()
+        self._waiting.add(key)
+        self._forget_when_claimed_soon(key, offers)
+        return written
 
     async def _write(self, key: SessionKey, files: list[Offered], written: trio.Event) -> None:
         path = self.layout.drain_file(*key)
@@ -234,27 +259,40 @@ class Drains:
         await self._until_done(f"record the drain of {key[1]}", ordered.writer(encode_drain(*key, files)))
         written.set()
 
+    def _forget_when_claimed_soon(self, key: SessionKey, offers: Offers) -> None:
+        if key not in self._forgetting:
+            self._forgetting.add(key)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._forget_when_claimed, key, offers)
+
     async def _forget_when_claimed(self, key: SessionKey, offers: Offers) -> None:
-        await offers.wait_settled()
-        if offers.failed:
-            # Still in incoming: the catch-up after the next restart offers them again.
-            log.warning("%d files of stopped session %s could not be claimed; they stay in its folder "
-                        "until a restart or a start of that session", offers.failed, key[1],
-                        extra={"session": key[1]})
-            return
-        ordered = self._files.setdefault(key, fileops.OrderedWrites(self.layout.drain_file(*key)))
-        await self._until_done(f"remove the drain file of {key[1]}", ordered.remover())
-        self._waiting.discard(key)
+        try:
+            offers.failed = 0  # those counted before are the business of an earlier wait
+            await offers.wait_settled()
+            if offers.failed:
+                # Still in incoming: the catch-up after the next restart offers them again.
+                log.warning("%d files of stopped session %s could not be claimed; they stay in its "
+                            "folder until a restart or a start of that session", offers.failed, key[1],
+                            extra={"session": key[1]})
+                return
+            ordered = self._files.setdefault(key, fileops.OrderedWrites(self.layout.drain_file(*key)))
+            await self._until_done(f"remove the drain file of {key[1]}", ordered.remover())
+            self._waiting.discard(key)
+        finally:
+            self._forgetting.discard(key)
 
     async def _until_done(self, what: str, blocking: Callable[[], None]) -> None:
-        delay = 1.0
+        delay, noted = 1.0, None
         while True:
             try:
                 await self.nfs.run(blocking)
+                if noted is not None:
+                    self.progress.resolve_error(noted)  # no longer true
                 return
             except OSError as exc:
                 log.error("cannot %s (%s); retrying in %.0f s", what, describe(exc), delay)
-                self.progress.note_error(f"cannot {what}: {describe(exc)}")
+                noted = f"cannot {what}: {describe(exc)}"
+                self.progress.note_error(noted)
             await trio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
@@ -265,25 +303,37 @@ class Drains:
         assert self._nursery is not None
         for path, key, files in found:
             if active is not None and key[1] == active[1]:  # one incoming folder per name
-                await self._until_done(f"remove the drain file of {key[1]}", partial(fileops.remove_quietly, path))
+                self._nursery.start_soon(
+                    self._until_done, f"remove the drain file of {key[1]}", partial(fileops.remove_quietly, path)
+                )
                 continue
             self._waiting.add(key)
+            self._forgetting.add(key)  # the catch-up waits for its claims itself
             self._nursery.start_soon(self._catch_up, key, files)
 
     async def _catch_up(self, key: SessionKey, files: list[Offered]) -> None:
         date_prefix, session = key
-        left = await self._reading(still_there, self.layout, session, files)
-        offers = self.offers_for(date_prefix, session)
-        if left:
-            log.info("offering %d files that stopped session %s had queued before the restart",
-                     len(left), session, extra={"session": session})
-        for rel, size, mtime_ns in sorted(left, key=lambda entry: (entry[2], entry[0])):
-            file_key = FileKey(date_prefix, session, rel)
-            if self.progress.is_claimed(file_key) or below_a_file_in_flight(self.progress, file_key):
-                offers.failed += 1  # its turn comes after the file in flight: at a next restart
-                continue
-            await offer(self._send, offers, file_key, (size, mtime_ns))
-        await self._forget_when_claimed(key, offers)
+        try:
+            left = await self._reading(still_there, self.layout, session, files)
+            offers = self._offers.setdefault(key, Offers())
+            waiting = []
+            for rel, size, mtime_ns in sorted(left, key=lambda entry: (entry[2], entry[0])):
+                file_key = FileKey(date_prefix, session, rel)
+                if self.progress.is_claimed(file_key) or below_a_file_in_flight(self.progress, file_key):
+                    waiting.append(rel)  # its turn comes after the file in flight: at a next restart
+                elif not offers.is_pending(rel):
+                    await offer(self._send, offers, file_key, (size, mtime_ns))
+            if left:
+                log.info("offered %d files that stopped session %s had queued before the restart",
+                         len(left) - len(waiting), session, extra={"session": session})
+        finally:
+            self._forgetting.discard(key)
+        if waiting:
+            log.warning("%d files of stopped session %s wait for an older file of their name still "
+                        "in flight; they stay in its folder until a restart or a start of that session",
+                        len(waiting), session, extra={"session": session})
+            return
+        self._forget_when_claimed_soon(key, offers)
 
     async def _reading(self, blocking: Callable[..., list[T]], *args: object) -> list[T]:
         delay = 1.0

@@ -242,6 +242,9 @@ class SessionControl:
         self.nfs = nfs
         self._watch = watch
         self._drains = drains
+        # Drain records asked for by stops and not on NFS yet: no state is written before
+        # them, or a restart could find a session stopped and nothing to say what it queued.
+        self._drains_pending: list[trio.Event] = []
         self._nfs_timeout_s = nfs_timeout_s
         self._clock = clock
         self.state = SessionState()
@@ -338,12 +341,12 @@ class SessionControl:
             # Recorded before the answer, so a crash right after it cannot resume the
             # session; a hung share must not hold the answer up for long, though.
             saved = False
+            if self._drains is not None:
+                # What its watcher queued and no worker claimed yet, on record first: a
+                # restart must not leave it in the folder of a stopped session.
+                assert stopped.date_prefix is not None and stopped.session_name is not None
+                self._drains_pending.append(self._drains.record(stopped.date_prefix, stopped.session_name))
             with trio.move_on_after(min(self._nfs_timeout_s, STOP_SAVE_WAIT_S)):
-                if self._drains is not None:
-                    # What its watcher queued and no worker claimed yet, on record first: a
-                    # restart must not leave it in the folder of a stopped session.
-                    assert stopped.date_prefix is not None and stopped.session_name is not None
-                    await self._drains.record(stopped.date_prefix, stopped.session_name)
                 with contextlib.suppress(NfsUnavailable, NfsRefused):
                     await self._save(stopped)
                     saved = True
@@ -408,6 +411,15 @@ class SessionControl:
             delay = min(delay * 2, 60.0)
 
     async def _save(self, state: SessionState) -> None:
+        with trio.move_on_after(self._nfs_timeout_s):
+            for written in list(self._drains_pending):
+                await written.wait()
+        self._drains_pending = [written for written in self._drains_pending if not written.is_set()]
+        if self._drains_pending:
+            raise NfsUnavailable(
+                f"the NFS share did not take the record of a stopped session's queue within "
+                f"{self._nfs_timeout_s:g} s."
+            )
         await self._on_nfs(self._state_file.writer(state))
 
     async def _on_nfs(self, fn: Callable[..., object], *args: object) -> None:

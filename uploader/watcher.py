@@ -239,6 +239,9 @@ async def run(
                     # does a file named like one of its folders ("a" still going up, now
                     # "a/b"), which holds that name in the processing folder.
                     continue
+                if offers.is_pending(entry.rel):
+                    continue  # queued by the session's watcher before a stop, or a catch-up
+
                 tracker.mark_pending(entry.rel)
                 await offer(send, offers, key, (entry.size, entry.mtime_ns), partial(claim_settled, entry.rel))
             await trio.sleep(poll_interval_s)

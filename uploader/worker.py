@@ -460,10 +460,14 @@ class Pipeline:
             # the attempt.
             give_up = await self._larger_than_staging(item)
             if give_up:  # the reason kept with the file says what no retry can change
-                reason = (
-                    f"{_known_size(item)} bytes, larger than the whole staging disk "
-                    f"({self.layout.staging_root}): {reason}"
-                )
+                budget = self.settings.local_staging_max_bytes
+                if budget and (_known_size(item) or 0) > budget:
+                    reason = f"{_known_size(item)} bytes, larger than APP_LOCAL_STAGING_MAX_BYTES ({budget})"
+                else:
+                    reason = (
+                        f"{_known_size(item)} bytes, larger than the whole staging disk "
+                        f"({self.layout.staging_root}): {reason}"
+                    )
                 disposition = Disposition.PERMANENT
         else:
             give_up = item.attempts >= self.settings.max_attempts and (

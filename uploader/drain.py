@@ -247,16 +247,19 @@ class Drains:
         if offers is None or not offers.outstanding:
             written.set()
             return written
+        # Numbered now, before the removal that the claims may ask for next: in that order.
+        write = self._ordered(key).writer(encode_drain(*key, offers.snapshot()))
         assert self._nursery is not None
-        self._nursery.start_soon(self._write, key, offers.snapshot(), written)
+        self._nursery.start_soon(self._write, key, write, written)
         self._waiting.add(key)
         self._forget_when_claimed_soon(key, offers)
         return written
 
-    async def _write(self, key: SessionKey, files: list[Offered], written: trio.Event) -> None:
-        path = self.layout.drain_file(*key)
-        ordered = self._files.setdefault(key, fileops.OrderedWrites(path))
-        await self._until_done(f"record the drain of {key[1]}", ordered.writer(encode_drain(*key, files)))
+    def _ordered(self, key: SessionKey) -> fileops.OrderedWrites:
+        return self._files.setdefault(key, fileops.OrderedWrites(self.layout.drain_file(*key)))
+
+    async def _write(self, key: SessionKey, write: Callable[[], None], written: trio.Event) -> None:
+        await self._until_done(f"record the drain of {key[1]}", write)
         written.set()
 
     def _forget_when_claimed_soon(self, key: SessionKey, offers: Offers) -> None:
@@ -275,8 +278,7 @@ class Drains:
                             "folder until a restart or a start of that session", offers.failed, key[1],
                             extra={"session": key[1]})
                 return
-            ordered = self._files.setdefault(key, fileops.OrderedWrites(self.layout.drain_file(*key)))
-            await self._until_done(f"remove the drain file of {key[1]}", ordered.remover())
+            await self._until_done(f"remove the drain file of {key[1]}", self._ordered(key).remover())
             self._waiting.discard(key)
         finally:
             self._forgetting.discard(key)

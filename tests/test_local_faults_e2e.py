@@ -125,6 +125,37 @@ def test_a_staging_budget_makes_copies_wait_and_quarantines_a_file_larger_than_i
     assert (folders.processing / ".failed" / "files" / today() / "budget" / "huge.bin").read_bytes() == huge
 
 
+def test_a_staging_budget_holds_while_failed_uploads_wait_to_be_retried(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient,
+    azurite: Azurite, proxy: FaultProxy,
+) -> None:
+    """A failed file's copy keeps its room until it is removed: deciding what to do with it
+    (is storage down for everyone?) takes a while, and copies waiting for room must wait."""
+    budget = 4 * MiB
+    service = service_factory(
+        connection_string=azurite.connection_string(port=proxy.port),
+        APP_LOCAL_STAGING_MAX_BYTES=str(budget), APP_AZURE_MAX_BLOCK_SIZE=str(MiB),
+        APP_AZURE_MAX_SINGLE_PUT_SIZE=str(MiB), APP_WORKER_CONCURRENCY="2", APP_MAX_ATTEMPTS="1",
+        APP_AZURE_READ_TIMEOUT_S="1", APP_AZURE_RETRY_TOTAL="0", APP_NFS_OP_TIMEOUT_S="3",
+        APP_RETRY_BACKOFF_S="0.5", APP_RETRY_BACKOFF_MAX_S="1",
+    )
+    service.start_session("held")
+    stalled = proxy.stall(method="PUT", times=None)  # uploads time out; so does the probe
+    expected = {
+        f"{today()}/held/f{n}.bin": write_file(folders.session("held") / f"f{n}.bin", 1_000_000, seed=n)
+        for n in range(8)
+    }
+    peak = 0
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        peak = max(peak, sum(f.stat().st_size for f in folders.staging.rglob("*") if f.is_file()))
+        time.sleep(0.01)
+    assert service.status()["files_failed"] >= 2
+    proxy.release(stalled)
+    assert peak <= budget
+    assert wait_for_blobs(container, set(expected)) == expected
+
+
 def test_what_an_earlier_run_left_in_staging_is_removed_at_start(
     service_factory: ServiceFactory, folders: Folders
 ) -> None:

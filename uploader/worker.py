@@ -204,7 +204,9 @@ class Pipeline:
                     span.set_attribute("size", size)
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, describe(exc))
-                self._leave(item, end_span=False)  # what follows (a quarantine) is part of it
+                # What follows (a quarantine) is part of the span; the room is given back once
+                # the staging copy is removed.
+                self._leave(item, end_span=False, keep_room=True)
                 try:
                     await self._failed(item, exc)
                 except Exception as bug:
@@ -216,6 +218,7 @@ class Pipeline:
                     log.exception("unexpected error on %s", item.key)
                     self.progress.note_error(f"{item.key}: {describe(bug)}")
                 finally:
+                    self._release_room(item)
                     span.end()
                 return False
 
@@ -229,8 +232,9 @@ class Pipeline:
         self.space.release(item.room)
         item.room = None
 
-    def _leave(self, item: WorkItem, *, end_span: bool = True) -> None:
-        self._release_room(item)  # its copy is removed now, or as it waits for a retry
+    def _leave(self, item: WorkItem, *, end_span: bool = True, keep_room: bool = False) -> None:
+        if not keep_room:
+            self._release_room(item)  # its copy is removed now
         if item.in_pipeline:
             item.in_pipeline = False
             self._active.discard(item.key)
@@ -289,7 +293,8 @@ class Pipeline:
         staging = self.layout.staging_path(key)
         # Held until the copy is removed; here, where waiting for it holds up no copy that
         # is further down the pipeline (a large file's copy is made by the upload step).
-        item.room = await self.space.take(item.claimed_size, staging)
+        if item.room is None:  # (taken already for a small file whose claim made no copy)
+            item.room = await self.space.take(item.claimed_size, staging)
         if not self._streams(item.claimed_size):
             with tracer.start_as_current_span("stage"):
                 item.staged = await self.lanes.nfs.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from uploader.drain import Drains, Offers, decode_drain, encode_drain, read_drai
 from uploader.lanes import ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
-from uploader.session import SessionControl
+from uploader.session import SessionControl, WatchFn
 from uploader.worker import WorkItem
 
 DATE = "20240102"
@@ -173,12 +174,25 @@ async def test_the_drain_of_the_session_active_again_just_goes(
     assert receive.statistics().current_buffer_used == 0
 
 
+@contextlib.asynccontextmanager
+async def sessions_with_drains(
+    layout: Layout, watch: WatchFn, *, nfs_timeout_s: float = 5
+) -> AsyncIterator[tuple[SessionControl, Drains]]:
+    """A SessionControl whose stops record drains, as the service wires them."""
+    send, _ = trio.open_memory_channel[WorkItem](100)
+    async with trio.open_nursery() as nursery:
+        drains = await nursery.start(Drains(layout, ThreadLane("nfs", 2), send, Progress()).run)
+        control = SessionControl(layout, ThreadLane("nfs", 2), watch, drains=drains, nfs_timeout_s=nfs_timeout_s)
+        await nursery.start(control.run)
+        yield control, drains
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_session_started_again_and_stopped_at_once_keeps_the_first_stop_s_drain(
     tmp_path: Path,
 ) -> None:
     """The new watcher has offered nothing yet; the old one's offers are still out."""
     layout = layout_in(tmp_path)
-    send, _ = trio.open_memory_channel[WorkItem](100)
     started = 0
 
     async def watch(date: str, session: str, *, offers: Offers, task_status: trio.TaskStatus[None]) -> None:
@@ -189,10 +203,7 @@ async def test_a_session_started_again_and_stopped_at_once_keeps_the_first_stop_
         task_status.started()
         await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        drains = await nursery.start(Drains(layout, ThreadLane("nfs", 2), send, Progress()).run)
-        control = SessionControl(layout, ThreadLane("nfs", 2), watch, drains=drains, nfs_timeout_s=5)
-        await nursery.start(control.run)
+    async with sessions_with_drains(layout, watch) as (control, drains):
         await control.start("s")
         await control.stop()
         await control.start("s")
@@ -200,7 +211,6 @@ async def test_a_session_started_again_and_stopped_at_once_keeps_the_first_stop_
         [path] = [p for p in layout.drains_root.rglob("*.json")]
         assert json.loads(path.read_bytes())["files"] == [["queued.bin", 1, 2]]
         assert drains.names() == ["s"]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_drain_whose_claims_failed_is_forgotten_once_a_later_stop_s_files_are_claimed(
@@ -222,7 +232,6 @@ async def test_a_drain_whose_claims_failed_is_forgotten_once_a_later_stop_s_file
 async def test_no_state_is_written_before_the_drain_a_stop_asked_for(tmp_path: Path) -> None:
     """A restart must not find the session stopped and nothing to say what it had queued."""
     layout = layout_in(tmp_path)
-    send, _ = trio.open_memory_channel[WorkItem](100)
 
     async def watch(date: str, session: str, *, offers: Offers, task_status: trio.TaskStatus[None]) -> None:
         offers.add("queued.bin", (1, 2))
@@ -231,10 +240,7 @@ async def test_no_state_is_written_before_the_drain_a_stop_asked_for(tmp_path: P
 
     blocker = layout.drains_root  # a file where the drains' folder goes: no drain can be written
     blocker.write_bytes(b"")
-    async with trio.open_nursery() as nursery:
-        drains = await nursery.start(Drains(layout, ThreadLane("nfs", 2), send, Progress()).run)
-        control = SessionControl(layout, ThreadLane("nfs", 2), watch, drains=drains, nfs_timeout_s=0.5)
-        await nursery.start(control.run)
+    async with sessions_with_drains(layout, watch, nfs_timeout_s=0.5) as (control, _):
         await control.start("s")
         assert (await control.stop()).active is False
         await trio.sleep(1.5)
@@ -246,4 +252,3 @@ async def test_no_state_is_written_before_the_drain_a_stop_asked_for(tmp_path: P
                 break
             await trio.sleep(0.01)
         assert json.loads(layout.state_file.read_bytes())["active"] is False
-        nursery.cancel_scope.cancel()

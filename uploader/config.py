@@ -182,30 +182,24 @@ class Settings(BaseSettings):
             )
         fallback = self.fallback_account_url
         if (
-            self.azure_auth == "auto"
+            self.azure_auth != "default"
             and self.azure_account_url is not None
             and fallback is not None
             and _same_endpoint(fallback) != _same_endpoint(self.azure_account_url)
         ):
-            # The fallback would upload, with only a warning, to another account than the
-            # one the token was for: surely a leftover secret, not a plan.
-            raise ValueError(
-                f"APP_AZURE_CONNECTION_STRING names the blob endpoint {fallback}, not "
-                f"APP_AZURE_ACCOUNT_URL ({self.azure_account_url}): APP_AZURE_AUTH=auto would "
-                "fall back to another account; make them the same, or use APP_AZURE_AUTH=default"
+            # auto: the fallback would upload, with only a warning, to another account than
+            # the one the token was for. key: it talks to the connection string's endpoint,
+            # and the account URL would be a setting the user believes in, ignored.
+            consequence = (
+                "APP_AZURE_AUTH=auto would fall back to another account; make them the same, or "
+                "use APP_AZURE_AUTH=default"
+                if self.azure_auth == "auto"
+                else "APP_AZURE_AUTH=key uses the connection string's; make them the same, or "
+                "leave APP_AZURE_ACCOUNT_URL unset"
             )
-        if (
-            self.azure_auth == "key"
-            and self.azure_account_url is not None
-            and fallback is not None
-            and _same_endpoint(fallback) != _same_endpoint(self.azure_account_url)
-        ):
-            # Key auth talks to the connection string's endpoint: an account URL that names
-            # another is a setting the user believes in and that would be ignored.
             raise ValueError(
                 f"APP_AZURE_CONNECTION_STRING names the blob endpoint {fallback}, not "
-                f"APP_AZURE_ACCOUNT_URL ({self.azure_account_url}): APP_AZURE_AUTH=key uses the "
-                "connection string's; make them the same, or leave APP_AZURE_ACCOUNT_URL unset"
+                f"APP_AZURE_ACCOUNT_URL ({self.azure_account_url}): {consequence}"
             )
         if self.azure_auth != "key" and self.token_account_url is None:
             raise ValueError(

@@ -112,13 +112,19 @@ async def wait_for_file(path: Path, *, present: bool) -> None:
     raise AssertionError(f"{path} {'never came' if present else 'never went'}")
 
 
+async def recorded(drain: Drains, rel: str, expected: tuple[int, int]) -> Offers:
+    """A stop of session s with ``rel`` queued and not claimed: its drain, once written."""
+    offers = drain.offers_for(DATE, "s")
+    offers.add(rel, expected)
+    await drain.record(DATE, "s").wait()
+    return offers
+
+
 async def test_a_stop_with_offers_out_records_them_until_they_are_claimed(
     drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
 ) -> None:
     drain, _, _ = drains
-    offers = drain.offers_for(DATE, "s")
-    offers.add("a.bin", (4, 40))
-    await drain.record(DATE, "s").wait()
+    offers = await recorded(drain, "a.bin", (4, 40))
     path = drain.layout.drain_file(DATE, "s")
     assert decode_drain(path.read_bytes())[1] == [("a.bin", 4, 40)]
     assert drain.names() == ["s"]
@@ -217,9 +223,7 @@ async def test_a_drain_whose_claims_failed_is_forgotten_once_a_later_stop_s_file
     drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
 ) -> None:
     drain, _, _ = drains
-    offers = drain.offers_for(DATE, "s")
-    offers.add("a.bin", (1, 1))
-    await drain.record(DATE, "s").wait()
+    offers = await recorded(drain, "a.bin", (1, 1))
     offers.settle("a.bin", failed=True)  # stays in incoming: the drain stays
     await trio.testing.wait_all_tasks_blocked()
     assert drain.names() == ["s"]

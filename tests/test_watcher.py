@@ -141,6 +141,14 @@ def layout(tmp_path: Path) -> Layout:
     return Layout(tmp_path / "incoming", tmp_path / "processing", tmp_path / "staging")
 
 
+def files_in(layout: Layout, *names: str) -> None:
+    """Session s's folder, holding a one-byte file of each name."""
+    folder = layout.incoming_dir("s")
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+
+
 async def start_watcher(
     nursery: trio.Nursery,
     layout: Layout,
@@ -307,10 +315,7 @@ async def test_a_file_waits_while_its_name_or_folder_s_name_is_in_flight(
 
 
 async def test_a_full_queue_pauses_scanning(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:
-    folder = layout.incoming_dir("s")
-    folder.mkdir(parents=True)
-    for i in range(3):
-        (folder / f"{i}.bin").write_bytes(b"x")
+    files_in(layout, *(f"{i}.bin" for i in range(3)))
     lane = InlineLane()
     async with trio.open_nursery() as nursery:
         receive = await start_watcher(nursery, layout, lane, queue=1, min_age=0, poll=1)
@@ -382,10 +387,7 @@ async def test_only_matching_extensions_are_queued(autojump_clock: trio.testing.
 async def test_the_backlog_beyond_a_full_queue_is_counted(
     autojump_clock: trio.testing.MockClock, layout: Layout
 ) -> None:
-    folder = layout.incoming_dir("s")
-    folder.mkdir(parents=True)
-    for n in range(5):
-        (folder / f"f{n}.bin").write_bytes(b"x")
+    files_in(layout, *(f"f{n}.bin" for n in range(5)))
     progress = Progress()
     async with trio.open_nursery() as nursery:
         receive = await start_watcher(nursery, layout, InlineLane(), queue=1, min_age=0, poll=1, progress=progress)
@@ -432,10 +434,7 @@ async def test_a_file_another_watcher_of_the_session_queued_is_not_queued_again(
 ) -> None:
     """Started again while its files from before a stop wait in the queue: offered twice,
     the second would only be found gone (and counted as skipped)."""
-    folder = layout.incoming_dir("s")
-    folder.mkdir(parents=True)
-    for name in ("queued.bin", "new.bin"):
-        (folder / name).write_bytes(b"x")
+    files_in(layout, "queued.bin", "new.bin")
     offers = Offers()
     offers.add("queued.bin", (1, 0))  # by the watcher of the session's previous start
     send, receive = trio.open_memory_channel[WorkItem](100)

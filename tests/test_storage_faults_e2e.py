@@ -220,6 +220,10 @@ def test_files_queued_when_a_session_stopped_still_go_up_after_a_restart(
     held = proxy.stall(method="PUT", times=None)  # the first upload holds the single worker
     files = drop(folders, "drain", {f"f{i:02}.bin": 1000 + i for i in range(20)})
     wait_for(lambda: service.status()["queue_depth"] >= 10, what="files to queue behind the held upload")
+    # The held call shows long before the read timeout makes it count as stuck.
+    wait_for(lambda: service.status()["azure_calls"]["longest_running_s"] >= 1,
+             what="status to show how long the held call runs")
+    assert service.status()["azure_calls"]["stuck"] == 0
     assert service.stop_session()["draining"] == ["drain"]
     late = write_file(folders.session("drain") / "late.bin", 10)  # after the stop: stays
     # So does a folder of older files moved in whole (a rename keeps its files' times).

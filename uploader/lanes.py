@@ -62,11 +62,19 @@ class ThreadLane:
         with self._lock:
             return sum(1 for started in self._started.values() if started < limit)
 
-    def snapshot(self) -> dict[str, int]:
+    def longest_running_s(self) -> float:
+        """How long the oldest call still running has run: a hang shows here long before it
+        counts as stuck (for Azure, only after the read timeout)."""
+        with self._lock:
+            oldest = min(self._started.values(), default=None)
+        return 0.0 if oldest is None else round(time.monotonic() - oldest, 1)
+
+    def snapshot(self) -> dict[str, float]:
         return {
             "threads": int(self.limiter.total_tokens),
             "running": self.running(),
             "stuck": self.stuck(),
+            "longest_running_s": self.longest_running_s(),
         }
 
 

@@ -1,0 +1,51 @@
+"""A lane counts its calls while they run in their threads, abandoned ones included."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+
+from uploader.lanes import ThreadLane
+
+
+async def test_a_running_call_shows_its_age_and_counts_as_stuck_only_past_the_limit() -> None:
+    lane = ThreadLane("azure", 2, stuck_after_s=0.5)
+    release = threading.Event()
+    assert lane.snapshot() == {"threads": 2, "running": 0, "stuck": 0, "longest_running_s": 0.0}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lane.run, release.wait)
+        await trio.sleep(0.25)
+        early = lane.snapshot()
+        assert early["running"] == 1 and early["stuck"] == 0
+        assert 0.1 <= early["longest_running_s"] < 0.5
+        await trio.sleep(0.5)
+        late = lane.snapshot()
+        assert late["stuck"] == 1 and late["longest_running_s"] >= 0.5
+        release.set()
+    assert lane.snapshot() == {"threads": 2, "running": 0, "stuck": 0, "longest_running_s": 0.0}
+
+
+async def test_an_abandoned_call_still_counts_and_holds_its_thread_until_it_returns() -> None:
+    lane = ThreadLane("nfs", 1, stuck_after_s=10)
+    release = threading.Event()
+    with trio.move_on_after(0.2):
+        await lane.run(release.wait)
+    assert lane.running() == 1  # cancelled, but the thread is still in the call
+    release.set()
+    # The lane's only thread is free again once the abandoned call has returned.
+    await lane.run(lambda: None)
+    assert lane.running() == 0
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+async def test_a_lane_runs_at_most_its_thread_count_at_once(threads: int) -> None:
+    lane = ThreadLane("staging", threads)
+    release = threading.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(threads + 2):
+            nursery.start_soon(lane.run, release.wait)
+        await trio.sleep(0.2)
+        assert lane.running() == threads
+        release.set()

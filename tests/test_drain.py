@@ -12,7 +12,15 @@ import pytest
 import trio
 import trio.testing
 
-from uploader.drain import Drains, Offers, decode_drain, encode_drain, read_drains, still_there
+from uploader.drain import (
+    Drains,
+    Offers,
+    decode_drain,
+    encode_drain,
+    offer,
+    read_drains,
+    still_there,
+)
 from uploader.lanes import ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
@@ -217,6 +225,26 @@ async def test_a_session_started_again_and_stopped_at_once_keeps_the_first_stop_
         [path] = [p for p in layout.drains_root.rglob("*.json")]
         assert json.loads(path.read_bytes())["files"] == [["queued.bin", 1, 2]]
         assert drains.names() == ["s"]
+
+
+async def test_a_file_the_watcher_was_still_queueing_at_the_stop_is_in_no_drain(tmp_path: Path) -> None:
+    """The queue was full: the stop cancels that offer, so the file stays in incoming, and a
+    restart must not upload it either."""
+    layout = layout_in(tmp_path)
+    send, _receive = trio.open_memory_channel[WorkItem](1)
+
+    async def watch(date: str, session: str, *, offers: Offers, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        for rel in ("queued.bin", "waiting.bin"):
+            await offer(send, offers, FileKey(date, session, rel), (1, 2))
+        await trio.sleep_forever()
+
+    async with sessions_with_drains(layout, watch) as (control, _):
+        await control.start("s")
+        await trio.testing.wait_all_tasks_blocked()  # waiting.bin waits for room in the queue
+        await control.stop()
+        [path] = list(layout.drains_root.rglob("*.json"))
+        assert json.loads(path.read_bytes())["files"] == [["queued.bin", 1, 2]]
 
 
 async def test_a_drain_whose_claims_failed_is_forgotten_once_a_later_stop_s_files_are_claimed(

@@ -41,6 +41,8 @@ T = TypeVar("T")
 # How long a stop waits to record the state before it answers (then it goes on in the
 # background).
 STOP_SAVE_WAIT_S = 1.0
+# How long a stop waits for its cancelled watcher to end (a step, unless the loop is stalled).
+WATCHER_END_WAIT_S = 1.0
 
 
 class SessionConflict(Exception):
@@ -252,6 +254,7 @@ class SessionControl:
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
+        self._watcher_ended = trio.Event()
         self._saving_in_background = False
 
     async def run(self, *, task_status: trio.TaskStatus[SessionControl] = trio.TASK_STATUS_IGNORED) -> None:
@@ -330,6 +333,10 @@ class SessionControl:
             if self._scope is not None:
                 self._scope.cancel()
                 self._scope = None
+                # A watcher waiting to queue a file is cancelled at its next step, not here:
+                # until it has ended, that file would count as queued in the drain below.
+                with trio.move_on_after(WATCHER_END_WAIT_S):
+                    await self._watcher_ended.wait()
             stopped = SessionState(
                 False,
                 self.state.session_name,
@@ -370,14 +377,19 @@ class SessionControl:
     async def _watch_in_scope(
         self, state: SessionState, *, task_status: trio.TaskStatus[trio.CancelScope]
     ) -> None:
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                watch = partial(self._watch, state.date_prefix, state.session_name)
-                if self._drains is not None:
-                    assert state.date_prefix is not None and state.session_name is not None
-                    watch = partial(watch, offers=self._drains.offers_for(state.date_prefix, state.session_name))
-                await nursery.start(watch)
-                task_status.started(scope)
+        self._watcher_ended = ended = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    watch = partial(self._watch, state.date_prefix, state.session_name)
+                    if self._drains is not None:
+                        assert state.date_prefix is not None and state.session_name is not None
+                        offers = self._drains.offers_for(state.date_prefix, state.session_name)
+                        watch = partial(watch, offers=offers)
+                    await nursery.start(watch)
+                    task_status.started(scope)
+        finally:
+            ended.set()
 
     def _keep_saving(self) -> None:
         """Record the current state in the background until it is. One loop at a time, as it

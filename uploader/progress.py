@@ -41,10 +41,6 @@ class Progress:
     # (while the queue is full the watcher waits to offer, and does not scan again).
     incoming_files: int = 0
     incoming_session: str | None = None  # whose folder that is
-
-    def left_incoming(self, key: FileKey) -> None:
-        if key.session == self.incoming_session and self.incoming_files > 0:
-            self.incoming_files -= 1
     last_error: str | None = None
     last_error_at: str | None = None
     # Files claimed from incoming (or recovered) and not yet completed or quarantined.
@@ -58,6 +54,10 @@ class Progress:
     # Where the files quarantined by this run went, until the failed folder has been read
     # once at start-up (which must not count them twice); None after.
     quarantined_before_recall: set[str] | None = field(default_factory=set)
+
+    def left_incoming(self, key: FileKey) -> None:
+        if key.session == self.incoming_session and self.incoming_files > 0:
+            self.incoming_files -= 1
 
     def is_claimed(self, key: FileKey) -> bool:
         return key in self.claimed or key in self.claiming

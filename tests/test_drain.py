@@ -71,6 +71,7 @@ def test_a_drain_record_keeps_any_file_name() -> None:
     b'{"date_prefix": "20240102", "session_name": "s", "files": [["/etc/passwd", 1, 2]]}',
     b'{"date_prefix": "20240102", "session_name": "s", "files": [["a//b", 1, 2]]}',
     b'{"date_prefix": "20240102", "session_name": "s", "files": [["", 1, 2]]}',
+    b'{"date_prefix": "20240102", "session_name": "s", "files": [["a\\ud800", 1, 2]]}',  # no name on disk
 ])
 def test_a_drain_record_this_service_did_not_write_is_refused(raw: bytes) -> None:
     with pytest.raises(ValueError):
@@ -86,6 +87,50 @@ def test_reading_the_drains_removes_what_cannot_be_one(tmp_path: Path) -> None:
     (good.parent / "u.json.tmp").write_text("{}")  # a write that a crash interrupted
     assert [(path, key, files) for path, key, files in read_drains(layout)] == [(good, (DATE, "s"), [("a", 1, 2)])]
     assert sorted(p.name for p in good.parent.iterdir()) == ["s.json"]
+
+
+def test_one_drain_that_cannot_be_read_or_removed_holds_up_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layout = layout_in(tmp_path)
+    good = layout.drain_file(DATE, "s")
+    good.parent.mkdir(parents=True)
+    good.write_bytes(encode_drain(DATE, "s", [("a", 1, 2)]))
+    (good.parent / "t.json").write_text("{broken")
+    unlistable = layout.drains_root / "20240103"
+    unlistable.mkdir()
+    real_scandir, real_unlink = os.scandir, os.unlink
+
+    def scandir(path: object) -> object:
+        if Path(str(path)) == unlistable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    def unlink(path: object, *args: object, **kwargs: object) -> None:
+        if Path(str(path)).name == "t.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert [key for _, key, _ in read_drains(layout)] == [(DATE, "s")]
+
+
+def test_a_drains_folder_that_cannot_be_listed_is_read_again_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layout = layout_in(tmp_path)
+    layout.drains_root.mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path: object) -> object:
+        if Path(str(path)) == layout.drains_root:
+            raise OSError(5, "Input/output error", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(OSError):
+        read_drains(layout)
 
 
 def test_no_drains_folder_is_no_drain(tmp_path: Path) -> None:

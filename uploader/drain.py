@@ -146,6 +146,10 @@ def decode_drain(raw: bytes) -> tuple[SessionKey, list[Offered]]:
 
 
 def _is_relative_path(rel: str) -> bool:
+    try:
+        os.fsencode(rel)  # a name read from the share: lone surrogates only as bytes escaped
+    except UnicodeEncodeError:
+        return False
     return bool(rel) and "\0" not in rel and all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
@@ -153,8 +157,12 @@ def read_drains(layout: Layout) -> list[tuple[Path, SessionKey, list[Offered]]]:
     """Blocking: every drain file left under the processing root; one that cannot be read is
     said and removed (it is only bookkeeping: its files are still in incoming)."""
     def failed(exc: OSError) -> None:
-        if not isinstance(exc, FileNotFoundError):  # none there yet: no drain
-            raise exc
+        if isinstance(exc, FileNotFoundError):  # none there yet: no drain
+            return
+        if exc.filename is not None and Path(exc.filename) == layout.drains_root:
+            raise exc  # the share, failing: read them all again later
+        # Kept for the next start; the other drains go on.
+        log.error("cannot read drain folder %s: %s", exc.filename, describe(exc))
 
     found = []
     for folder, _, names in os.walk(layout.drains_root, onerror=failed):
@@ -173,7 +181,10 @@ def read_drains(layout: Layout) -> list[tuple[Path, SessionKey, list[Offered]]]:
                 key, files = decode_drain(raw)
             except (ValueError, RecursionError) as exc:
                 log.error("removing drain file %s, which this service did not write: %s", path, exc)
-                fileops.remove_quietly(path)
+                try:
+                    fileops.remove_quietly(path)
+                except OSError as refused:
+                    log.error("cannot remove drain file %s: %s", path, describe(refused))
                 continue
             found.append((path, key, files))
     return found

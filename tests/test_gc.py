@@ -59,6 +59,18 @@ async def test_sweep_keeps_the_staging_copy_of_a_file_being_claimed(layout: Layo
     assert not copy.exists()
 
 
+async def test_sweep_keeps_the_completed_file_of_a_file_in_flight_until_it_is_done(layout: Layout) -> None:
+    """A completion whose move's answer was lost finds there, at its retry, that the move was done."""
+    completed = put(layout.completed_path(KEY))
+    progress = Progress()
+    progress.claimed.add(KEY)
+    assert (await sweep_once(layout, progress)).counts["completed"] == 0
+    assert completed.exists()
+    progress.claimed.discard(KEY)
+    assert (await sweep_once(layout, progress)).counts["completed"] == 1
+    assert not completed.exists()
+
+
 async def test_sweep_reports_a_claimed_file_no_worker_owns(layout: Layout) -> None:
     put(layout.processing_path(KEY))
     assert (await sweep_once(layout, Progress())).unowned == {KEY}

@@ -95,10 +95,13 @@ def sweep(layout: Layout, progress: Progress) -> Sweep:
 
     counts = {"completed": 0, "staging": 0, "folders": 0}
     for key, path in _keys_below(layout.completed_root):
+        if claimed(key):
+            # A completion being retried (its move's answer lost) finds here that the move
+            # was done; a later sweep removes it.
+            continue
         remove_quietly(path)
         counts["completed"] += 1
-        if not claimed(key):
-            remove_quietly(layout.staging_path(key))
+        remove_quietly(layout.staging_path(key))
     for key, path in _keys_below(layout.staging_root):
         # Asked, then removed: a claim of that very name starting in between loses its fresh
         # copy; its upload then fails once (ENOENT) and is retried. Rare enough to keep GC

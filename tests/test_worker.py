@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from tests.support.service import random_bytes
 from uploader import fileops, gc
 from uploader.blobstore import BlobStore, open_blob_store
 from uploader.config import Settings
+from uploader.errors import IntegrityError
 from uploader.layout import FileKey, Layout, blob_name
 from uploader.progress import Progress
 from uploader.service import make_lanes
@@ -420,3 +422,67 @@ async def test_a_claim_that_only_removed_an_owned_twin_takes_nothing_once_the_ow
         await trio.sleep(2)
         nursery.cancel_scope.cancel()
     assert progress.files_failed == 0, caplog.text[-2000:]
+
+
+async def test_a_quarantine_that_nfs_failed_half_way_is_finished_and_the_file_never_uploaded(
+    settings: Settings, store: BlobStore, container: ContainerClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Linked into the failed folder, its reason written, then an error: a retry of the upload
+    that worked would leave the file both uploaded and quarantined."""
+    settings = settings.model_copy(update={"max_attempts": 1, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05})
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "q.bin")
+    in_incoming(layout, key)
+    uploads = 0
+
+    async def always_refused(*args: Any, **kwargs: Any) -> Any:
+        nonlocal uploads
+        uploads += 1
+        raise IntegrityError("storage computed another MD5")
+
+    real_write = fileops.write_atomically
+    writes = 0
+
+    def written_then_eio(path: Path, payload: bytes) -> None:
+        nonlocal writes
+        writes += 1
+        real_write(path, payload)
+        if writes == 1:  # on the share, and the answer lost
+            raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(store, "upload", always_refused)
+    monkeypatch.setattr(fileops, "write_atomically", written_then_eio)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, key))
+        with trio.fail_after(10):
+            while progress.files_quarantined == 0:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+    assert uploads == 1 and writes == 2
+    assert progress.files_quarantined == 1 and progress.files_processed == 0
+    assert not layout.processing_path(key).exists()
+    failed = layout.failed_path(key)
+    assert failed.read_bytes() == b"x" * 100
+    assert json.loads(layout.failed_reason_path(failed).read_bytes())["reason"] == "IntegrityError: storage computed another MD5"
+    assert [p.name for p in failed.parent.iterdir()] == ["q.bin"]  # linked once, not twice
+
+
+def test_a_quarantine_whose_last_unlink_was_done_already_is_done(tmp_path: Path) -> None:
+    """NFS: a retransmitted unlink answers ENOENT though the first one went through."""
+    processing, failed = tmp_path / "proc" / "a", tmp_path / "failed" / "a"
+    processing.parent.mkdir()
+    processing.write_bytes(b"a")
+    real_unlink = os.unlink
+
+    def unlink_answered_enoent(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_unlink(path, *args, **kwargs)
+        if Path(path) == processing:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "unlink", unlink_answered_enoent)
+        where = fileops.quarantine(processing, failed, tmp_path / "reasons" / "a.json", {"reason": "r"})
+    assert where == failed and failed.read_bytes() == b"a" and not processing.exists()

@@ -798,7 +798,13 @@ def quarantine(
             raise
         write_atomically(_reason_of(candidate, failed, apart(before)[1]), payload)
     if not renamed:
-        os.unlink(processing)
+        try:
+            os.unlink(processing)
+        except FileNotFoundError:
+            # A retransmitted unlink whose first try went through (NFS), or someone removed
+            # the claimed name: either way the file is in the failed folder and only there.
+            if not _is(candidate, before):
+                raise
     return candidate
 
 

@@ -76,6 +76,9 @@ class WorkItem:
     span: trace.Span | None = None
     # Its room on the staging disk (staging_space.py), held until its copy is removed.
     room: int | None = None
+    # (reason, disposition) of a quarantine decided and not done (NFS failed it, maybe
+    # half-way: linked into the failed folder): the next try finishes it, never an upload.
+    quarantine_due: tuple[str, Disposition] | None = None
     in_pipeline: bool = False
 
 
@@ -478,19 +481,26 @@ class Pipeline:
             give_up = item.attempts >= self.settings.max_attempts and (
                 others_completed or await self._works_for_others(exc)
             )
-        if give_up and await self._quarantine(item, reason, disposition):
-            return
+        if give_up:
+            if await self._quarantine(item, reason, disposition):
+                return
+            item.quarantine_due = (reason, disposition)
         # A file waiting for its retry keeps no staging copy: during an outage every file
         # waits, and staging must hold only the files in flight. The retry copies it again.
         item.staged = None
         await self._drop_staging(key)
+        if item.quarantine_due is None:
+            progress.files_retried += 1
+            self._retry_soon(item, "attempt %d of %s failed (%s); retrying in %.1f s", item.attempts, key, reason)
+        else:
+            self._retry_soon(item, "the quarantine of %s will be tried again in %.1f s", key)
+
+    def _retry_soon(self, item: WorkItem, message: str, *args: object) -> None:
         delay = backoff_delay(
             item.attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s
         )
-        log.warning("attempt %d of %s failed (%s); retrying in %.1f s", item.attempts, key, reason, delay,
-                    extra=_log_fields(key))
-        progress.files_retried += 1
-        progress.retry_waiting += 1
+        log.warning(message, *args, delay, extra=_log_fields(item.key))
+        self.progress.retry_waiting += 1
         assert self._nursery is not None
         self._nursery.start_soon(self._retry_later, item, delay)
 
@@ -528,7 +538,13 @@ class Pipeline:
             await trio.sleep(delay)
         finally:
             self.progress.retry_waiting -= 1
-        await self._retry_send.send(item)
+        if item.quarantine_due is None:
+            await self._retry_send.send(item)
+            return
+        reason, disposition = item.quarantine_due
+        with tracer.start_as_current_span("file", attributes=_attributes(item)) as item.span:
+            if not await self._quarantine(item, reason, disposition):
+                self._retry_soon(item, "the quarantine of %s will be tried again in %.1f s", item.key)
 
     async def _quarantine(self, item: WorkItem, reason: str, disposition: Disposition) -> bool:
         key, layout = item.key, self.layout

@@ -167,8 +167,8 @@ async def wait_for_file(path: Path, *, present: bool) -> None:
 
 async def recorded(drain: Drains, rel: str, expected: tuple[int, int]) -> Offers:
     """A stop of session s with ``rel`` queued and not claimed: its drain, once written."""
-    offers = drain.offers_for(DATE, "s")
-    offers.add(rel, expected)
+    with drain.watching(DATE, "s") as offers:
+        offers.add(rel, expected)
     await drain.record(DATE, "s").wait()
     return offers
 
@@ -194,7 +194,8 @@ async def test_a_stop_with_nothing_out_records_nothing(
     drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
 ) -> None:
     drain, _, _ = drains
-    drain.offers_for(DATE, "s")
+    with drain.watching(DATE, "s"):
+        pass
     assert drain.record(DATE, "s").is_set()
     assert not drain.layout.drain_file(DATE, "s").exists() and drain.names() == []
 
@@ -216,7 +217,8 @@ async def test_after_a_restart_what_a_drain_names_and_incoming_still_holds_is_of
     assert item.key == FileKey(DATE, "s", "queued.bin") and item.expected == queued[1:]
     assert receive.statistics().current_buffer_used == 0
     assert item.on_claim_settled is not None
-    item.on_claim_settled(False)  # claimed
+    drain.layout.incoming_path(item.key).unlink()  # claimed
+    item.on_claim_settled(False)
     await wait_for_file(path, present=False)
 
 
@@ -292,18 +294,60 @@ async def test_a_file_the_watcher_was_still_queueing_at_the_stop_is_in_no_drain(
         assert json.loads(path.read_bytes())["files"] == [["queued.bin", 1, 2]]
 
 
-async def test_a_drain_whose_claims_failed_is_forgotten_once_a_later_stop_s_files_are_claimed(
+async def forgotten(drain: Drains) -> None:
+    with trio.fail_after(5):
+        while drain.names():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("claim_failed", [False, True], ids=["left-by-estale", "failed"])
+async def test_a_drained_file_its_claim_left_in_incoming_is_offered_again_until_claimed(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress], claim_failed: bool,
+) -> None:
+    drain, receive, _ = drains
+    rel, size, mtime_ns = drop(drain.layout, "s", "a.bin")
+    offers = await recorded(drain, rel, (size, mtime_ns))
+    offers.settle(rel, failed=claim_failed)  # not claimed: still in incoming
+    with trio.fail_after(5):
+        item = await receive.receive()
+    assert item.key == FileKey(DATE, "s", rel) and item.expected == (size, mtime_ns)
+    assert drain.names() == ["s"]
+    drain.layout.incoming_path(item.key).unlink()  # claimed this time
+    assert item.on_claim_settled is not None
+    item.on_claim_settled(False)
+    await wait_for_file(drain.layout.drain_file(DATE, "s"), present=False)
+    await forgotten(drain)
+
+
+async def test_a_drained_file_goes_after_an_older_file_of_its_name_in_flight(
     drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
 ) -> None:
-    drain, _, _ = drains
-    offers = await recorded(drain, "a.bin", (1, 1))
-    offers.settle("a.bin", failed=True)  # stays in incoming: the drain stays
-    await trio.testing.wait_all_tasks_blocked()
-    assert drain.names() == ["s"]
-    offers.add("b.bin", (2, 2))  # started again, and stopped with a file queued
-    await drain.record(DATE, "s").wait()
-    offers.settle("b.bin")
-    await wait_for_file(drain.layout.drain_file(DATE, "s"), present=False)
+    drain, receive, progress = drains
+    rel, size, mtime_ns = drop(drain.layout, "s", "a.bin")
+    older = FileKey(DATE, "s", rel)
+    progress.claimed.add(older)  # its claim found the name busy
+    offers = await recorded(drain, rel, (size, mtime_ns))
+    offers.settle(rel)
+    await trio.sleep(1.5)  # a round came and went: not offered while the older one is in flight
+    assert receive.statistics().current_buffer_used == 0
+    progress.claimed.discard(older)
+    with trio.fail_after(5):
+        item = await receive.receive()
+    assert item.key == older
+
+
+async def test_the_drain_of_a_session_watched_again_goes_though_its_files_are_in_incoming(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    """The watcher lists the folder: whatever is there is its business."""
+    drain, receive, _ = drains
+    rel, size, mtime_ns = drop(drain.layout, "s", "a.bin")
+    offers = await recorded(drain, rel, (size, mtime_ns))
+    offers.settle(rel, failed=True)
+    with drain.watching(DATE, "s"):
+        await wait_for_file(drain.layout.drain_file(DATE, "s"), present=False)
+        await forgotten(drain)
+    assert receive.statistics().current_buffer_used == 0
 
 
 async def test_no_state_is_written_before_the_drain_a_stop_asked_for(tmp_path: Path) -> None:

@@ -6,18 +6,23 @@ leave those files in incoming for good, the session being stopped. So a stop tha
 offers unclaimed writes their names, sizes and mtimes to
 ``.processing/.drains/<YYYYMMDD>/<session>.json``, removed once every one of them is
 claimed. At start-up each drain file left there is caught up: the files it names that are
-still in the session's folder, unchanged, are offered again. A file that arrived after the
-stop is in no drain file: it stays in incoming, as the stop promised. No clock is compared.
+still in the session's folder, unchanged, are offered again. So are, while the service runs,
+those that a claim left there (it failed, NFS said ESTALE, an older file of the name was
+still in flight), with a growing delay, until none is left or a watcher of the session lists
+the folder again. A file that arrived after the stop is in no drain file: it stays in
+incoming, as the stop promised. No clock is compared.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import json
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -227,6 +232,9 @@ class Drains:
         self._files: dict[SessionKey, fileops.OrderedWrites] = {}
         self._waiting: set[SessionKey] = set()  # drains on record, waiting for their claims
         self._forgetting: set[SessionKey] = set()  # those whose claims are being waited for
+        self._recorded: dict[SessionKey, list[Offered]] = {}  # what each drain on record names
+        self._stops: collections.Counter[SessionKey] = collections.Counter()  # drains recorded
+        self._watched: collections.Counter[str] = collections.Counter()  # names with a watcher
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[Drains] = trio.TASK_STATUS_IGNORED) -> None:
@@ -235,14 +243,22 @@ class Drains:
             task_status.started(self)
             await trio.sleep_forever()
 
-    def offers_for(self, date_prefix: str, session: str) -> Offers:
-        """The session's offers, for a watcher starting: a drain of it whose claims failed
-        is forgotten once the claims of this watcher's offers are settled too."""
+    @contextlib.contextmanager
+    def watching(self, date_prefix: str, session: str) -> Iterator[Offers]:
+        """While a watcher of the session runs: its offers. The watcher lists the session's
+        folder, so a drain of that name has nothing left to offer: it goes once the claims
+        of what it named and of this watcher's offers are settled."""
         key = (date_prefix, session)
         offers = self._offers.setdefault(key, Offers())
-        if key in self._waiting:
-            self._forget_when_claimed_soon(key, offers)
-        return offers
+        self._watched[session] += 1
+        try:
+            if key in self._waiting:
+                self._forget_when_claimed_soon(key, offers)
+            yield offers
+        finally:
+            self._watched[session] -= 1
+            if not self._watched[session]:
+                del self._watched[session]
 
     def names(self) -> list[str]:
         """The sessions whose drains are on record."""
@@ -258,8 +274,14 @@ class Drains:
         if offers is None or not offers.outstanding:
             written.set()
             return written
+        # With what an earlier drain of it named and may not have been claimed yet (a
+        # catch-up waiting for an older file of a name): each is checked before it is offered.
+        files = {rel: (rel, size, mtime_ns) for rel, size, mtime_ns in self._recorded.get(key, [])}
+        files.update((entry[0], entry) for entry in offers.snapshot())
+        self._recorded[key] = sorted(files.values())
+        self._stops[key] += 1
         # Numbered now, before the removal that the claims may ask for next: in that order.
-        write = self._ordered(key).writer(encode_drain(*key, offers.snapshot()))
+        write = self._ordered(key).writer(encode_drain(*key, self._recorded[key]))
         assert self._nursery is not None
         self._nursery.start_soon(self._write, key, write, written)
         self._waiting.add(key)
@@ -280,19 +302,54 @@ class Drains:
             self._nursery.start_soon(self._forget_when_claimed, key, offers)
 
     async def _forget_when_claimed(self, key: SessionKey, offers: Offers) -> None:
+        """Wait until what the drain names has left the session's folder, offering again what
+        a claim left there (a claim that failed, or found an older file of that name still
+        in flight, or NFS answering ESTALE), then remove the drain file."""
+        delay = 1.0
         try:
-            offers.failed = 0  # those counted before are the business of an earlier wait
-            await offers.wait_settled()
-            if offers.failed:
-                # Still in incoming: the catch-up after the next restart offers them again.
-                log.warning("%d files of stopped session %s could not be claimed; they stay in its "
-                            "folder until a restart or a start of that session", offers.failed, key[1],
-                            extra={"session": key[1]})
-                return
-            await self._until_done(f"remove the drain file of {key[1]}", self._ordered(key).remover())
+            while True:
+                await offers.wait_settled()
+                left = await self._left_in_incoming(key, offers)
+                if left:
+                    log.warning("%d files that stopped session %s had queued are still in its folder; "
+                                "offering them again in %.0f s", len(left), key[1], delay,
+                                extra={"session": key[1]})
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                    # Read again: a watcher of the session may have started meanwhile.
+                    await self._offer(key, offers, await self._left_in_incoming(key, offers))
+                    continue
+                stops = self._stops[key]
+                await self._until_done(f"remove the drain file of {key[1]}", self._ordered(key).remover())
+                if self._stops[key] == stops:
+                    break  # (else a stop recorded another drain meanwhile: written after this)
             self._waiting.discard(key)
+            self._recorded.pop(key, None)
         finally:
             self._forgetting.discard(key)
+
+    async def _left_in_incoming(self, key: SessionKey, offers: Offers) -> list[Offered]:
+        """What the drain names that is still in the session's folder as it was, and offered
+        by no one now."""
+        recorded = self._recorded.get(key)
+        if not recorded or self._watched[key[1]]:
+            return []
+        left = await self._reading(still_there, self.layout, key[1], recorded)
+        return [entry for entry in left if not offers.is_pending(entry[0])]
+
+    async def _offer(self, key: SessionKey, offers: Offers, files: list[Offered]) -> int:
+        """Offer ``files``, oldest first, but not one whose name (or a folder on its path) is
+        a file in flight: the newer version goes after the older, offered at a next round."""
+        date_prefix, session = key
+        offered = 0
+        for rel, size, mtime_ns in sorted(files, key=lambda entry: (entry[2], entry[0])):
+            file_key = FileKey(date_prefix, session, rel)
+            if self.progress.is_claimed(file_key) or below_a_file_in_flight(self.progress, file_key):
+                continue
+            if not offers.is_pending(rel):
+                await offer(self._send, offers, file_key, (size, mtime_ns))
+                offered += 1
+        return offered
 
     async def _until_done(self, what: str, blocking: Callable[[], None]) -> None:
         delay, noted = 1.0, None
@@ -325,27 +382,17 @@ class Drains:
             self._nursery.start_soon(self._catch_up, key, files)
 
     async def _catch_up(self, key: SessionKey, files: list[Offered]) -> None:
-        date_prefix, session = key
+        session = key[1]
+        offers = self._offers.setdefault(key, Offers())
+        self._recorded[key] = files
         try:
             left = await self._reading(still_there, self.layout, session, files)
-            offers = self._offers.setdefault(key, Offers())
-            waiting = []
-            for rel, size, mtime_ns in sorted(left, key=lambda entry: (entry[2], entry[0])):
-                file_key = FileKey(date_prefix, session, rel)
-                if self.progress.is_claimed(file_key) or below_a_file_in_flight(self.progress, file_key):
-                    waiting.append(rel)  # its turn comes after the file in flight: at a next restart
-                elif not offers.is_pending(rel):
-                    await offer(self._send, offers, file_key, (size, mtime_ns))
+            offered = await self._offer(key, offers, left)
             if left:
                 log.info("offered %d files that stopped session %s had queued before the restart",
-                         len(left) - len(waiting), session, extra={"session": session})
+                         offered, session, extra={"session": session})
         finally:
             self._forgetting.discard(key)
-        if waiting:
-            log.warning("%d files of stopped session %s wait for an older file of their name still "
-                        "in flight; they stay in its folder until a restart or a start of that session",
-                        len(waiting), session, extra={"session": session})
-            return
         self._forget_when_claimed_soon(key, offers)
 
     async def _reading(self, blocking: Callable[..., list[T]], *args: object) -> list[T]:

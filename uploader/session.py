@@ -379,13 +379,13 @@ class SessionControl:
     ) -> None:
         self._watcher_ended = ended = trio.Event()
         try:
-            with trio.CancelScope() as scope:
+            with contextlib.ExitStack() as stack, trio.CancelScope() as scope:
+                watch = partial(self._watch, state.date_prefix, state.session_name)
+                if self._drains is not None:
+                    assert state.date_prefix is not None and state.session_name is not None
+                    offers = stack.enter_context(self._drains.watching(state.date_prefix, state.session_name))
+                    watch = partial(watch, offers=offers)
                 async with trio.open_nursery() as nursery:
-                    watch = partial(self._watch, state.date_prefix, state.session_name)
-                    if self._drains is not None:
-                        assert state.date_prefix is not None and state.session_name is not None
-                        offers = self._drains.offers_for(state.date_prefix, state.session_name)
-                        watch = partial(watch, offers=offers)
                     await nursery.start(watch)
                     task_status.started(scope)
         finally:

@@ -16,7 +16,14 @@ from tests.support.service import random_bytes
 from uploader import blobstore
 from uploader.blobstore import BlobStore, block_id, open_blob_store
 from uploader.config import Settings
-from uploader.errors import BlocksMissing, Disposition, IntegrityError, SourceChanged, classify
+from uploader.errors import (
+    BlocksMissing,
+    Disposition,
+    IntegrityError,
+    SourceChanged,
+    StartupError,
+    classify,
+)
 from uploader.fileops import StagedFile, stage_copy
 from uploader.service import make_lanes
 
@@ -159,3 +166,22 @@ async def test_a_failed_copy_is_the_cause_not_the_blocks_its_cleanup_removed(
 async def test_the_probe_writes_nothing_visible(store: BlobStore, container: ContainerClient) -> None:
     assert await store.probe() is True
     assert list(container.list_blobs()) == []
+
+
+async def test_an_endpoint_without_its_scheme_that_speaks_plain_http_is_named_as_such(
+    azurite: Azurite, container_name: str, tmp_path: Path,
+) -> None:
+    """The SDK takes a BlobEndpoint without a scheme for https."""
+    settings = Settings(
+        azure_auth="key",
+        azure_connection_string=azurite.connection_string().replace(f"{azurite.scheme}://", ""),
+        azure_container=container_name,
+        azure_retry_total=0,
+        nfs_incoming_dir=tmp_path / "in",
+        nfs_processing_root=tmp_path / "proc",
+        local_staging_root=tmp_path / "stage",
+    )
+    with pytest.raises(StartupError) as info:
+        await open_blob_store(settings, make_lanes(settings))
+    assert str(info.value).startswith(f"cannot reach Azure Blob Storage at https://{azurite.host}:{azurite.port}/")
+    assert str(info.value).endswith("(it does not answer in TLS: if it speaks plain HTTP, write http:// in its URL)")

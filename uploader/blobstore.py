@@ -396,9 +396,11 @@ async def open_blob_store(settings: Settings, lanes: Lanes) -> BlobStore:
         except (ServiceRequestError, ServiceResponseError) as exc:
             store.close()
             earlier = f" (before that: {'; then '.join(failures)})" if failures else ""
-            raise StartupError(
-                f"cannot reach Azure Blob Storage at {where}: {describe(exc)}{earlier}"
-            ) from None
+            reason = describe(exc)
+            if where.startswith("https:") and "WRONG_VERSION_NUMBER" in reason:
+                # A URL without its scheme is https to the SDK; an emulator speaks plain http.
+                reason += " (it does not answer in TLS: if it speaks plain HTTP, write http:// in its URL)"
+            raise StartupError(f"cannot reach Azure Blob Storage at {where}: {reason}{earlier}") from None
         except BaseException:
             store.close()
             raise

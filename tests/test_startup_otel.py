@@ -36,6 +36,11 @@ GOOD = {
 }
 
 
+def test_the_sdk_is_disabled_or_enabled_in_any_case() -> None:
+    assert otel_setting_problems({"OTEL_SDK_DISABLED": "TRUE"}) == []
+    assert otel_setting_problems({"OTEL_SDK_DISABLED": "False"}) == []
+
+
 def test_good_values_pass() -> None:
     assert otel_setting_problems(GOOD) == []
 
@@ -102,6 +107,8 @@ BAD = [
     ("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "zstd"),
     ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
     ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/nonexistent/client.key"),
+    ("OTEL_SDK_DISABLED", "1"),  # the SDK would take it for false and stay on
+    ("OTEL_SDK_DISABLED", "yes"),
 ]
 
 

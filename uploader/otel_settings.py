@@ -138,7 +138,11 @@ def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
                 f"{name}: {value(name)!r} is not installed here"
                 + (f" (use {', '.join(known)})" if known else " (none is)")
             )
-    if value("OTEL_SDK_DISABLED").lower() == "true":
+    disabled = value("OTEL_SDK_DISABLED").lower()
+    if disabled not in ("", "true", "false"):
+        # The SDK takes anything but "true" for false: "1" or "yes" would leave it on.
+        problems.append(f"OTEL_SDK_DISABLED: must be true or false, not {value('OTEL_SDK_DISABLED')!r}")
+    if disabled == "true":
         return problems  # nothing else of it is read
 
     for name in _HEADER_VARIABLES:

@@ -222,6 +222,9 @@ BAD_VALUES = [
     ("APP_LOCAL_STAGING_ROOT", " /mnt/staging"),
     ("APP_FILE_EXTENSIONS", ","),
     ("APP_FILE_EXTENSIONS", " , "),
+    ("APP_POLL_INTERVAL_S", "nan"),
+    ("APP_GC_INTERVAL_S", "inf"),
+    ("APP_POLL_INTERVAL_S", "0.000000001"),  # a busy loop
 ]
 
 
@@ -293,7 +296,7 @@ def test_folders_that_overlap_through_a_symlink_are_found_once_resolved(tmp_path
     message = overlapping_folders(folders, lambda path: Path(os.path.realpath(path)))
     assert message is not None
     assert "APP_NFS_INCOMING_DIR" in message and "APP_NFS_PROCESSING_ROOT" in message
-    assert f"which are {tmp_path / 'nfs'} and {tmp_path / 'nfs' / 'p'}" in message
+    assert f"which are {tmp_path / 'nfs'} and {tmp_path / 'nfs' / 'p'}, must be separate" in message
 
 
 def test_sibling_folders_with_common_prefix_do_not_overlap(clean_env: pytest.MonkeyPatch) -> None:

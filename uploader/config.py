@@ -34,7 +34,7 @@ _EXTENSION = re.compile(r"^(\.[^./\\\s*?\[\]\x00]+)+$")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, allow_inf_nan=False)
 
     # Azure Blob Storage
     azure_account_url: str | None = None
@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     local_staging_max_bytes: int = Field(default=0, ge=0)
 
     # Watcher
-    poll_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    # At least 10 ms: a scan of an idle folder a few thousand times a second is a busy loop.
+    poll_interval_s: float = Field(default=2.0, ge=0.01, le=3600)
     # Comfortably longer than the NFS attribute cache (actimeo=5 in kubernetes/).
     min_file_age_s: float = Field(default=15.0, ge=0, le=86400)
     file_extensions: Annotated[tuple[str, ...], NoDecode] = ()
@@ -261,9 +262,9 @@ def overlapping_folders(folders: Mapping[str, Path], resolve: Callable[[Path], P
             a, b = resolved[first], resolved[second]
             if a == b or a.is_relative_to(b) or b.is_relative_to(a):
                 shown_a, shown_b = folders[first], folders[second]
-                how = "" if (a, b) == (shown_a, shown_b) else f", which are {a} and {b}"
+                how = "" if (a, b) == (shown_a, shown_b) else f", which are {a} and {b},"
                 return (
-                    f"{first} ({shown_a}) and {second} ({shown_b}){how}, must be separate "
+                    f"{first} ({shown_a}) and {second} ({shown_b}){how} must be separate "
                     "folders, neither inside the other"
                 )
     return None

@@ -177,6 +177,27 @@ def test_unknown_paths_and_methods_answer_json(service: ServiceProcess) -> None:
     assert wrong.headers["Allow"] == "OPTIONS, POST"
     long = service.http.get("/" + "x" * 20_000)
     assert long.status_code == 404 and len(long.content) < 400
+    doubled = read_until_closed(service.port, b"GET //healthz HTTP/1.0\r\n\r\n")
+    assert doubled.startswith(b"HTTP/1.1 404 ") and b'{"error": "There is no //healthz here;' in doubled
+
+
+def test_a_request_naming_a_whole_url_is_answered_for_its_path(service: ServiceProcess) -> None:
+    """HTTP/1.1 servers must accept the absolute form (RFC 9112, 3.2.2)."""
+    for path, expected in (("/healthz", b'{"ok": true}'), ("/v1/status", b'"files_processed"')):
+        answer = read_until_closed(service.port, f"GET http://example.invalid{path} HTTP/1.0\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 200 ") and expected in answer
+
+
+def test_start_and_stop_take_no_query_parameters(service: ServiceProcess, folders: Folders) -> None:
+    """A name in the query would otherwise be ignored, and an unnamed session started."""
+    refused = service.http.post("/v1/watch/start?session_name=q1")
+    assert refused.status_code == 400 and "no query parameters" in refused.json()["error"]
+    assert service.status()["active"] is False and not folders.session("q1").exists()
+    assert list(folders.incoming.iterdir()) == []
+    service.start_session("s")
+    refused = service.http.post("/v1/watch/stop?session_name=other")
+    assert refused.status_code == 400 and "no query parameters" in refused.json()["error"]
+    assert service.status()["active"] is True
 
 
 def test_oversized_body_is_refused(service: ServiceProcess) -> None:
@@ -191,6 +212,7 @@ def test_probes_answer_head_and_refuse_other_methods(service: ServiceProcess) ->
     refused = service.http.post("/healthz")
     assert refused.status_code == 405
     assert refused.json() == {"error": "POST is not allowed on /healthz."}
+    assert refused.headers["Allow"] == "GET, HEAD"
 
 
 def test_readyz_is_503_until_start_up_is_done(service_factory: ServiceFactory) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import h11
 import hypercorn.protocol
@@ -79,6 +80,9 @@ def create_app(service: Service) -> QuartTrio:
 
     @app.post("/v1/watch/start")
     async def start() -> Any:
+        if request.query_string:
+            return error(400, 'POST /v1/watch/start takes no query parameters; send {"session_name": "..."} '
+                              "as its JSON body.")
         if service.sessions is None:
             return error(503, NOT_READY)
         try:
@@ -96,6 +100,8 @@ def create_app(service: Service) -> QuartTrio:
 
     @app.post("/v1/watch/stop")
     async def stop() -> Any:
+        if request.query_string:
+            return error(400, "POST /v1/watch/stop takes no query parameters: it stops the active session.")
         if service.sessions is None:
             return error(503, NOT_READY)
         state = await service.sessions.stop()
@@ -116,8 +122,10 @@ def create_app(service: Service) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        # A path is the client's own, of any length: shown in part, never echoed whole.
-        path = request.path if len(request.path) <= 200 else f"{request.path[:200]}..."
+        # A path is the client's own, of any length: shown in part, never echoed whole; as
+        # it came (werkzeug's request.path merges slashes: "//healthz" would read "/healthz").
+        path = str(request.scope.get("path", request.path))
+        path = path if len(path) <= 200 else f"{path[:200]}..."
         if status == 404:
             return error(404, f"There is no {path} here; see the README for the API.")
         if status == 405:
@@ -127,6 +135,8 @@ def create_app(service: Service) -> QuartTrio:
             return answer
         if status == 413:
             return error(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+        if status == 408:
+            return error(408, f"The request body did not arrive within {app.config['BODY_TIMEOUT']} s.")
         return error(status, f"{exc.name}.")
 
     @app.errorhandler(Exception)
@@ -185,6 +195,8 @@ def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
     async def asgi(
         scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
     ) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(("http://", "https://")):
+            scope = in_origin_form(scope)
         if scope["type"] != "http" or scope["path"] not in PROBES:
             await app(scope, receive, send)
             return
@@ -203,6 +215,7 @@ def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(payload)).encode()),
+                    *([(b"allow", b"GET, HEAD")] if status == 405 else []),
                 ],
                 "trailers": False,
             }
@@ -218,6 +231,14 @@ def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
     return asgi
 
 
+def in_origin_form(scope: dict[str, Any]) -> dict[str, Any]:
+    """A request whose target is a whole URL (``GET http://host/healthz``, which HTTP/1.1
+    servers must accept), as if it named only the path."""
+    path = urlsplit(scope["path"]).path or "/"
+    raw = urlsplit(scope.get("raw_path", b"").decode("latin-1")).path or "/"
+    return {**scope, "path": path, "raw_path": raw.encode("latin-1")}
+
+
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = HypercornConfig()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -231,7 +252,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 # What a request Hypercorn refuses before the app sees it gets (h11's status hints).
 PROTOCOL_ERRORS = {
     400: "The request is not valid HTTP/1.1.",
-    431: "The request's header fields are too large.",
+    431: "The request's target or header fields are too large.",
 }
 
 

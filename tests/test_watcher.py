@@ -365,7 +365,9 @@ async def test_a_missing_incoming_root_is_not_made_but_said(
         await trio.sleep(1.5)
         nursery.cancel_scope.cancel()
     assert not layout.incoming_root.exists()
-    assert progress.last_error is not None and "ENOENT" in progress.last_error
+    assert progress.last_error == (
+        f"watcher: ENOENT on '{layout.incoming_root}': the incoming root is gone (a share not mounted? renamed?)"
+    )
 
 
 async def test_only_matching_extensions_are_queued(autojump_clock: trio.testing.MockClock, layout: Layout) -> None:

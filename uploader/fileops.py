@@ -169,6 +169,10 @@ def make_session_folder(path: Path) -> bool:
             return True
         except FileExistsError:
             mode = os.lstat(path).st_mode  # made meanwhile: check what it is
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno.ENOENT, "the incoming root is gone (a share not mounted? renamed?)", str(path.parent)
+            ) from None
     if not stat.S_ISDIR(mode):
         what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
         raise NotADirectoryError(errno.ENOTDIR, f"it is {what}, and only a real folder is read", str(path))

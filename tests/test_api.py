@@ -188,6 +188,20 @@ def test_a_request_naming_a_whole_url_is_answered_for_its_path(service: ServiceP
         assert answer.startswith(b"HTTP/1.1 200 ") and expected in answer
 
 
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(service: ServiceProcess) -> None:
+    """``nc -N``, or a script's shutdown(SHUT_WR): the request is whole, the answer is due."""
+    body = b'{"session_name": "half"}'
+    with socket.create_connection(("127.0.0.1", service.port), timeout=5) as conn:
+        conn.sendall(b"POST /v1/watch/start HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        conn.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := conn.recv(65536):  # the server closes once it has answered
+            received += chunk
+    head, _, answer = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(answer)["session_name"] == "half"
+
+
 def test_start_and_stop_take_no_query_parameters(service: ServiceProcess, folders: Folders) -> None:
     """A name in the query would otherwise be ignored, and an unnamed session started."""
     refused = service.http.post("/v1/watch/start?session_name=q1")

@@ -258,7 +258,20 @@ PROTOCOL_ERRORS = {
 
 class JsonErrorsH11Protocol(H11Protocol):
     """Hypercorn's HTTP/1.1 protocol, whose own error answers (a malformed request, headers
-    too large) are JSON with one sentence, as every other error of the API."""
+    too large) are JSON with one sentence, as every other error of the API, and which
+    answers a request whose client half-closed the connection once it had sent it all."""
+
+    async def handle(self, event: Event) -> None:
+        if (
+            isinstance(event, Closed)
+            and self.stream is not None
+            and self.connection.their_state is h11.CLOSED  # the whole request, then EOF
+            and self.connection.our_state is h11.SEND_RESPONSE
+        ):
+            # Hypercorn would close the stream, and the app's answer would go nowhere; once
+            # it is sent, the connection closes (the client can send nothing more).
+            return
+        await super().handle(event)
 
     async def _send_error_response(self, status_code: int) -> None:
         body = json.dumps(

@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+import uploader.drain as drain_module
 from uploader.drain import (
     Drains,
     Offers,
@@ -54,7 +57,7 @@ def test_offers_count_each_offer_and_know_what_is_still_out() -> None:
     assert offers.outstanding == 2 and offers.snapshot() == [("a", 1, 10), ("b", 2, 20)]
     offers.settle("a", failed=True)
     offers.settle("b")
-    assert offers.outstanding == 0 and offers.snapshot() == [] and offers.failed == 1
+    assert offers.outstanding == 0 and offers.snapshot() == []
 
 
 def test_a_drain_record_keeps_any_file_name() -> None:
@@ -211,7 +214,7 @@ async def test_after_a_restart_what_a_drain_names_and_incoming_still_holds_is_of
     path.parent.mkdir(parents=True)
     path.write_bytes(encode_drain(DATE, "s", [queued, ("claimed-meanwhile.bin", 1, 2)]))
 
-    await drain.catch_up(active=None)
+    await drain.catch_up()
     with trio.fail_after(5):
         item = await receive.receive()
     assert item.key == FileKey(DATE, "s", "queued.bin") and item.expected == queued[1:]
@@ -222,17 +225,23 @@ async def test_after_a_restart_what_a_drain_names_and_incoming_still_holds_is_of
     await wait_for_file(path, present=False)
 
 
-async def test_the_drain_of_the_session_active_again_just_goes(
+async def test_the_drain_of_a_session_active_again_offers_nothing_its_watcher_offered(
     drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
 ) -> None:
-    """Its watcher lists that folder anyway."""
+    """Resumed on another day: one folder, so one offer of a file at a time; the file is in
+    the watcher's hands, which the next stop would record."""
     drain, receive, _ = drains
+    rel, size, mtime_ns = drop(drain.layout, "s", "a.bin")
     path = drain.layout.drain_file(DATE, "s")
     path.parent.mkdir(parents=True)
-    path.write_bytes(encode_drain(DATE, "s", [drop(drain.layout, "s", "a.bin")]))
-    await drain.catch_up(active=("20240103", "s"))
-    await wait_for_file(path, present=False)
-    assert receive.statistics().current_buffer_used == 0
+    path.write_bytes(encode_drain(DATE, "s", [(rel, size, mtime_ns)]))
+    with drain.watching("20240103", "s") as offers:
+        offers.add(rel, (size, mtime_ns))  # its watcher was first
+        await drain.catch_up()
+        await wait_for_file(path, present=False)
+        assert receive.statistics().current_buffer_used == 0
+        assert drain.record("20240103", "s").is_set() is False  # a stop now records it
+    await wait_for_file(drain.layout.drain_file("20240103", "s"), present=True)
 
 
 @contextlib.asynccontextmanager
@@ -336,18 +345,111 @@ async def test_a_drained_file_goes_after_an_older_file_of_its_name_in_flight(
     assert item.key == older
 
 
-async def test_the_drain_of_a_session_watched_again_goes_though_its_files_are_in_incoming(
+async def test_a_drain_of_a_session_watched_again_lets_the_watcher_offer_and_goes_once_claimed(
     drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
 ) -> None:
-    """The watcher lists the folder: whatever is there is its business."""
     drain, receive, _ = drains
     rel, size, mtime_ns = drop(drain.layout, "s", "a.bin")
     offers = await recorded(drain, rel, (size, mtime_ns))
     offers.settle(rel, failed=True)
+    path = drain.layout.drain_file(DATE, "s")
     with drain.watching(DATE, "s"):
-        await wait_for_file(drain.layout.drain_file(DATE, "s"), present=False)
+        await trio.sleep(1.5)  # a round of the drain came and went
+        assert receive.statistics().current_buffer_used == 0 and path.exists()
+        drain.layout.incoming_path(FileKey(DATE, "s", rel)).unlink()  # its watcher's offer, claimed
+        await wait_for_file(path, present=False)
         await forgotten(drain)
-    assert receive.statistics().current_buffer_used == 0
+
+
+async def test_a_start_and_stop_before_the_new_watcher_offered_a_drained_file_keep_its_drain(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    drain, receive, _ = drains
+    rel, size, mtime_ns = drop(drain.layout, "s", "a.bin")
+    offers = await recorded(drain, rel, (size, mtime_ns))
+    offers.settle(rel, failed=True)  # still in incoming
+    with drain.watching(DATE, "s"):
+        await trio.sleep(1.5)  # its watcher had not offered it yet
+    await drain.record(DATE, "s").wait()  # stopped again, nothing of its own queued
+    assert drain.layout.drain_file(DATE, "s").exists() and drain.names() == ["s"]
+    with trio.fail_after(5):
+        item = await receive.receive()  # offered again by the drain
+    assert item.key == FileKey(DATE, "s", rel)
+
+
+async def test_a_stop_while_the_drain_checks_incoming_keeps_the_files_it_recorded(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    drain, _, _ = drains
+    layout = drain.layout
+    a, b = drop(layout, "s", "a.bin"), drop(layout, "s", "b.bin")
+    offers = await recorded(drain, a[0], a[1:])
+    checking, go_on = threading.Event(), threading.Event()
+    real_still_there = drain_module.still_there
+
+    def slow_still_there(*args: Any) -> list[tuple[str, int, int]]:
+        checking.set()
+        go_on.wait(10)
+        return real_still_there(*args)
+
+    monkeypatch.setattr(drain_module, "still_there", slow_still_there)
+    layout.incoming_path(FileKey(DATE, "s", "a.bin")).unlink()  # a.bin claimed
+    offers.settle("a.bin")
+    await trio.to_thread.run_sync(checking.wait)
+    with drain.watching(DATE, "s") as again:  # started again, b.bin queued, stopped
+        again.add(b[0], b[1:])
+    await drain.record(DATE, "s").wait()
+    go_on.set()
+    await trio.sleep(0.5)
+    path = layout.drain_file(DATE, "s")
+    assert [entry[0] for entry in decode_drain(path.read_bytes())[1]] == ["a.bin", "b.bin"]
+    assert drain.names() == ["s"]
+
+
+async def test_a_stop_while_the_drains_are_read_at_start_up_keeps_both_drains_files(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    drain, _, _ = drains
+    layout = drain.layout
+    a, b = drop(layout, "s", "a.bin"), drop(layout, "s", "b.bin")
+    path = layout.drain_file(DATE, "s")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode_drain(DATE, "s", [a]))  # from before the restart
+    reading, go_on = threading.Event(), threading.Event()
+    real_read_drains = drain_module.read_drains
+
+    def slow_read_drains(layout: Layout) -> Any:
+        found = real_read_drains(layout)
+        reading.set()
+        go_on.wait(10)
+        return found
+
+    monkeypatch.setattr(drain_module, "read_drains", slow_read_drains)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain.catch_up)
+        await trio.to_thread.run_sync(reading.wait)
+        with drain.watching(DATE, "s") as offers:  # the resumed session: b.bin queued, stopped
+            offers.add(b[0], b[1:])
+        await drain.record(DATE, "s").wait()
+        go_on.set()
+    for _ in range(500):
+        if [entry[0] for entry in decode_drain(path.read_bytes())[1]] == ["a.bin", "b.bin"]:
+            break
+        await trio.sleep(0.01)
+    assert [entry[0] for entry in decode_drain(path.read_bytes())[1]] == ["a.bin", "b.bin"]
+
+
+async def test_one_file_is_offered_by_one_run_of_its_session_at_a_time_whatever_their_dates(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    """Stopped on one day with a file queued, started again the next: one folder."""
+    drain, _, _ = drains
+    a = drop(drain.layout, "s", "a.bin")
+    offers = await recorded(drain, a[0], a[1:])
+    with drain.watching("20240103", "s") as next_day:
+        assert next_day.is_pending("a.bin")  # its watcher leaves it to the first offer
+        offers.settle("a.bin", failed=True)
+        assert not next_day.is_pending("a.bin")
 
 
 async def test_no_state_is_written_before_the_drain_a_stop_asked_for(tmp_path: Path) -> None:

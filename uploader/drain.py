@@ -23,7 +23,6 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,38 +47,48 @@ MAX_RETRY_DELAY_S = 60.0
 
 class Offers:
     """The files offered to the workers from one session's folder whose claims have not
-    settled yet, whichever of the session's watchers (or catch-up) offered them."""
+    settled yet, whichever of the session's watchers (or catch-up) offered them.
 
-    def __init__(self) -> None:
+    One per (date prefix, session); ``names`` is shared by all of a session name, whatever
+    their dates (a session stopped and started again across midnight): they list one folder,
+    and a file of it must be offered by one of them at a time."""
+
+    def __init__(self, names: collections.Counter[str] | None = None) -> None:
         # rel -> ((size, mtime_ns), how many offers of it are out)
         self._pending: dict[str, tuple[tuple[int, int], int]] = {}
+        self._names = names if names is not None else collections.Counter()
         self.outstanding = 0
-        self.failed = 0  # claims that failed: those files are still in incoming
         self._settled = trio.Event()
         self._settled.set()
 
     def add(self, rel: str, expected: tuple[int, int]) -> None:
         count = self._pending.get(rel, (expected, 0))[1]
         self._pending[rel] = (expected, count + 1)
+        self._names[rel] += 1
         self.outstanding += 1
         if self._settled.is_set():
             self._settled = trio.Event()
 
     def settle(self, rel: str, failed: bool = False) -> None:
+        """``failed``: the claim failed, the file is still in incoming (the watcher waits
+        before it offers it again; a drain checks what is left anyway)."""
         expected, count = self._pending.get(rel, ((0, 0), 1))
         if count <= 1:
             self._pending.pop(rel, None)
         else:
             self._pending[rel] = (expected, count - 1)
+        self._names[rel] -= 1
+        if self._names[rel] <= 0:
+            del self._names[rel]
         self.outstanding -= 1
-        self.failed += failed
         if self.outstanding == 0:
             self._settled.set()
 
     def is_pending(self, rel: str) -> bool:
         """Whether a file of that name is offered and not settled (by another watcher of the
-        session, or a catch-up): offered again, it would only be found gone."""
-        return rel in self._pending
+        session, of this date or another, or a catch-up): offered again, it would only be
+        found gone, or claimed twice."""
+        return rel in self._names
 
     def snapshot(self) -> list[Offered]:
         return [(rel, size, mtime_ns) for rel, ((size, mtime_ns), _) in sorted(self._pending.items())]
@@ -229,6 +238,7 @@ class Drains:
         self.progress = progress
         # Kept for the process's life: a watcher may hold its session's Offers at any time.
         self._offers: dict[SessionKey, Offers] = {}
+        self._names: dict[str, collections.Counter[str]] = {}  # offered names, per session name
         self._files: dict[SessionKey, fileops.OrderedWrites] = {}
         self._waiting: set[SessionKey] = set()  # drains on record, waiting for their claims
         self._forgetting: set[SessionKey] = set()  # those whose claims are being waited for
@@ -249,7 +259,7 @@ class Drains:
         folder, so a drain of that name has nothing left to offer: it goes once the claims
         of what it named and of this watcher's offers are settled."""
         key = (date_prefix, session)
-        offers = self._offers.setdefault(key, Offers())
+        offers = self._offers_of(key)
         self._watched[session] += 1
         try:
             if key in self._waiting:
@@ -259,6 +269,12 @@ class Drains:
             self._watched[session] -= 1
             if not self._watched[session]:
                 del self._watched[session]
+
+    def _offers_of(self, key: SessionKey) -> Offers:
+        offers = self._offers.get(key)
+        if offers is None:
+            offers = self._offers[key] = Offers(self._names.setdefault(key[1], collections.Counter()))
+        return offers
 
     def names(self) -> list[str]:
         """The sessions whose drains are on record."""
@@ -304,22 +320,25 @@ class Drains:
     async def _forget_when_claimed(self, key: SessionKey, offers: Offers) -> None:
         """Wait until what the drain names has left the session's folder, offering again what
         a claim left there (a claim that failed, or found an older file of that name still
-        in flight, or NFS answering ESTALE), then remove the drain file."""
+        in flight, or NFS answering ESTALE), then remove the drain file. While a watcher of
+        the session runs, it offers them; the drain goes all the same once they are claimed."""
         delay = 1.0
         try:
             while True:
+                stops = self._stops[key]
                 await offers.wait_settled()
                 left = await self._left_in_incoming(key, offers)
+                if self._stops[key] != stops:
+                    continue  # a stop meanwhile: what it recorded is checked too
                 if left:
                     log.warning("%d files that stopped session %s had queued are still in its folder; "
                                 "offering them again in %.0f s", len(left), key[1], delay,
                                 extra={"session": key[1]})
                     await trio.sleep(delay)
                     delay = min(delay * 2, MAX_RETRY_DELAY_S)
-                    # Read again: a watcher of the session may have started meanwhile.
-                    await self._offer(key, offers, await self._left_in_incoming(key, offers))
+                    if not self._watched[key[1]]:  # (its watcher offers them)
+                        await self._offer(key, offers, await self._left_in_incoming(key, offers))
                     continue
-                stops = self._stops[key]
                 await self._until_done(f"remove the drain file of {key[1]}", self._ordered(key).remover())
                 if self._stops[key] == stops:
                     break  # (else a stop recorded another drain meanwhile: written after this)
@@ -332,7 +351,7 @@ class Drains:
         """What the drain names that is still in the session's folder as it was, and offered
         by no one now."""
         recorded = self._recorded.get(key)
-        if not recorded or self._watched[key[1]]:
+        if not recorded:
             return []
         left = await self._reading(still_there, self.layout, key[1], recorded)
         return [entry for entry in left if not offers.is_pending(entry[0])]
@@ -366,33 +385,36 @@ class Drains:
             await trio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
-    async def catch_up(self, active: SessionKey | None) -> None:
+    async def catch_up(self) -> None:
         """At start-up: offer again what the drains on record name and incoming still holds
-        unchanged. The active session's own watcher covers its folder: its drain just goes."""
+        unchanged (the active session's watcher, if it has the name, offers the same files:
+        each is offered once at a time), and keep each drain until they are claimed."""
         found = await self._reading(read_drains, self.layout)
         assert self._nursery is not None
-        for path, key, files in found:
-            if active is not None and key[1] == active[1]:  # one incoming folder per name
-                self._nursery.start_soon(
-                    self._until_done, f"remove the drain file of {key[1]}", partial(fileops.remove_quietly, path)
-                )
-                continue
-            self._waiting.add(key)
-            self._forgetting.add(key)  # the catch-up waits for its claims itself
+        for _, key, files in found:
             self._nursery.start_soon(self._catch_up, key, files)
 
     async def _catch_up(self, key: SessionKey, files: list[Offered]) -> None:
         session = key[1]
-        offers = self._offers.setdefault(key, Offers())
-        self._recorded[key] = files
-        try:
-            left = await self._reading(still_there, self.layout, session, files)
-            offered = await self._offer(key, offers, left)
-            if left:
-                log.info("offered %d files that stopped session %s had queued before the restart",
-                         offered, session, extra={"session": session})
-        finally:
-            self._forgetting.discard(key)
+        offers = self._offers_of(key)
+        merged = {entry[0]: entry for entry in files}
+        if key in self._recorded:
+            # A stop recorded a drain of it while the drains were read: that file no longer
+            # names these files; it is written again with both.
+            merged.update((entry[0], entry) for entry in self._recorded[key])
+            self._recorded[key] = sorted(merged.values())
+            self._stops[key] += 1
+            write = self._ordered(key).writer(encode_drain(*key, self._recorded[key]))
+            assert self._nursery is not None
+            self._nursery.start_soon(self._write, key, write, trio.Event())
+        else:
+            self._recorded[key] = sorted(merged.values())
+        self._waiting.add(key)
+        left = await self._reading(still_there, self.layout, session, self._recorded[key])
+        offered = await self._offer(key, offers, left)
+        if left:
+            log.info("offered %d files that stopped session %s had queued before the restart",
+                     offered, session, extra={"session": session})
         self._forget_when_claimed_soon(key, offers)
 
     async def _reading(self, blocking: Callable[..., list[T]], *args: object) -> list[T]:

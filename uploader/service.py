@@ -204,10 +204,7 @@ class Service:
             await control.resume(state)
         else:
             control.state = state
-        active = None
-        if state.active and state.date_prefix is not None and state.session_name is not None:
-            active = (state.date_prefix, state.session_name)
-        root.start_soon(self.drains.catch_up, active)
+        root.start_soon(self.drains.catch_up)
 
     async def _recover(self) -> Recovered:
         """Recovery must finish before the service is ready; a failing share delays it. A

@@ -486,3 +486,42 @@ def test_a_quarantine_whose_last_unlink_was_done_already_is_done(tmp_path: Path)
         patch.setattr(os, "unlink", unlink_answered_enoent)
         where = fileops.quarantine(processing, failed, tmp_path / "reasons" / "a.json", {"reason": "r"})
     assert where == failed and failed.read_bytes() == b"a" and not processing.exists()
+
+
+async def test_a_quarantine_whose_removal_nfs_did_but_answered_an_error_counts_as_quarantined(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = settings.model_copy(update={"max_attempts": 1, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05})
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "q.bin")
+    in_incoming(layout, key)
+
+    async def always_refused(*args: Any, **kwargs: Any) -> Any:
+        raise IntegrityError("storage computed another MD5")
+
+    real_unlink = os.unlink
+    unlinks = 0
+
+    def done_then_eio(path: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal unlinks
+        real_unlink(path, *args, **kwargs)
+        if Path(os.fsdecode(path)) == layout.processing_path(key):
+            unlinks += 1
+            if unlinks == 1:  # done on the server; the answer lost (a soft mount)
+                raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(store, "upload", always_refused)
+    monkeypatch.setattr(os, "unlink", done_then_eio)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, key))
+        with trio.fail_after(10):
+            while progress.files_quarantined + progress.files_skipped == 0:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+    assert (progress.files_quarantined, progress.files_skipped) == (1, 0)
+    failed = layout.failed_path(key)
+    assert failed.read_bytes() == b"x" * 100 and layout.failed_reason_path(failed).exists()
+    assert progress.quarantined[0]["path"] == str(failed)

@@ -21,7 +21,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -776,6 +776,9 @@ def quarantine(
     reason_path: Path,
     reason: dict[str, object],
     apart: Callable[[os.stat_result], tuple[Path, Path]] | None = None,
+    *,
+    seen: Callable[[os.stat_result], None] = lambda found: None,
+    tried_before: os.stat_result | None = None,
 ) -> Path:
     """Move a file that cannot be uploaded to the failed folder, beside a reason file.
 
@@ -784,8 +787,24 @@ def quarantine(
     before, now ``a/b``; a user's folder ``a.json`` among the reasons beside the reason of
     ``a``), the file or its reason goes to ``apart(the file's stat)`` instead: (failed path,
     reason path) in a folder of its own. Returns where the file went.
+
+    ``seen`` is told the file's stat before anything is done; given as ``tried_before`` to
+    a try after a failed one, it lets that try find the file in the failed folder when the
+    failed try got as far as removing it from processing (its answer lost, NFS).
     """
-    before = os.lstat(processing)
+    try:
+        before = os.lstat(processing)
+    except FileNotFoundError:
+        if tried_before is None or apart is None:
+            raise
+        for candidate, first, reasons in _links_in_failed(tried_before, failed, reason_path, apart):
+            target = _reason_of(candidate, first, reasons)
+            if not os.path.lexists(target):
+                payload = json.dumps({**reason, "path": str(candidate)}, indent=2, sort_keys=True).encode()
+                write_atomically(target, payload)
+            return candidate
+        raise
+    seen(before)
     try:
         candidate, renamed = _move_to_failed(processing, failed, before)
     except OSError as exc:
@@ -828,6 +847,25 @@ def undo_quarantine(
     here = os.lstat(processing)
     if here.st_nlink < 2:
         return None  # linked nowhere else (or moved by a rename, which leaves no twin)
+    apart_reason = apart(here)[1]
+    for candidate, first, reasons in _links_in_failed(here, failed, reason_path, apart):
+        for reason in {_reason_of(candidate, first, reasons), _reason_of(candidate, first, apart_reason)}:
+            for leftover in (reason, reason.with_name(reason.name + ".tmp")):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                    os.unlink(leftover)
+        os.unlink(candidate)
+        return candidate
+    return None
+
+
+def _links_in_failed(
+    here: os.stat_result,
+    failed: Path,
+    reason_path: Path,
+    apart: Callable[[os.stat_result], tuple[Path, Path]],
+) -> Iterator[tuple[Path, Path, Path]]:
+    """Where a quarantine may have put the file ``here`` is: (its name in the failed folder,
+    the path it was to have there, the path of that path's reason), first found first."""
     apart_failed, apart_reason = apart(here)
     for first, reasons in ((failed, reason_path), (apart_failed, apart_reason)):
         # Its name there, or a numbered one (whatever was removed from the folder since).
@@ -838,15 +876,9 @@ def undo_quarantine(
             continue
         for name in names:
             candidate = first.with_name(name)
-            if not (_a_name_quarantine_gives(first.name, name) and _is(candidate, here)):
-                continue  # another file's quarantine, hard-linked to this one by someone
-            for reason in {_reason_of(candidate, first, reasons), _reason_of(candidate, first, apart_reason)}:
-                for leftover in (reason, reason.with_name(reason.name + ".tmp")):
-                    with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                        os.unlink(leftover)
-            os.unlink(candidate)
-            return candidate
-    return None
+            # Not another file's quarantine, hard-linked to this one by someone.
+            if _a_name_quarantine_gives(first.name, name) and _is(candidate, here):
+                yield candidate, first, reasons
 
 
 def _a_name_quarantine_gives(name: str, candidate: str) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from opentelemetry import trace
@@ -79,6 +80,9 @@ class WorkItem:
     # (reason, disposition) of a quarantine decided and not done (NFS failed it, maybe
     # half-way: linked into the failed folder): the next try finishes it, never an upload.
     quarantine_due: tuple[str, Disposition] | None = None
+    # The file's stat as the last quarantine try found it: the next try finds it in the
+    # failed folder by it, should the failed try have got as far as its removal.
+    quarantine_stat: os.stat_result | None = None
     in_pipeline: bool = False
 
 
@@ -543,7 +547,16 @@ class Pipeline:
             return
         reason, disposition = item.quarantine_due
         with tracer.start_as_current_span("file", attributes=_attributes(item)) as item.span:
-            if not await self._quarantine(item, reason, disposition):
+            try:
+                done = await self._quarantine(item, reason, disposition)
+            except Exception as bug:
+                # As in _step: a bug must not take the other files down with it. The file
+                # stays claimed, no longer ours: GC finds it and queues it again.
+                self.progress.claimed.discard(item.key)
+                log.exception("unexpected error on %s", item.key)
+                self.progress.note_error(f"{item.key}: {describe(bug)}")
+                return
+            if not done:
                 self._retry_soon(item, "the quarantine of %s will be tried again in %.1f s", item.key)
 
     async def _quarantine(self, item: WorkItem, reason: str, disposition: Disposition) -> bool:
@@ -560,9 +573,15 @@ class Pipeline:
             "disposition": disposition.value,
             "quarantined_at": utc_now_iso(),
         }
+
+        def quarantine(*args: Any) -> Path:
+            return fileops.quarantine(
+                *args, seen=partial(setattr, item, "quarantine_stat"), tried_before=item.quarantine_stat
+            )
+
         try:
             where = await self.lanes.nfs.run(
-                fileops.quarantine,
+                quarantine,
                 layout.processing_path(key),
                 failed,
                 layout.failed_reason_path(failed),

@@ -145,6 +145,30 @@ def test_claim_changed_when_attributes_differ(tmp_path: Path, what: str) -> None
     assert not target.exists()
 
 
+@pytest.mark.parametrize("how", ["rewritten", "replaced"])
+def test_claim_changed_when_the_file_changes_between_its_check_and_its_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str,
+) -> None:
+    """A writer back at the file (truncated and written again, or a new file renamed over
+    it) at the moment of the claim: what was found stable is no longer there."""
+    source = make_file(tmp_path / "in" / "a.csv", b"complete content")
+    expected = expected_of(source)
+    target = tmp_path / "proc" / "a.csv"
+    real_link = os.link
+
+    def writer_first(*args: Any, **kwargs: Any) -> None:
+        if how == "rewritten":
+            source.write_bytes(b"partial")
+        else:
+            make_file(tmp_path / "in" / ".a.tmp", b"partial").rename(source)
+        real_link(*args, **kwargs)
+
+    monkeypatch.setattr(os, "link", writer_first)
+    assert claim(source, target, expected, tmp_path / "in") is Claim.CHANGED
+    assert source.read_bytes() == b"partial" and os.lstat(source).st_nlink == 1
+    assert not os.path.lexists(target)
+
+
 def test_claim_finishes_interrupted_claim(tmp_path: Path) -> None:
     source = make_file(tmp_path / "in" / "a.csv", b"data")
     target = tmp_path / "proc" / "a.csv"

@@ -281,6 +281,13 @@ def _move_in(name: str, target: Path, before: os.stat_result, folder: int) -> bo
         return move_no_clobber(name, target, before, source_dir_fd=folder)
 
 
+def _as_found(path: Path, before: os.stat_result, expected: tuple[int, int]) -> bool:
+    """Whether ``path`` is still the file ``before`` describes, with the (size, mtime_ns)
+    that was found stable."""
+    now = os.lstat(path)
+    return same_file(now, before) and (now.st_size, now.st_mtime_ns) == expected
+
+
 def _file_on_the_way(path: Path) -> bool:
     """Whether the nearest existing folder of ``path``'s folders is a regular file."""
     for folder in path.parents:
@@ -393,6 +400,11 @@ def _claim_in(
         if not _file_on_the_way(target):
             raise
         return Claim.BUSY
+    if linked_now and expected is not None and not _as_found(target, before, expected):
+        # Rewritten, or replaced by a rename, between the check above and the link: not the
+        # file that was found stable. Its link goes; it stays in incoming until it is.
+        os.unlink(target)
+        return Claim.CHANGED
     try:
         os.unlink(name, dir_fd=folder)
     except FileNotFoundError:

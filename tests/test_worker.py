@@ -525,3 +525,54 @@ async def test_a_quarantine_whose_removal_nfs_did_but_answered_an_error_counts_a
     failed = layout.failed_path(key)
     assert failed.read_bytes() == b"x" * 100 and layout.failed_reason_path(failed).exists()
     assert progress.quarantined[0]["path"] == str(failed)
+
+
+async def test_a_newer_file_claimed_while_the_older_of_its_name_finishes_goes_up_after_it(
+    settings: Settings, store: BlobStore, container: ContainerClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The older one's move to the completed folder frees the name in processing before its
+    staging copy (of the same path) is removed: the newer one waits, and is copied again."""
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "status.json")
+    older, newer = random_bytes(3000, seed=1), random_bytes(4000, seed=2)
+    in_incoming(layout, key)
+    layout.incoming_path(key).write_bytes(older)
+    moved, newer_claimed = threading.Event(), threading.Event()
+    real_finish, real_claim_and_stage = fileops.finish, fileops.claim_and_stage
+    finishes = 0
+
+    def finish_slowly_the_first_time(processing: Path, completed: Path, staged: fileops.StagedFile) -> list[str]:
+        nonlocal finishes
+        finishes += 1
+        if finishes > 1:
+            return real_finish(processing, completed, staged)
+        fileops.mark_completed(processing, completed, staged)
+        moved.set()
+        newer_claimed.wait(10)
+        time.sleep(0.3)  # the newer one's claim is back on the Trio thread
+        for path in (completed, staged.path):
+            fileops.remove_quietly(path)
+        return []
+
+    def claim_and_stage_and_tell(*args: Any) -> fileops.Claimed:
+        claimed = real_claim_and_stage(*args)
+        newer_claimed.set()
+        return claimed
+
+    monkeypatch.setattr(fileops, "finish", finish_slowly_the_first_time)
+    monkeypatch.setattr(fileops, "claim_and_stage", claim_and_stage_and_tell)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, key))
+        await trio.to_thread.run_sync(moved.wait)
+        layout.incoming_path(key).write_bytes(newer)
+        await send.send(offer(layout, key))
+        with trio.fail_after(10):
+            while progress.files_processed < 2:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+    assert container.download_blob(blob_name(key)).readall() == newer
+    assert progress.files_failed == 0 and not progress.claimed
+    assert not layout.processing_path(key).exists() and not layout.staging_path(key).exists()

@@ -145,6 +145,7 @@ class Pipeline:
         self._nursery: trio.Nursery | None = None
         # Files inside the pipeline: one file is never worked on twice at once.
         self._active: set[FileKey] = set()
+        self._someone_left = trio.Event()  # set (and replaced) whenever a file leaves _active
         self._attempts_started = 0
         # The newest-started attempt that has completed: a file that went all the way after
         # another's first failure shows that every side works (one staged, uploaded or
@@ -211,9 +212,9 @@ class Pipeline:
                     span.set_attribute("size", size)
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, describe(exc))
-                # What follows (a quarantine) is part of the span; the room is given back once
-                # the staging copy is removed.
-                self._leave(item, end_span=False, keep_room=True)
+                # What follows (a quarantine) is part of the span, and of the file's time in
+                # the pipeline: a newer file of its name, claimed once the quarantine moved
+                # this one, waits until this one's staging copy is removed. So does the room.
                 try:
                     await self._failed(item, exc)
                 except Exception as bug:
@@ -225,7 +226,8 @@ class Pipeline:
                     log.exception("unexpected error on %s", item.key)
                     self.progress.note_error(f"{item.key}: {describe(bug)}")
                 finally:
-                    self._release_room(item)
+                    # No checkpoint since _failed returned: a retry it scheduled comes after.
+                    self._leave(item, end_span=False)
                     span.end()
                 return False
 
@@ -239,12 +241,13 @@ class Pipeline:
         self.space.release(item.room)
         item.room = None
 
-    def _leave(self, item: WorkItem, *, end_span: bool = True, keep_room: bool = False) -> None:
-        if not keep_room:
-            self._release_room(item)  # its copy is removed now
+    def _leave(self, item: WorkItem, *, end_span: bool = True) -> None:
+        self._release_room(item)  # its copy is removed now
         if item.in_pipeline:
             item.in_pipeline = False
             self._active.discard(item.key)
+            self._someone_left.set()
+            self._someone_left = trio.Event()
             self.progress.in_flight -= 1
             self.metrics.in_flight.add(-1)
         if item.span is not None and end_span:
@@ -262,6 +265,7 @@ class Pipeline:
         self._attempts_started += 1
         item.attempt_number = self._attempts_started
         stage_error: Exception | None = None
+        claimed_now = not item.claimed
         if not item.claimed:
             size = _expected_size(item)
             stage_now = not self._streams(size)
@@ -274,6 +278,14 @@ class Pipeline:
                 span.end()
                 return False
             item.staged, stage_error = claimed.staged, claimed.stage_error
+        if key in self._active and claimed_now:
+            # Claimed just now, so the older file of its name is finishing (its name in
+            # processing was free): this one goes after it.
+            while key in self._active:
+                await self._someone_left.wait()
+            self.progress.claimed.add(key)  # (the older one's finish forgot the name)
+            if item.staged is not None and not await self.lanes.staging.run(os.path.lexists, item.staged.path):
+                item.staged = None  # its copy was taken for the older one's: made again below
         if key in self._active:
             self._release_room(item)
             span.set_attribute("outcome", "already being uploaded")

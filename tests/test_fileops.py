@@ -498,6 +498,18 @@ def test_stage_copy_overwrites_longer_stale_copy(tmp_path: Path) -> None:
     assert staged.md5 == md5(b"short")
 
 
+def test_stage_copy_makes_a_new_file_where_an_earlier_copy_was(tmp_path: Path) -> None:
+    """The earlier attempt's copy may still run in an abandoned thread, which removes its
+    own file when it fails: by inode, so this one must have another."""
+    source = make_file(tmp_path / "proc" / "a.bin", b"data")
+    target = make_file(tmp_path / "staging" / "a.bin", b"data")
+    with open(target, "rb") as earlier:  # (held open, so its inode stays allocated)
+        staged = stage_copy(source, target, BLOCK)
+        assert os.fstat(earlier.fileno()).st_ino != os.lstat(target).st_ino
+        fileops._remove_if_still(target, os.fstat(earlier.fileno()))  # the earlier copy's cleanup
+    assert target.read_bytes() == b"data" and staged.path == target
+
+
 def test_stage_copy_creates_missing_folders(tmp_path: Path) -> None:
     source = make_file(tmp_path / "proc" / "a.bin", b"x")
     target = tmp_path / "staging" / "20240102" / "s" / "sub" / "a.bin"

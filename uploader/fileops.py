@@ -566,10 +566,7 @@ def stage_copy(
             raise NotARegularFile(f"{source} is not a regular file")
         # A file too large for 50,000 blocks of the configured size gets larger blocks.
         block_size = max(block_size, -(-before.st_size // MAX_BLOCKS_PER_BLOB))
-        fd_out = instead_of_an_empty_folder(target, lambda: in_folder(
-            target,
-            lambda: os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
-        ))
+        fd_out = instead_of_an_empty_folder(target, lambda: in_folder(target, lambda: _create_fresh(target)))
         ours = os.fstat(fd_out)
         whole = _WholeFileHash(in_background=before.st_size > block_size)
         write_behind = _WriteBehind(fd_out)
@@ -983,6 +980,15 @@ class OrderedWrites:
             if version > self._done:
                 operation()
                 self._done = version
+
+
+def _create_fresh(path: Path) -> int:
+    """A new file at ``path`` for a staging copy, on an inode of its own: an earlier attempt's
+    copy still running in an abandoned thread, which removes its file if it fails, can never
+    take this one for its own. (A folder of the name: IsADirectoryError.)"""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def _open_new(path: Path) -> int:

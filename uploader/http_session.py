@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.utils import get_environ_proxies
+
+# An OTLP answer is a few bytes (a partial-success message at most): more is not kept.
+MAX_COLLECTOR_ANSWER_BYTES = 64 * 1024
+COLLECTOR_READ_BYTES = 16 * 1024
 
 
 class EnvironmentOnceSession(requests.Session):
@@ -47,3 +53,43 @@ class EnvironmentOnceSession(requests.Session):
         if ca_bundle and (verify is True or verify is None):
             verify = ca_bundle
         return super().merge_environment_settings(url, proxies, stream, verify, cert)
+
+
+class CollectorSession(EnvironmentOnceSession):
+    """The session of the OTLP exporters: an answer must come whole within the request's
+    timeout, and only its first MAX_COLLECTOR_ANSWER_BYTES are kept.
+
+    requests reads a whole answer into memory, and its timeout bounds each read, not the
+    answer: a collector that trickles its answer held the exporter's thread (and so all
+    export of that signal) for good, one that answered a gigabyte cost a gigabyte.
+    """
+
+    def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> requests.Response:
+        timeout = kwargs.get("timeout")
+        deadline = time.monotonic() + (timeout if isinstance(timeout, int | float) else 10.0)
+        kwargs["stream"] = True
+        response = super().request(method, url, *args, **kwargs)
+        body, whole = bytearray(), False
+        try:
+            while len(body) < MAX_COLLECTOR_ANSWER_BYTES:
+                if time.monotonic() > deadline:
+                    raise requests.exceptions.ReadTimeout(
+                        f"the collector's answer did not come whole within {timeout} s", response=response
+                    )
+                try:
+                    chunk = response.raw.read1(COLLECTOR_READ_BYTES, decode_content=True)  # what has come
+                except urllib3.exceptions.ReadTimeoutError as exc:
+                    raise requests.exceptions.ReadTimeout(exc, response=response) from None
+                except urllib3.exceptions.HTTPError as exc:  # cut off, or not in its encoding
+                    raise requests.exceptions.ConnectionError(exc, response=response) from None
+                if not chunk:
+                    whole = True
+                    break
+                body += chunk
+        finally:
+            response._content_consumed = whole  # then the connection serves the next export
+            response.close()
+        # What response.content and .text give, as if requests had read it all.
+        response._content = bytes(body[:MAX_COLLECTOR_ANSWER_BYTES])
+        response._content_consumed = True
+        return response

@@ -48,7 +48,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from uploader.config import redact
 from uploader.errors import Disposition
-from uploader.http_session import EnvironmentOnceSession
+from uploader.http_session import CollectorSession
 from uploader.log_writer import BackgroundLineWriter, own_stderr
 from uploader.otel_settings import SIGNALS
 
@@ -183,7 +183,7 @@ def setup_telemetry() -> Telemetry:
     if exporting["traces"]:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(session=EnvironmentOnceSession())))
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(session=CollectorSession())))
         trace.set_tracer_provider(tracer_provider)
     # Otherwise the API's no-op tracer stays: spans nobody receives would cost every file
     # a dozen span objects (and logs carry no trace ids, which would lead nowhere).
@@ -193,7 +193,7 @@ def setup_telemetry() -> Telemetry:
     if exporting["metrics"]:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(session=EnvironmentOnceSession())))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(session=CollectorSession())))
     meter_provider = MeterProvider(
         resource=resource, metric_readers=readers, views=[HTTP_SERVER_METRICS_VIEW]
     )
@@ -204,7 +204,7 @@ def setup_telemetry() -> Telemetry:
         from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
         from opentelemetry.instrumentation.logging.handler import LoggingHandler
 
-        logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(session=EnvironmentOnceSession())))
+        logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter(session=CollectorSession())))
         bridge = LoggingHandler(level=logging.INFO, logger_provider=logger_provider)
         # The exporter's own complaints go to stderr only, never back into the export.
         bridge.addFilter(lambda record: not record.name.startswith("opentelemetry"))

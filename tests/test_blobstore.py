@@ -147,8 +147,8 @@ async def test_a_failed_copy_is_the_cause_not_the_blocks_its_cleanup_removed(
     source.write_bytes(random_bytes(64 * KiB * 4 + 1, seed=5))
     real_copy, real_read = blobstore.stage_copy, blobstore.read_block
 
-    def copy_then_find_it_changed(source: Path, target: Path, *args: Any) -> StagedFile:
-        real_copy(source, target, *args)
+    def copy_then_find_it_changed(source: Path, target: Path, *args: Any, **kwargs: Any) -> StagedFile:
+        real_copy(source, target, *args, **kwargs)
         target.unlink()  # what stage_copy does when the file changed under it
         time.sleep(0.5)  # the senders find the copy gone first
         raise SourceChanged(f"{source} changed while it was copied to staging")

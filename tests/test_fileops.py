@@ -510,6 +510,17 @@ def test_stage_copy_makes_a_new_file_where_an_earlier_copy_was(tmp_path: Path) -
     assert target.read_bytes() == b"data" and staged.path == target
 
 
+@pytest.mark.parametrize("size", [BLOCK * 3, 10])
+def test_stage_copy_stops_at_the_room_made_for_it(tmp_path: Path, size: int) -> None:
+    """A file that grew since it was measured: nothing beyond its room is written."""
+    source = make_file(tmp_path / "proc" / "a.bin", os.urandom(size))
+    target = tmp_path / "staging" / "a.bin"
+    with pytest.raises(SourceChanged, match=f"has grown to .* bytes since it was measured \\({size - 1} for its copy\\)"):
+        stage_copy(source, target, BLOCK, at_most=size - 1)
+    assert not target.exists()
+    assert stage_copy(source, target, BLOCK, at_most=size).size == size
+
+
 def test_stage_copy_creates_missing_folders(tmp_path: Path) -> None:
     source = make_file(tmp_path / "proc" / "a.bin", b"x")
     target = tmp_path / "staging" / "20240102" / "s" / "sub" / "a.bin"

@@ -576,3 +576,54 @@ async def test_a_newer_file_claimed_while_the_older_of_its_name_finishes_goes_up
     assert container.download_blob(blob_name(key)).readall() == newer
     assert progress.files_failed == 0 and not progress.claimed
     assert not layout.processing_path(key).exists() and not layout.staging_path(key).exists()
+
+
+@pytest.mark.parametrize("grown_to", [150 * 1024, 400 * 1024], ids=["within-the-budget", "beyond-the-budget"])
+async def test_a_file_that_grows_after_its_claim_is_measured_again_and_never_overfills_staging(
+    settings: Settings, store: BlobStore, container: ContainerClient, monkeypatch: pytest.MonkeyPatch,
+    grown_to: int,
+) -> None:
+    budget = 256 * 1024
+    settings = with_quick_retries(settings).model_copy(update={
+        "azure_max_block_size": 64 * 1024, "azure_max_single_put_size": 64 * 1024,
+        "local_staging_max_bytes": budget, "max_attempts": 5,
+    })
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "log.bin")
+    in_incoming(layout, key)
+    first, more = random_bytes(100 * 1024, seed=1), random_bytes(grown_to - 100 * 1024, seed=2)
+    layout.incoming_path(key).write_bytes(first)
+    real_claim, real_stage_copy = fileops.claim, fileops.stage_copy
+    largest_copy = 0
+
+    def claim_then_the_writer_goes_on(*args: Any) -> fileops.Claim:
+        outcome = real_claim(*args)
+        with open(layout.processing_path(key), "ab") as writer:
+            writer.write(more)
+        return outcome
+
+    def measured_stage_copy(*args: Any, **kwargs: Any) -> fileops.StagedFile:
+        nonlocal largest_copy
+        try:
+            return real_stage_copy(*args, **kwargs)
+        finally:
+            if layout.staging_path(key).exists():
+                largest_copy = max(largest_copy, layout.staging_path(key).stat().st_size)
+
+    monkeypatch.setattr(fileops, "claim", claim_then_the_writer_goes_on)
+    monkeypatch.setattr(fileops, "stage_copy", measured_stage_copy)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, key))
+        with trio.fail_after(20):
+            while progress.files_processed + progress.files_quarantined == 0:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+    assert largest_copy <= min(budget, grown_to)
+    if grown_to <= budget:
+        assert container.download_blob(blob_name(key)).readall() == first + more
+    else:
+        assert progress.files_quarantined == 1 and not container.get_blob_client(blob_name(key)).exists()
+        assert progress.quarantined[0]["reason"] == f"{grown_to} bytes, larger than APP_LOCAL_STAGING_MAX_BYTES ({budget})"

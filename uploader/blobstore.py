@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -196,16 +197,18 @@ class BlobStore:
         name: str,
         *,
         on_sent: Callable[[int], None] = lambda n: None,
+        at_most: int | None = None,
     ) -> tuple[StagedFile, UploadReport]:
-        """Copy a large file to staging and send its blocks as each is copied.
+        """Copy a large file to staging and send its blocks as each is copied (a copy of at
+        most ``at_most`` bytes: ``stage_copy``).
 
         The blob is committed only once the copy is complete, fsynced and checked unchanged:
         a copy that fails leaves nothing but uncommitted blocks, which the next attempt uses.
         """
-        return await self._in_container(self._stream_blocks, source, staging, name, on_sent)
+        return await self._in_container(self._stream_blocks, source, staging, name, on_sent, at_most)
 
     async def _stream_blocks(
-        self, source: Path, staging: Path, name: str, on_sent: Callable[[int], None]
+        self, source: Path, staging: Path, name: str, on_sent: Callable[[int], None], at_most: int | None
     ) -> tuple[StagedFile, UploadReport]:
         blob = self.container.get_blob_client(name)
         ready_send, ready_receive = trio.open_memory_channel[_Block](math.inf)
@@ -223,8 +226,8 @@ class BlobStore:
                 with tracer.start_as_current_span("stage"):
                     try:
                         staged = await self.lanes.nfs.run(
-                            stage_copy, source, staging, self.settings.azure_max_block_size,
-                            block_ready,
+                            partial(stage_copy, at_most=at_most), source, staging,
+                            self.settings.azure_max_block_size, block_ready,
                         )
                     except Exception as exc:
                         copy_failure = exc

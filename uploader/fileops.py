@@ -545,12 +545,15 @@ BlockReady = Callable[[int, int, int, bytes], None]
 
 
 def stage_copy(
-    source: Path, target: Path, block_size: int, on_block: BlockReady | None = None
+    source: Path, target: Path, block_size: int, on_block: BlockReady | None = None,
+    *, at_most: int | None = None,
 ) -> StagedFile:
     """Copy ``source`` to local staging, hashing the whole file and every block on the way.
 
     ``on_block`` lets a large file's blocks go up while the rest is still being copied;
-    the copy is only complete (fsynced, and checked unchanged) when this returns.
+    the copy is only complete (fsynced, and checked unchanged) when this returns. A file
+    larger than ``at_most`` (the room made for it on the staging disk: it grew since it was
+    measured) is not copied beyond it: SourceChanged, and the next attempt measures again.
     """
     try:
         fd_in = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -564,6 +567,8 @@ def stage_copy(
         before = os.fstat(fd_in)
         if not stat.S_ISREG(before.st_mode):
             raise NotARegularFile(f"{source} is not a regular file")
+        if at_most is not None and before.st_size > at_most:
+            raise _grown(source, before.st_size, at_most)
         # A file too large for 50,000 blocks of the configured size gets larger blocks.
         block_size = max(block_size, -(-before.st_size // MAX_BLOCKS_PER_BLOB))
         fd_out = instead_of_an_empty_folder(target, lambda: in_folder(target, lambda: _create_fresh(target)))
@@ -585,6 +590,8 @@ def stage_copy(
                 block.update(chunk)
                 in_block += len(chunk)
                 size += len(chunk)
+                if at_most is not None and size > at_most:
+                    raise _grown(source, size, at_most)
                 if in_block == block_size:
                     write_behind.block_written(size - in_block, in_block)
                     blocks.append(block.digest())
@@ -614,6 +621,10 @@ def stage_copy(
     return StagedFile(
         target, size, before.st_mtime_ns, after.st_ctime_ns, digest, block_size, tuple(blocks)
     )
+
+
+def _grown(source: Path, size: int, room: int) -> SourceChanged:
+    return SourceChanged(f"{source} has grown to {size} bytes since it was measured ({room} for its copy)")
 
 
 def _unchanged(
@@ -732,7 +743,7 @@ class Claimed:
 
 def claim_and_stage(
     source: Path, target: Path, staging: Path, expected: tuple[int, int] | None, block_size: int,
-    within: Path,
+    within: Path, at_most: int | None = None,
 ) -> Claimed:
     """Claim a file and copy it to staging, in one trip to a worker thread (each trip costs
     a thread wake-up and a wake-up of the event loop: per small file, that adds up)."""
@@ -741,7 +752,7 @@ def claim_and_stage(
         return Claimed(outcome)
     with _tracer.start_as_current_span("stage"):
         try:
-            return Claimed(outcome, stage_copy(target, staging, block_size))
+            return Claimed(outcome, stage_copy(target, staging, block_size, at_most=at_most))
         except Exception as exc:
             return Claimed(outcome, stage_error=exc)
 

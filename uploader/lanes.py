@@ -42,7 +42,8 @@ class ThreadLane:
                 # Trio runs this in a copy of the caller's context: inside a file's span, the
                 # call gets a child span of its own, in the thread; a bare call gets none.
                 if trace.get_current_span().get_span_context().is_valid:
-                    name = f"{self.name} {getattr(fn, '__name__', 'call')}"
+                    called = getattr(fn, "func", fn)  # a functools.partial: what it calls
+                    name = f"{self.name} {getattr(called, '__name__', 'call')}"
                     with _tracer.start_as_current_span(name):
                         return fn(*args, **kwargs)
                 return fn(*args, **kwargs)

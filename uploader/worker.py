@@ -317,7 +317,8 @@ class Pipeline:
         if not self._streams(item.claimed_size):
             with tracer.start_as_current_span("stage"):
                 item.staged = await self.lanes.nfs.run(
-                    fileops.stage_copy, processing, staging, self.settings.azure_max_block_size
+                    partial(fileops.stage_copy, at_most=item.claimed_size),
+                    processing, staging, self.settings.azure_max_block_size,
                 )
         return True
 
@@ -365,6 +366,7 @@ class Pipeline:
                         item.expected,
                         self.settings.azure_max_block_size,
                         layout.incoming_root,
+                        _expected_size(item),  # what room was made for
                     )
         except OSError as exc:
             # Still in incoming: the watcher offers it again after a while.
@@ -417,7 +419,7 @@ class Pipeline:
             if item.staged is None:
                 item.staged, item.report = await self.store.upload_while_staging(
                     self.layout.processing_path(key), self.layout.staging_path(key),
-                    blob_name(key), on_sent=sent,
+                    blob_name(key), on_sent=sent, at_most=item.claimed_size,
                 )
             else:
                 item.report = await self.store.upload(item.staged, blob_name(key), on_sent=sent)
@@ -471,6 +473,8 @@ class Pipeline:
             # NFS failed the move, not the file (a changed or vanished file is no OSError).
             item.verified = item.staged
         item.report = None
+        if isinstance(exc, SourceChanged):
+            item.claimed_size = None  # measured again: its room on the staging disk too
         if disposition is Disposition.PERMANENT:
             give_up = True
         elif at_completion:
@@ -493,6 +497,7 @@ class Pipeline:
                         f"({self.layout.staging_root}): {reason}"
                     )
                 disposition = Disposition.PERMANENT
+                progress.note_error(f"{key}: {reason}")  # rather than the disk's words
         else:
             give_up = item.attempts >= self.settings.max_attempts and (
                 others_completed or await self._works_for_others(exc)

@@ -450,3 +450,33 @@ async def test_a_file_another_watcher_of_the_session_queued_is_not_queued_again(
         assert [item.key.rel for item in [receive.receive_nowait()]] == ["new.bin"]
         assert receive.statistics().current_buffer_used == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_file_another_offer_had_claimed_while_the_folder_was_listed_is_not_queued_again(
+    autojump_clock: trio.testing.MockClock, layout: Layout
+) -> None:
+    """A drain's offer, or the previous watcher's, claimed it after this listing saw it:
+    offered again, it would only be found gone (and counted as skipped)."""
+    folder = layout.incoming_dir("s")
+    files_in(layout, "queued.bin")
+    offers = Offers()
+    offers.add("queued.bin", (1, 0))  # by the watcher of the session's previous start
+
+    class ClaimedDuringListing(InlineLane):
+        async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            listing = await super().run(fn, *args, **kwargs)
+            if len(self.calls) == 2 and (folder / "queued.bin").exists():
+                (folder / "queued.bin").unlink()  # the earlier offer's claim, meanwhile
+                offers.settle("queued.bin")
+            return listing
+
+    send, receive = trio.open_memory_channel[WorkItem](100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: watcher.run(
+            send, date_prefix=DATE, session="s", layout=layout, nfs=ClaimedDuringListing(),  # type: ignore[arg-type]
+            progress=Progress(), poll_interval_s=1, min_file_age_s=0, offers=offers,
+            wall_clock=virtual_wall_clock(), task_status=task_status,
+        ))
+        await trio.sleep(10)
+        assert receive.statistics().current_buffer_used == 0
+        nursery.cancel_scope.cancel()

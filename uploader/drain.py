@@ -45,26 +45,45 @@ Offered = tuple[str, int, int]
 MAX_RETRY_DELAY_S = 60.0
 
 
+class SessionNames:
+    """What all the offers of one session name share, whatever their dates (a session
+    stopped and started again across midnight): they list one folder, and a file of it must
+    be offered by one of them at a time."""
+
+    def __init__(self) -> None:
+        self.offered: collections.Counter[str] = collections.Counter()
+        # Told of each settled offer: a watcher's listing made meanwhile may show the file
+        # from before its claim moved it, and must not offer it again.
+        self.listeners: list[Callable[[str], None]] = []
+
+
 class Offers:
     """The files offered to the workers from one session's folder whose claims have not
-    settled yet, whichever of the session's watchers (or catch-up) offered them.
+    settled yet, whichever of the session's watchers (or catch-up) offered them. One per
+    (date prefix, session), sharing ``SessionNames`` with the others of that name."""
 
-    One per (date prefix, session); ``names`` is shared by all of a session name, whatever
-    their dates (a session stopped and started again across midnight): they list one folder,
-    and a file of it must be offered by one of them at a time."""
-
-    def __init__(self, names: collections.Counter[str] | None = None) -> None:
+    def __init__(self, names: SessionNames | None = None) -> None:
         # rel -> ((size, mtime_ns), how many offers of it are out)
         self._pending: dict[str, tuple[tuple[int, int], int]] = {}
-        self._names = names if names is not None else collections.Counter()
+        self._names = names if names is not None else SessionNames()
         self.outstanding = 0
         self._settled = trio.Event()
         self._settled.set()
 
+    @contextlib.contextmanager
+    def listened(self, listener: Callable[[str], None]) -> Iterator[None]:
+        """Tell ``listener`` the name of each file whose offer settles, by any offer of the
+        session's name, while in the block."""
+        self._names.listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._names.listeners.remove(listener)
+
     def add(self, rel: str, expected: tuple[int, int]) -> None:
         count = self._pending.get(rel, (expected, 0))[1]
         self._pending[rel] = (expected, count + 1)
-        self._names[rel] += 1
+        self._names.offered[rel] += 1
         self.outstanding += 1
         if self._settled.is_set():
             self._settled = trio.Event()
@@ -77,18 +96,21 @@ class Offers:
             self._pending.pop(rel, None)
         else:
             self._pending[rel] = (expected, count - 1)
-        self._names[rel] -= 1
-        if self._names[rel] <= 0:
-            del self._names[rel]
+        offered = self._names.offered
+        offered[rel] -= 1
+        if offered[rel] <= 0:
+            del offered[rel]
         self.outstanding -= 1
         if self.outstanding == 0:
             self._settled.set()
+        for listener in self._names.listeners:
+            listener(rel)
 
     def is_pending(self, rel: str) -> bool:
         """Whether a file of that name is offered and not settled (by another watcher of the
         session, of this date or another, or a catch-up): offered again, it would only be
         found gone, or claimed twice."""
-        return rel in self._names
+        return rel in self._names.offered
 
     def snapshot(self) -> list[Offered]:
         return [(rel, size, mtime_ns) for rel, ((size, mtime_ns), _) in sorted(self._pending.items())]
@@ -238,7 +260,7 @@ class Drains:
         self.progress = progress
         # Kept for the process's life: a watcher may hold its session's Offers at any time.
         self._offers: dict[SessionKey, Offers] = {}
-        self._names: dict[str, collections.Counter[str]] = {}  # offered names, per session name
+        self._names: dict[str, SessionNames] = {}
         self._files: dict[SessionKey, fileops.OrderedWrites] = {}
         self._waiting: set[SessionKey] = set()  # drains on record, waiting for their claims
         self._forgetting: set[SessionKey] = set()  # those whose claims are being waited for
@@ -273,7 +295,7 @@ class Drains:
     def _offers_of(self, key: SessionKey) -> Offers:
         offers = self._offers.get(key)
         if offers is None:
-            offers = self._offers[key] = Offers(self._names.setdefault(key[1], collections.Counter()))
+            offers = self._offers[key] = Offers(self._names.setdefault(key[1], SessionNames()))
         return offers
 
     def names(self) -> list[str]:

@@ -204,44 +204,50 @@ async def run(
         progress.claims_failing = tracker.claims_failing
     reported: set[str] = set()
     task_status.started()
-    async with send:
-        while True:
-            tracker.begin_scan()
-            try:
-                scan = await nfs.run(scan_session_folder, folder, extensions)
-            except OSError as exc:
-                delay = backoff.next_delay()
-                level = logging.WARNING if exc.errno in (errno.ESTALE, errno.ENOENT) else logging.ERROR
-                log.log(level, "cannot list %s (%s); next try in %.1f s", folder, describe(exc), delay)
-                progress.note_error(f"watcher: {describe(exc)}")
-                await trio.sleep(delay)
-                continue
-            backoff.reset()
-            for problem in sorted(set(scan.skipped) - reported):
-                log.warning("left out of the scan of %s: %s", folder, problem, extra={"session": session})
-                progress.note_error(f"watcher: {problem}")
-            reported = set(scan.skipped)
-            progress.entries_skipped = len(scan.skipped)
-            progress.incoming_files, progress.incoming_session = len(scan.entries), session
-            stable: list[ScanEntry] = []
-            for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
-                stable += found
-                await trio.lowlevel.checkpoint()
-            progress.claims_failing = tracker.claims_failing
-            # Oldest first: a folder's listing order says nothing of age, and a file late in it
-            # would wait behind every newer one each time a restart or a full queue interrupted
-            # the offers (under a backlog that never drains, for ever).
-            stable.sort(key=lambda entry: (entry.mtime_ns, entry.rel))
-            for entry in stable:
-                key = FileKey(date_prefix, session, entry.rel)
-                if progress.is_claimed(key) or below_a_file_in_flight(progress, key):
-                    # An older file of the same name is still in flight: it goes first. So
-                    # does a file named like one of its folders ("a" still going up, now
-                    # "a/b"), which holds that name in the processing folder.
+    # Offers settled since the listing began, by any offer of the session's name (a drain's,
+    # this watcher's before a stop and start): the listing may show them from before their
+    # claim moved them, and offered again they would only be found gone.
+    settled_since_listing: set[str] = set()
+    with offers.listened(settled_since_listing.add):
+        async with send:
+            while True:
+                tracker.begin_scan()
+                settled_since_listing.clear()
+                try:
+                    scan = await nfs.run(scan_session_folder, folder, extensions)
+                except OSError as exc:
+                    delay = backoff.next_delay()
+                    level = logging.WARNING if exc.errno in (errno.ESTALE, errno.ENOENT) else logging.ERROR
+                    log.log(level, "cannot list %s (%s); next try in %.1f s", folder, describe(exc), delay)
+                    progress.note_error(f"watcher: {describe(exc)}")
+                    await trio.sleep(delay)
                     continue
-                if offers.is_pending(entry.rel):
-                    continue  # queued by the session's watcher before a stop, or a catch-up
+                backoff.reset()
+                for problem in sorted(set(scan.skipped) - reported):
+                    log.warning("left out of the scan of %s: %s", folder, problem, extra={"session": session})
+                    progress.note_error(f"watcher: {problem}")
+                reported = set(scan.skipped)
+                progress.entries_skipped = len(scan.skipped)
+                progress.incoming_files, progress.incoming_session = len(scan.entries), session
+                stable: list[ScanEntry] = []
+                for found in tracker.observe_in_steps(scan.entries, wall_clock(), trio.current_time()):
+                    stable += found
+                    await trio.lowlevel.checkpoint()
+                progress.claims_failing = tracker.claims_failing
+                # Oldest first: a folder's listing order says nothing of age, and a file late in it
+                # would wait behind every newer one each time a restart or a full queue interrupted
+                # the offers (under a backlog that never drains, for ever).
+                stable.sort(key=lambda entry: (entry.mtime_ns, entry.rel))
+                for entry in stable:
+                    key = FileKey(date_prefix, session, entry.rel)
+                    if progress.is_claimed(key) or below_a_file_in_flight(progress, key):
+                        # An older file of the same name is still in flight: it goes first. So
+                        # does a file named like one of its folders ("a" still going up, now
+                        # "a/b"), which holds that name in the processing folder.
+                        continue
+                    if offers.is_pending(entry.rel) or entry.rel in settled_since_listing:
+                        continue  # queued by the session's watcher before a stop, or a drain
 
-                tracker.mark_pending(entry.rel)
-                await offer(send, offers, key, (entry.size, entry.mtime_ns), partial(claim_settled, entry.rel))
-            await trio.sleep(poll_interval_s)
+                    tracker.mark_pending(entry.rel)
+                    await offer(send, offers, key, (entry.size, entry.mtime_ns), partial(claim_settled, entry.rel))
+                await trio.sleep(poll_interval_s)

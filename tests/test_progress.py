@@ -16,3 +16,13 @@ def test_a_quarantined_path_that_is_no_utf8_is_shown_as_valid_unicode() -> None:
     assert shown["path"] == "/share/.processing/.failed/files/20240102/s/bad-%FF.bin"
     json.dumps(shown, ensure_ascii=False).encode("utf-8")  # no lone surrogate left
     assert progress.quarantined[0]["path"] == raw  # kept as it is for recovery
+
+
+def test_a_long_error_is_shortened_and_still_resolved() -> None:
+    progress = Progress()
+    message = "cannot do it: " + "/very/deep" * 500
+    progress.note_error(message)
+    assert progress.last_error is not None and len(progress.last_error) <= 1000
+    assert progress.last_error.endswith(f" ... ({len(message)} characters)")
+    progress.resolve_error(message)
+    assert progress.last_error is None

@@ -12,10 +12,18 @@ from datetime import UTC, datetime
 from uploader.layout import FileKey, printable
 
 RECENT_QUARANTINED = 100
+MAX_ERROR_CHARS = 1000
 
 
 def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _shortened(message: str) -> str:
+    # A path can be 4 KiB, and some errors name two: status stays readable.
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[: MAX_ERROR_CHARS - 30]} ... ({len(message)} characters)"
 
 
 @dataclass
@@ -71,13 +79,13 @@ class Progress:
             del self.claiming[key]
 
     def note_error(self, message: str) -> None:
-        self.last_error = message
+        self.last_error = _shortened(message)
         self.last_error_at = utc_now_iso()
 
     def resolve_error(self, message: str) -> None:
         """``message`` is no longer true (a wait that ended, a write done at last): drop it
         if it is still the last error, rather than leave a claim that misleads."""
-        if self.last_error == message:
+        if self.last_error == _shortened(message):
             self.last_error = self.last_error_at = None
 
     def snapshot(self) -> dict[str, object]:

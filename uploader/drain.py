@@ -278,8 +278,8 @@ class Drains:
     @contextlib.contextmanager
     def watching(self, date_prefix: str, session: str) -> Iterator[Offers]:
         """While a watcher of the session runs: its offers. The watcher lists the session's
-        folder, so a drain of that name has nothing left to offer: it goes once the claims
-        of what it named and of this watcher's offers are settled."""
+        folder, so a drain of that name offers nothing meanwhile; it goes once what it names
+        has left the folder (or is in the hands of an offer)."""
         key = (date_prefix, session)
         offers = self._offers_of(key)
         self._watched[session] += 1

@@ -136,6 +136,19 @@ def test_a_drains_folder_that_cannot_be_listed_is_read_again_later(
         read_drains(layout)
 
 
+async def test_a_drain_file_this_service_did_not_write_is_named_in_last_error(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    drain, _, progress = drains
+    path = drain.layout.drain_file(DATE, "s")
+    path.parent.mkdir(parents=True)
+    path.write_text("{broken")
+    await drain.catch_up()
+    assert progress.last_error is not None
+    assert progress.last_error.startswith(f"removing drain file {path}, which this service did not write: ")
+    assert not path.exists()
+
+
 def test_no_drains_folder_is_no_drain(tmp_path: Path) -> None:
     assert read_drains(layout_in(tmp_path)) == []
 
@@ -395,7 +408,7 @@ async def test_a_stop_while_the_drain_checks_incoming_keeps_the_files_it_recorde
     monkeypatch.setattr(drain_module, "still_there", slow_still_there)
     layout.incoming_path(FileKey(DATE, "s", "a.bin")).unlink()  # a.bin claimed
     offers.settle("a.bin")
-    await trio.to_thread.run_sync(checking.wait)
+    assert await trio.to_thread.run_sync(checking.wait, 10)
     with drain.watching(DATE, "s") as again:  # started again, b.bin queued, stopped
         again.add(b[0], b[1:])
     await drain.record(DATE, "s").wait()
@@ -418,8 +431,8 @@ async def test_a_stop_while_the_drains_are_read_at_start_up_keeps_both_drains_fi
     reading, go_on = threading.Event(), threading.Event()
     real_read_drains = drain_module.read_drains
 
-    def slow_read_drains(layout: Layout) -> Any:
-        found = real_read_drains(layout)
+    def slow_read_drains(layout: Layout, *args: Any) -> Any:
+        found = real_read_drains(layout, *args)
         reading.set()
         go_on.wait(10)
         return found
@@ -427,7 +440,7 @@ async def test_a_stop_while_the_drains_are_read_at_start_up_keeps_both_drains_fi
     monkeypatch.setattr(drain_module, "read_drains", slow_read_drains)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(drain.catch_up)
-        await trio.to_thread.run_sync(reading.wait)
+        assert await trio.to_thread.run_sync(reading.wait, 10)
         with drain.watching(DATE, "s") as offers:  # the resumed session: b.bin queued, stopped
             offers.add(b[0], b[1:])
         await drain.record(DATE, "s").wait()

@@ -189,38 +189,49 @@ def _is_relative_path(rel: str) -> bool:
     return bool(rel) and "\0" not in rel and all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
-def read_drains(layout: Layout) -> list[tuple[Path, SessionKey, list[Offered]]]:
+def read_drains(
+    layout: Layout, say: Callable[[str], None] = lambda problem: None
+) -> list[tuple[Path, SessionKey, list[Offered]]]:
     """Blocking: every drain file left under the processing root; one that cannot be read is
-    said and removed (it is only bookkeeping: its files are still in incoming)."""
+    said (logged, and told to ``say``) and, unless the share failed, removed: it is only
+    bookkeeping, its files are still in incoming."""
+    def problem(message: str) -> None:
+        log.error("%s", message)
+        say(message)
+
     def failed(exc: OSError) -> None:
         if isinstance(exc, FileNotFoundError):  # none there yet: no drain
             return
         if exc.filename is not None and Path(exc.filename) == layout.drains_root:
             raise exc  # the share, failing: read them all again later
         # Kept for the next start; the other drains go on.
-        log.error("cannot read drain folder %s: %s", exc.filename, describe(exc))
+        problem(f"cannot read drain folder {exc.filename}: {describe(exc)}")
 
     found = []
     for folder, _, names in os.walk(layout.drains_root, onerror=failed):
         for name in sorted(names):
             path = Path(folder) / name
             try:
-                if not name.endswith(".json") or not stat.S_ISREG(os.lstat(path).st_mode):
+                if not name.endswith(".json"):
                     fileops.remove_quietly(path)  # a write that a crash interrupted (.tmp)
+                    continue
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    problem(f"removing drain file {path}, which is not a regular file")
+                    fileops.remove_quietly(path)
                     continue
                 raw = path.read_bytes()
             except OSError as exc:
                 # Kept for the next start; the other drains go on.
-                log.error("cannot read drain file %s: %s", path, describe(exc))
+                problem(f"cannot read drain file {path}: {describe(exc)}")
                 continue
             try:
                 key, files = decode_drain(raw)
             except (ValueError, RecursionError) as exc:
-                log.error("removing drain file %s, which this service did not write: %s", path, exc)
+                problem(f"removing drain file {path}, which this service did not write: {exc}")
                 try:
                     fileops.remove_quietly(path)
                 except OSError as refused:
-                    log.error("cannot remove drain file %s: %s", path, describe(refused))
+                    problem(f"cannot remove drain file {path}: {describe(refused)}")
                 continue
             found.append((path, key, files))
     return found
@@ -411,7 +422,10 @@ class Drains:
         """At start-up: offer again what the drains on record name and incoming still holds
         unchanged (the active session's watcher, if it has the name, offers the same files:
         each is offered once at a time), and keep each drain until they are claimed."""
-        found = await self._reading(read_drains, self.layout)
+        said: list[str] = []  # (appended in the thread; read once it is back)
+        found = await self._reading(read_drains, self.layout, said.append)
+        if said:
+            self.progress.note_error(said[-1])
         assert self._nursery is not None
         for _, key, files in found:
             self._nursery.start_soon(self._catch_up, key, files)

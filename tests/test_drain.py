@@ -452,6 +452,34 @@ async def test_a_stop_while_the_drains_are_read_at_start_up_keeps_both_drains_fi
     assert [entry[0] for entry in decode_drain(path.read_bytes())[1]] == ["a.bin", "b.bin"]
 
 
+async def test_a_catch_up_does_not_offer_a_file_the_session_s_watcher_claimed_while_it_read(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Offered again, it would only be found gone (and counted as skipped)."""
+    drain, receive, _ = drains
+    layout = drain.layout
+    rel, size, mtime_ns = drop(layout, "s", "a.bin")
+    path = layout.drain_file(DATE, "s")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode_drain(DATE, "s", [(rel, size, mtime_ns)]))
+    real_still_there = drain_module.still_there
+    with drain.watching(DATE, "s") as offers:  # the resumed session's watcher
+
+        def still_there_while_the_watcher_claims(*args: Any) -> list[tuple[str, int, int]]:
+            left = real_still_there(*args)
+            if (layout.incoming_dir("s") / rel).exists():
+                trio.from_thread.run_sync(offers.add, rel, (size, mtime_ns))
+                (layout.incoming_dir("s") / rel).unlink()  # its claim
+                trio.from_thread.run_sync(offers.settle, rel)
+            return left
+
+        monkeypatch.setattr(drain_module, "still_there", still_there_while_the_watcher_claims)
+        await drain.catch_up()
+        await trio.sleep(0.5)
+        assert receive.statistics().current_buffer_used == 0
+        await wait_for_file(path, present=False)
+
+
 async def test_one_file_is_offered_by_one_run_of_its_session_at_a_time_whatever_their_dates(
     drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
 ) -> None:

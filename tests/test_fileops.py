@@ -521,6 +521,31 @@ def test_stage_copy_stops_at_the_room_made_for_it(tmp_path: Path, size: int) -> 
     assert stage_copy(source, target, BLOCK, at_most=size).size == size
 
 
+def test_stage_copy_of_a_file_growing_under_it_writes_at_most_one_byte_beyond_its_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = make_file(tmp_path / "proc" / "a.bin", os.urandom(100 * 1024))
+    target = tmp_path / "staging" / "a.bin"
+    real_read, real_write, written = os.read, os.write, 0
+
+    def read_while_it_grows(fd: int, n: int) -> bytes:
+        with open(source, "ab") as writer:
+            writer.write(os.urandom(1024 * 1024))  # its writer, going on
+        return real_read(fd, n)
+
+    def counted_write(fd: int, data: Any) -> int:
+        nonlocal written
+        n = real_write(fd, data)
+        written += n
+        return n
+
+    monkeypatch.setattr(os, "read", read_while_it_grows)
+    monkeypatch.setattr(os, "write", counted_write)
+    with pytest.raises(SourceChanged, match="has grown to"):
+        stage_copy(source, target, BLOCK, at_most=100 * 1024)
+    assert written <= 100 * 1024 + 1 and not target.exists()
+
+
 def test_stage_copy_creates_missing_folders(tmp_path: Path) -> None:
     source = make_file(tmp_path / "proc" / "a.bin", b"x")
     target = tmp_path / "staging" / "20240102" / "s" / "sub" / "a.bin"

@@ -627,3 +627,59 @@ async def test_a_file_that_grows_after_its_claim_is_measured_again_and_never_ove
     else:
         assert progress.files_quarantined == 1 and not container.get_blob_client(blob_name(key)).exists()
         assert progress.quarantined[0]["reason"] == f"{grown_to} bytes, larger than APP_LOCAL_STAGING_MAX_BYTES ({budget})"
+
+
+async def test_a_newer_file_waits_for_the_quarantine_of_its_name_nfs_left_half_done(
+    settings: Settings, store: BlobStore, container: ContainerClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The older one's removal from processing was done, its answer lost: the name is free,
+    but its quarantine is not finished; the newer file must neither be taken for it nor be
+    claimed before it is done."""
+    settings = settings.model_copy(update={"max_attempts": 1, "retry_backoff_s": 0.5, "retry_backoff_max_s": 0.5})
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "q.bin")
+    in_incoming(layout, key)
+    real_upload, uploads = store.upload, 0
+
+    async def first_refused(*args: Any, **kwargs: Any) -> Any:
+        nonlocal uploads
+        uploads += 1
+        if uploads == 1:
+            raise IntegrityError("storage computed another MD5")
+        return await real_upload(*args, **kwargs)
+
+    real_unlink, unlinks = os.unlink, 0
+
+    def done_then_eio(path: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal unlinks
+        real_unlink(path, *args, **kwargs)
+        if Path(os.fsdecode(path)) == layout.processing_path(key):
+            unlinks += 1
+            if unlinks == 1:
+                raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(store, "upload", first_refused)
+    monkeypatch.setattr(os, "unlink", done_then_eio)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, key))
+        with trio.fail_after(10):
+            while unlinks == 0 or progress.retry_waiting == 0:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        layout.incoming_path(key).write_bytes(b"newer" * 40)
+        await send.send(offer(layout, key))  # offered while the quarantine is due: not claimed
+        with trio.fail_after(10):
+            while progress.files_quarantined == 0:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert layout.incoming_path(key).read_bytes() == b"newer" * 40
+        await send.send(offer(layout, key))  # its watcher's next offer
+        with trio.fail_after(10):
+            while progress.files_processed == 0:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+    assert container.download_blob(blob_name(key)).readall() == b"newer" * 40
+    failed = layout.failed_path(key)
+    assert [p.name for p in failed.parent.iterdir()] == ["q.bin"] and failed.read_bytes() == b"x" * 100
+    assert (progress.files_quarantined, progress.files_skipped) == (1, 0)

@@ -370,7 +370,7 @@ class Drains:
                     await trio.sleep(delay)
                     delay = min(delay * 2, MAX_RETRY_DELAY_S)
                     if not self._watched[key[1]]:  # (its watcher offers them)
-                        await self._offer(key, offers, await self._left_in_incoming(key, offers))
+                        await self._offer_what_is_left(key, offers)
                     continue
                 await self._until_done(f"remove the drain file of {key[1]}", self._ordered(key).remover())
                 if self._stops[key] == stops:
@@ -389,19 +389,25 @@ class Drains:
         left = await self._reading(still_there, self.layout, key[1], recorded)
         return [entry for entry in left if not offers.is_pending(entry[0])]
 
-    async def _offer(self, key: SessionKey, offers: Offers, files: list[Offered]) -> int:
-        """Offer ``files``, oldest first, but not one whose name (or a folder on its path) is
-        a file in flight: the newer version goes after the older, offered at a next round."""
+    async def _offer_what_is_left(self, key: SessionKey, offers: Offers) -> tuple[int, int]:
+        """Offer what the drain names that is still in incoming, oldest first, but not one
+        whose name (or a folder on its path) is a file in flight: the newer version goes after
+        the older, at a next round. Returns (files found left, files offered)."""
         date_prefix, session = key
         offered = 0
-        for rel, size, mtime_ns in sorted(files, key=lambda entry: (entry[2], entry[0])):
-            file_key = FileKey(date_prefix, session, rel)
-            if self.progress.is_claimed(file_key) or below_a_file_in_flight(self.progress, file_key):
-                continue
-            if not offers.is_pending(rel):
-                await offer(self._send, offers, file_key, (size, mtime_ns))
-                offered += 1
-        return offered
+        # Claimed by another offer (its session's watcher) since the folder was read, maybe
+        # while an offer here waited for room in the queue: offered again, only found gone.
+        settled: set[str] = set()
+        with offers.listened(settled.add):
+            left = await self._left_in_incoming(key, offers)
+            for rel, size, mtime_ns in sorted(left, key=lambda entry: (entry[2], entry[0])):
+                file_key = FileKey(date_prefix, session, rel)
+                if self.progress.is_claimed(file_key) or below_a_file_in_flight(self.progress, file_key):
+                    continue
+                if not offers.is_pending(rel) and rel not in settled:
+                    await offer(self._send, offers, file_key, (size, mtime_ns))
+                    offered += 1
+        return len(left), offered
 
     async def _until_done(self, what: str, blocking: Callable[[], None]) -> None:
         delay, noted = 1.0, None
@@ -446,8 +452,7 @@ class Drains:
         else:
             self._recorded[key] = sorted(merged.values())
         self._waiting.add(key)
-        left = await self._reading(still_there, self.layout, session, self._recorded[key])
-        offered = await self._offer(key, offers, left)
+        left, offered = await self._offer_what_is_left(key, offers)
         if left:
             log.info("offered %d files that stopped session %s had queued before the restart",
                      offered, session, extra={"session": session})

@@ -308,6 +308,12 @@ def exists(path: Path) -> bool:
     return True
 
 
+def holds(path: Path, file: os.stat_result | None) -> bool:
+    """Whether ``path`` is the file ``file`` describes (any file, for None); a share failing
+    the lookup raises, never says no."""
+    return exists(path) if file is None else _is(path, file)
+
+
 def _is(path: Path | str, before: os.stat_result, *, dir_fd: int | None = None) -> bool:
     try:
         return same_file(os.lstat(path, dir_fd=dir_fd), before)
@@ -581,7 +587,7 @@ def stage_copy(
         size = 0
         copied = False
         try:
-            while chunk := os.read(fd_in, min(COPY_CHUNK, block_size - in_block)):
+            while chunk := os.read(fd_in, min(COPY_CHUNK, block_size - in_block, _read_at_most(at_most, size))):
                 view = memoryview(chunk)
                 while view:
                     written = os.write(fd_out, view)
@@ -621,6 +627,11 @@ def stage_copy(
     return StagedFile(
         target, size, before.st_mtime_ns, after.st_ctime_ns, digest, block_size, tuple(blocks)
     )
+
+
+def _read_at_most(at_most: int | None, size: int) -> int:
+    """What the copy may read next: one byte beyond its room tells that the file grew."""
+    return COPY_CHUNK if at_most is None else at_most + 1 - size
 
 
 def _grown(source: Path, size: int, room: int) -> SourceChanged:
@@ -812,18 +823,23 @@ def quarantine(
     a try after a failed one, it lets that try find the file in the failed folder when the
     failed try got as far as removing it from processing (its answer lost, NFS).
     """
+    here: os.stat_result | None
     try:
-        before = os.lstat(processing)
+        here = os.lstat(processing)
     except FileNotFoundError:
-        if tried_before is None or apart is None:
-            raise
+        here = None
+    if tried_before is not None and (here is None or not same_file(here, tried_before)):
+        # Not there any more (another file may have its name now: not this one's to move).
         for candidate, first, reasons in _links_in_failed(tried_before, failed, reason_path, apart):
             target = _reason_of(candidate, first, reasons)
             if not os.path.lexists(target):
                 payload = json.dumps({**reason, "path": str(candidate)}, indent=2, sort_keys=True).encode()
                 write_atomically(target, payload)
             return candidate
-        raise
+        raise FileNotFoundError(errno.ENOENT, "the file to quarantine is gone", str(processing))
+    if here is None:
+        raise FileNotFoundError(errno.ENOENT, "the file to quarantine is gone", str(processing))
+    before = here
     seen(before)
     try:
         candidate, renamed = _move_to_failed(processing, failed, before)
@@ -882,12 +898,12 @@ def _links_in_failed(
     here: os.stat_result,
     failed: Path,
     reason_path: Path,
-    apart: Callable[[os.stat_result], tuple[Path, Path]],
+    apart: Callable[[os.stat_result], tuple[Path, Path]] | None,
 ) -> Iterator[tuple[Path, Path, Path]]:
     """Where a quarantine may have put the file ``here`` is: (its name in the failed folder,
     the path it was to have there, the path of that path's reason), first found first."""
-    apart_failed, apart_reason = apart(here)
-    for first, reasons in ((failed, reason_path), (apart_failed, apart_reason)):
+    places = [(failed, reason_path), *([apart(here)] if apart is not None else [])]
+    for first, reasons in places:
         # Its name there, or a numbered one (whatever was removed from the folder since).
         try:
             with os.scandir(first.parent) as entries:

@@ -68,6 +68,7 @@ class CollectorSession(EnvironmentOnceSession):
         timeout = kwargs.get("timeout")
         deadline = time.monotonic() + (timeout if isinstance(timeout, int | float) else 10.0)
         kwargs["stream"] = True
+        kwargs["allow_redirects"] = False  # (requests would read a redirect's body whole)
         response = super().request(method, url, *args, **kwargs)
         body, whole = bytearray(), False
         try:

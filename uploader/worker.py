@@ -146,6 +146,9 @@ class Pipeline:
         # Files inside the pipeline: one file is never worked on twice at once.
         self._active: set[FileKey] = set()
         self._someone_left = trio.Event()  # set (and replaced) whenever a file leaves _active
+        # Files whose quarantine NFS failed, to be tried again: their name in processing may be
+        # free already, and must not be claimed by a newer file before the quarantine is done.
+        self._quarantines_due: set[FileKey] = set()
         self._attempts_started = 0
         # The newest-started attempt that has completed: a file that went all the way after
         # another's first failure shows that every side works (one staged, uploaded or
@@ -336,7 +339,7 @@ class Pipeline:
         """Claim the file and, when it is ours now and ``stage``, copy it to staging in the
         same trip to a thread."""
         key, layout = item.key, self.layout
-        if key in self.progress.claiming:
+        if key in self.progress.claiming or key in self._quarantines_due:
             # Offered twice (by a watcher before a session restart and by the one after, say)
             # and being claimed by another worker now: one claim of a name at a time, or the
             # two would share one staging copy. The watcher offers it again if it is still there.
@@ -506,6 +509,7 @@ class Pipeline:
             if await self._quarantine(item, reason, disposition):
                 return
             item.quarantine_due = (reason, disposition)
+            self._quarantines_due.add(key)
         # A file waiting for its retry keeps no staging copy: during an outage every file
         # waits, and staging must hold only the files in flight. The retry copies it again.
         item.staged = None
@@ -570,10 +574,13 @@ class Pipeline:
                 # As in _step: a bug must not take the other files down with it. The file
                 # stays claimed, no longer ours: GC finds it and queues it again.
                 self.progress.claimed.discard(item.key)
+                self._quarantines_due.discard(item.key)
                 log.exception("unexpected error on %s", item.key)
                 self.progress.note_error(f"{item.key}: {describe(bug)}")
                 return
-            if not done:
+            if done:
+                self._quarantines_due.discard(item.key)
+            else:
                 self._retry_soon(item, "the quarantine of %s will be tried again in %.1f s", item.key)
 
     async def _quarantine(self, item: WorkItem, reason: str, disposition: Disposition) -> bool:
@@ -607,7 +614,7 @@ class Pipeline:
             )
         except FileNotFoundError:
             try:
-                if await self.lanes.nfs.run(fileops.exists, layout.processing_path(key)):
+                if await self.lanes.nfs.run(fileops.holds, layout.processing_path(key), item.quarantine_stat):
                     return False
             except OSError:
                 return False  # the share cannot say: tried again later

@@ -796,9 +796,13 @@ def probe_writable(root: Path) -> None:
         remove_quietly(probe)
 
 
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+def remove_quietly(path: Path) -> bool:
+    """Remove ``path`` if it is there; whether it was."""
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def quarantine(
@@ -1002,7 +1006,7 @@ class OrderedWrites:
 
         return remove
 
-    def _in_turn(self, version: int, operation: Callable[[], None]) -> None:
+    def _in_turn(self, version: int, operation: Callable[[], object]) -> None:
         with self._lock:
             if version > self._done:
                 operation()

@@ -99,16 +99,15 @@ def sweep(layout: Layout, progress: Progress) -> Sweep:
             # A completion being retried (its move's answer lost) finds here that the move
             # was done; a later sweep removes it.
             continue
-        remove_quietly(path)
-        counts["completed"] += 1
+        counts["completed"] += remove_quietly(path)
         remove_quietly(layout.staging_path(key))
     for key, path in _keys_below(layout.staging_root):
         # Asked, then removed: a claim of that very name starting in between loses its fresh
         # copy; its upload then fails once (ENOENT) and is retried. Rare enough to keep GC
         # free of locks shared with the workers.
         if not claimed(key):
-            remove_quietly(path)
-            counts["staging"] += 1
+            # (Listed before a file that just completed removed its own copy: not counted.)
+            counts["staging"] += remove_quietly(path)
     unowned = {key for key, _ in _keys_below(layout.processing_root) if not claimed(key)}
     for top in (layout.completed_root, layout.staging_root, layout.failed_files_root, layout.failed_reasons_root,
                 layout.drains_root):

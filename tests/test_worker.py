@@ -206,6 +206,39 @@ def staging_disk_refuses(root: Path) -> None:
     raise OSError(errno.EROFS, "Read-only file system", str(root))
 
 
+class RefusedUploads:
+    """``store.upload`` refused with an IntegrityError, the first ``times`` times (or always)."""
+
+    def __init__(self, store: BlobStore, monkeypatch: pytest.MonkeyPatch, times: int | None = None) -> None:
+        self.count = 0
+        real_upload = store.upload
+
+        async def upload(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            if times is None or self.count <= times:
+                raise IntegrityError("storage computed another MD5")
+            return await real_upload(*args, **kwargs)
+
+        monkeypatch.setattr(store, "upload", upload)
+
+
+class LostUnlinkAnswer:
+    """``os.unlink`` of ``path`` done, its first answer EIO: a soft mount that lost it."""
+
+    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real_unlink = os.unlink
+
+        def unlink(name: Any, *args: Any, **kwargs: Any) -> None:
+            real_unlink(name, *args, **kwargs)
+            if Path(os.fsdecode(name)) == path:
+                self.count += 1
+                if self.count == 1:
+                    raise OSError(errno.EIO, "Input/output error", str(name))
+
+        monkeypatch.setattr(os, "unlink", unlink)
+
+
 async def wait_for_blob(container: ContainerClient, name: str) -> bytes:
     with trio.fail_after(20):
         while not container.get_blob_client(name).exists():  # noqa: ASYNC110
@@ -434,13 +467,7 @@ async def test_a_quarantine_that_nfs_failed_half_way_is_finished_and_the_file_ne
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     key = FileKey("20240102", "s", "q.bin")
     in_incoming(layout, key)
-    uploads = 0
-
-    async def always_refused(*args: Any, **kwargs: Any) -> Any:
-        nonlocal uploads
-        uploads += 1
-        raise IntegrityError("storage computed another MD5")
-
+    uploads = RefusedUploads(store, monkeypatch)
     real_write = fileops.write_atomically
     writes = 0
 
@@ -451,7 +478,6 @@ async def test_a_quarantine_that_nfs_failed_half_way_is_finished_and_the_file_ne
         if writes == 1:  # on the share, and the answer lost
             raise OSError(errno.EIO, "Input/output error", str(path))
 
-    monkeypatch.setattr(store, "upload", always_refused)
     monkeypatch.setattr(fileops, "write_atomically", written_then_eio)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
@@ -461,7 +487,7 @@ async def test_a_quarantine_that_nfs_failed_half_way_is_finished_and_the_file_ne
                 await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
 
-    assert uploads == 1 and writes == 2
+    assert uploads.count == 1 and writes == 2
     assert progress.files_quarantined == 1 and progress.files_processed == 0
     assert not layout.processing_path(key).exists()
     failed = layout.failed_path(key)
@@ -496,23 +522,8 @@ async def test_a_quarantine_whose_removal_nfs_did_but_answered_an_error_counts_a
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     key = FileKey("20240102", "s", "q.bin")
     in_incoming(layout, key)
-
-    async def always_refused(*args: Any, **kwargs: Any) -> Any:
-        raise IntegrityError("storage computed another MD5")
-
-    real_unlink = os.unlink
-    unlinks = 0
-
-    def done_then_eio(path: Any, *args: Any, **kwargs: Any) -> None:
-        nonlocal unlinks
-        real_unlink(path, *args, **kwargs)
-        if Path(os.fsdecode(path)) == layout.processing_path(key):
-            unlinks += 1
-            if unlinks == 1:  # done on the server; the answer lost (a soft mount)
-                raise OSError(errno.EIO, "Input/output error", str(path))
-
-    monkeypatch.setattr(store, "upload", always_refused)
-    monkeypatch.setattr(os, "unlink", done_then_eio)
+    RefusedUploads(store, monkeypatch)
+    LostUnlinkAnswer(layout.processing_path(key), monkeypatch)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         await send.send(offer(layout, key))
@@ -640,32 +651,13 @@ async def test_a_newer_file_waits_for_the_quarantine_of_its_name_nfs_left_half_d
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     key = FileKey("20240102", "s", "q.bin")
     in_incoming(layout, key)
-    real_upload, uploads = store.upload, 0
-
-    async def first_refused(*args: Any, **kwargs: Any) -> Any:
-        nonlocal uploads
-        uploads += 1
-        if uploads == 1:
-            raise IntegrityError("storage computed another MD5")
-        return await real_upload(*args, **kwargs)
-
-    real_unlink, unlinks = os.unlink, 0
-
-    def done_then_eio(path: Any, *args: Any, **kwargs: Any) -> None:
-        nonlocal unlinks
-        real_unlink(path, *args, **kwargs)
-        if Path(os.fsdecode(path)) == layout.processing_path(key):
-            unlinks += 1
-            if unlinks == 1:
-                raise OSError(errno.EIO, "Input/output error", str(path))
-
-    monkeypatch.setattr(store, "upload", first_refused)
-    monkeypatch.setattr(os, "unlink", done_then_eio)
+    RefusedUploads(store, monkeypatch, times=1)
+    unlinks = LostUnlinkAnswer(layout.processing_path(key), monkeypatch)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         await send.send(offer(layout, key))
         with trio.fail_after(10):
-            while unlinks == 0 or progress.retry_waiting == 0:  # noqa: ASYNC110
+            while unlinks.count == 0 or progress.retry_waiting == 0:  # noqa: ASYNC110
                 await trio.sleep(0.01)
         layout.incoming_path(key).write_bytes(b"newer" * 40)
         await send.send(offer(layout, key))  # offered while the quarantine is due: not claimed

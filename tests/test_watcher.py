@@ -160,6 +160,7 @@ async def start_watcher(
     progress: Progress | None = None,
     extensions: tuple[str, ...] = (),
     wall_clock: Callable[[], float] | None = None,
+    offers: Offers | None = None,
 ) -> trio.MemoryReceiveChannel[WorkItem]:
     send, receive = trio.open_memory_channel[WorkItem](queue)
     await nursery.start(
@@ -174,6 +175,7 @@ async def start_watcher(
             min_file_age_s=min_age,
             extensions=extensions,
             wall_clock=wall_clock or virtual_wall_clock(),
+            offers=offers,
             task_status=task_status,
         )
     )
@@ -439,13 +441,8 @@ async def test_a_file_another_watcher_of_the_session_queued_is_not_queued_again(
     files_in(layout, "queued.bin", "new.bin")
     offers = Offers()
     offers.add("queued.bin", (1, 0))  # by the watcher of the session's previous start
-    send, receive = trio.open_memory_channel[WorkItem](100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: watcher.run(
-            send, date_prefix=DATE, session="s", layout=layout, nfs=InlineLane(),  # type: ignore[arg-type]
-            progress=Progress(), poll_interval_s=1, min_file_age_s=0, offers=offers,
-            wall_clock=virtual_wall_clock(), task_status=task_status,
-        ))
+        receive = await start_watcher(nursery, layout, InlineLane(), min_age=0, offers=offers)
         await trio.sleep(10)
         assert [item.key.rel for item in [receive.receive_nowait()]] == ["new.bin"]
         assert receive.statistics().current_buffer_used == 0
@@ -470,13 +467,8 @@ async def test_a_file_another_offer_had_claimed_while_the_folder_was_listed_is_n
                 offers.settle("queued.bin")
             return listing
 
-    send, receive = trio.open_memory_channel[WorkItem](100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: watcher.run(
-            send, date_prefix=DATE, session="s", layout=layout, nfs=ClaimedDuringListing(),  # type: ignore[arg-type]
-            progress=Progress(), poll_interval_s=1, min_file_age_s=0, offers=offers,
-            wall_clock=virtual_wall_clock(), task_status=task_status,
-        ))
+        receive = await start_watcher(nursery, layout, ClaimedDuringListing(), min_age=0, offers=offers)
         await trio.sleep(10)
         assert receive.statistics().current_buffer_used == 0
         nursery.cancel_scope.cancel()

@@ -41,7 +41,7 @@ def sizes(rng: random.Random, count: int) -> list[int]:
         elif kind < 0.95:
             out.append(rng.randrange(64 * KiB, 3 * MiB))
         else:
-            out.append(rng.randrange(5 * MiB, 16 * MiB))
+            out.append(rng.randrange(2 * MiB, 6 * MiB))
     return out
 
 

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,20 @@ def in_incoming(layout: Layout, *keys: FileKey) -> None:
 
 def staging_disk_refuses(root: Path) -> None:
     raise OSError(errno.EROFS, "Read-only file system", str(root))
+
+
+async def run_until(
+    pipeline: Pipeline, send: trio.MemorySendChannel[WorkItem], receive: trio.MemoryReceiveChannel[WorkItem],
+    item: WorkItem, done: Callable[[], bool], *, within_s: float = 10,
+) -> None:
+    """Run the pipeline on ``item`` until ``done()``, then stop it."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(item)
+        with trio.fail_after(within_s):
+            while not done():  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
 
 
 class RefusedUploads:
@@ -479,13 +493,7 @@ async def test_a_quarantine_that_nfs_failed_half_way_is_finished_and_the_file_ne
             raise OSError(errno.EIO, "Input/output error", str(path))
 
     monkeypatch.setattr(fileops, "write_atomically", written_then_eio)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pipeline.run, receive)
-        await send.send(offer(layout, key))
-        with trio.fail_after(10):
-            while progress.files_quarantined == 0:  # noqa: ASYNC110
-                await trio.sleep(0.02)
-        nursery.cancel_scope.cancel()
+    await run_until(pipeline, send, receive, offer(layout, key), lambda: progress.files_quarantined > 0)
 
     assert uploads.count == 1 and writes == 2
     assert progress.files_quarantined == 1 and progress.files_processed == 0
@@ -524,13 +532,8 @@ async def test_a_quarantine_whose_removal_nfs_did_but_answered_an_error_counts_a
     in_incoming(layout, key)
     RefusedUploads(store, monkeypatch)
     LostUnlinkAnswer(layout.processing_path(key), monkeypatch)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pipeline.run, receive)
-        await send.send(offer(layout, key))
-        with trio.fail_after(10):
-            while progress.files_quarantined + progress.files_skipped == 0:  # noqa: ASYNC110
-                await trio.sleep(0.02)
-        nursery.cancel_scope.cancel()
+    await run_until(pipeline, send, receive, offer(layout, key),
+                    lambda: progress.files_quarantined + progress.files_skipped > 0)
 
     assert (progress.files_quarantined, progress.files_skipped) == (1, 0)
     failed = layout.failed_path(key)
@@ -624,13 +627,8 @@ async def test_a_file_that_grows_after_its_claim_is_measured_again_and_never_ove
 
     monkeypatch.setattr(fileops, "claim", claim_then_the_writer_goes_on)
     monkeypatch.setattr(fileops, "stage_copy", measured_stage_copy)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pipeline.run, receive)
-        await send.send(offer(layout, key))
-        with trio.fail_after(20):
-            while progress.files_processed + progress.files_quarantined == 0:  # noqa: ASYNC110
-                await trio.sleep(0.02)
-        nursery.cancel_scope.cancel()
+    await run_until(pipeline, send, receive, offer(layout, key),
+                    lambda: progress.files_processed + progress.files_quarantined > 0, within_s=20)
 
     assert largest_copy <= min(budget, grown_to)
     if grown_to <= budget:

@@ -181,6 +181,21 @@ def test_unknown_paths_and_methods_answer_json(service: ServiceProcess) -> None:
     assert doubled.startswith(b"HTTP/1.1 404 ") and b'{"error": "There is no //healthz here;' in doubled
 
 
+def test_a_path_with_doubled_slashes_starts_and_stops_nothing(service: ServiceProcess) -> None:
+    def post(path: str) -> bytes:
+        body = b'{"session_name": "slashes"}'
+        head = f"POST {path} HTTP/1.0\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        return read_until_closed(service.port, head + body)
+
+    for path in ("//v1/watch/start", "/v1//watch/start", "/v1/watch/start/"):
+        answer = post(path)
+        assert answer.startswith(b"HTTP/1.1 404 ") and f"There is no {path} here".encode() in answer
+    assert service.status()["active"] is False
+    service.start_session("s")
+    assert post("//v1/watch/stop").startswith(b"HTTP/1.1 404 ")
+    assert service.status()["active"] is True
+
+
 def test_a_request_naming_a_whole_url_is_answered_for_its_path(service: ServiceProcess) -> None:
     """HTTP/1.1 servers must accept the absolute form (RFC 9112, 3.2.2)."""
     for path, expected in (("/healthz", b'{"ok": true}'), ("/v1/status", b'"files_processed"')):

@@ -24,7 +24,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from uploader.config import Settings
 from uploader.errors import describe, first_leaf
@@ -77,6 +77,15 @@ NOT_READY = (
 def create_app(service: Service) -> QuartTrio:
     app = QuartTrio("uploader")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # A path is taken as written: "//v1/watch/stop" is no API path, though werkzeug's default
+    # map would merge its slashes and stop the session. Set before any route is added.
+    app.url_map = app.url_map_class(host_matching=app.url_map.host_matching, merge_slashes=False)
+
+    @app.before_request
+    async def path_as_written() -> None:
+        # werkzeug's request.path drops extra leading slashes, which the map never sees.
+        if request.scope.get("path", request.path) != request.path:
+            raise NotFound()
 
     @app.post("/v1/watch/start")
     async def start() -> Any:

@@ -12,6 +12,7 @@ import pytest
 from azure.storage.blob import ContainerClient
 
 from tests.conftest import ServiceFactory
+from tests.faults.faultfs import FaultFS
 from tests.faults.proxy import FaultProxy
 from tests.support.azurite import Azurite, blob_contents
 from tests.support.service import Folders, wait_for, write_file
@@ -190,3 +191,30 @@ def test_a_read_only_staging_disk_quarantines_nothing_and_everything_goes_up_onc
         assert wait_for_blobs(container, set(expected)) == expected
         wait_until_clean(folders)
         assert service.status()["files_quarantined"] == 0
+
+
+@pytest.mark.parametrize("operation", ["write", "fsync"])
+def test_a_staging_disk_failing_every_write_quarantines_nothing(
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient,
+    faultfs: FaultFS, operation: str,
+) -> None:
+    """An EIO on a write names no file: the failure is still the staging disk's, probed there."""
+    service = service_factory(
+        APP_LOCAL_STAGING_ROOT=str(faultfs.mountpoint),
+        APP_MAX_ATTEMPTS="2", APP_RETRY_BACKOFF_S="0.2", APP_RETRY_BACKOFF_MAX_S="0.5",
+    )
+    faultfs.fail(operation, "*", errno="EIO", times=None)
+    service.start_session("eio")
+    expected = {
+        f"{today()}/eio/{name}": write_file(folders.session("eio") / name, 100_000, seed=i)
+        for i, name in enumerate(["a.bin", "b.bin"])
+    }
+    wait_for(lambda: service.status()["files_failed"] >= 6, timeout=60, what="failed attempts")
+    status = service.status()
+    assert status["files_quarantined"] == 0
+    assert "EIO" in status["last_error"]
+    faultfs.clear()
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    assert service.status()["files_quarantined"] == 0
+    assert not [p for p in faultfs.source.rglob("*") if p.is_file()]

@@ -540,6 +540,19 @@ class _WriteBehind:
         raise OSError(code, os.strerror(code))
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Name ``path`` in an error of a call on its descriptor, which names no file: the name
+    tells which disk failed (an EIO on a staging write is the staging disk's, not the
+    share's: worker.Pipeline._on_staging_disk) and the user which file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = os.fspath(path)
+        raise
+
+
 def drop_from_page_cache(fd: int, offset: int, length: int) -> None:
     """Tell the kernel these pages will not be read again soon (pages still dirty stay)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -587,11 +600,11 @@ def stage_copy(
         size = 0
         copied = False
         try:
-            while chunk := os.read(fd_in, min(COPY_CHUNK, block_size - in_block, _read_at_most(at_most, size))):
+            while chunk := _read(source, fd_in, min(COPY_CHUNK, block_size - in_block, _read_at_most(at_most, size))):
                 view = memoryview(chunk)
-                while view:
-                    written = os.write(fd_out, view)
-                    view = view[written:]
+                with _naming(target):
+                    while view:
+                        view = view[os.write(fd_out, view) :]
                 whole.update(chunk)
                 block.update(chunk)
                 in_block += len(chunk)
@@ -599,7 +612,8 @@ def stage_copy(
                 if at_most is not None and size > at_most:
                     raise _grown(source, size, at_most)
                 if in_block == block_size:
-                    write_behind.block_written(size - in_block, in_block)
+                    with _naming(target):
+                        write_behind.block_written(size - in_block, in_block)
                     blocks.append(block.digest())
                     if on_block is not None:
                         on_block(len(blocks) - 1, size - in_block, in_block, blocks[-1])
@@ -609,7 +623,8 @@ def stage_copy(
                 blocks.append(block.digest())
                 if on_block is not None:
                     on_block(len(blocks) - 1, size - in_block, in_block, blocks[-1])
-            os.fsync(fd_out)
+            with _naming(target):
+                os.fsync(fd_out)
             copied = True
         finally:
             os.close(fd_out)
@@ -627,6 +642,11 @@ def stage_copy(
     return StagedFile(
         target, size, before.st_mtime_ns, after.st_ctime_ns, digest, block_size, tuple(blocks)
     )
+
+
+def _read(source: Path, fd: int, length: int) -> bytes:
+    with _naming(source):
+        return os.read(fd, length)
 
 
 def _read_at_most(at_most: int | None, size: int) -> int:
@@ -702,7 +722,7 @@ def _remove_if_still(path: Path, ours: os.stat_result) -> None:
 def read_block(path: Path, offset: int, length: int) -> bytes:
     """Read a block of a staging copy. Its bytes are not hashed again here: they go up with
     the MD5 taken while copying, and storage refuses them if they differ."""
-    with open(path, "rb") as staged:
+    with open(path, "rb") as staged, _naming(path):
         staged.seek(offset)
         data = staged.read(length)
         # Read once to be sent: a retry reads it again from disk.

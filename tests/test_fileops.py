@@ -169,6 +169,27 @@ def test_claim_changed_when_the_file_changes_between_its_check_and_its_link(
     assert not os.path.lexists(target)
 
 
+def test_claim_leaves_a_new_version_renamed_onto_the_name_after_the_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instrument's atomic rewrite (a .tmp renamed onto the name) while the claim checks
+    its link: the claimed version goes up, the new one stays in incoming for its turn."""
+    source = make_file(tmp_path / "in" / "a.csv", b"version 1")
+    expected = expected_of(source)
+    target = tmp_path / "proc" / "a.csv"
+    real_as_found = fileops._as_found
+
+    def rewritten_meanwhile(*args: Any) -> bool:
+        found = real_as_found(*args)
+        make_file(tmp_path / "in" / ".a.tmp", b"version 2").rename(source)
+        return found
+
+    monkeypatch.setattr(fileops, "_as_found", rewritten_meanwhile)
+    assert claim(source, target, expected, tmp_path / "in") is Claim.CLAIMED
+    assert target.read_bytes() == b"version 1"
+    assert source.read_bytes() == b"version 2"
+
+
 def test_claim_finishes_interrupted_claim(tmp_path: Path) -> None:
     source = make_file(tmp_path / "in" / "a.csv", b"data")
     target = tmp_path / "proc" / "a.csv"

@@ -411,6 +411,14 @@ def _claim_in(
         # file that was found stable. Its link goes; it stays in incoming until it is.
         os.unlink(target)
         return Claim.CHANGED
+    claimed = Claim.CLAIMED if linked_now else Claim.FINISHED
+    # The name is unlinked, not the file: a writer that renamed a new version onto it since
+    # the link (the checks above take NFS round trips) would lose that version with it. So
+    # the name is looked at once more, just before; the claim stands either way, and a new
+    # version stays in incoming for its own turn. No unlink is conditional on the inode, so
+    # a window of one round trip remains.
+    if not _is(name, before, dir_fd=folder):
+        return claimed
     try:
         os.unlink(name, dir_fd=folder)
     except FileNotFoundError:
@@ -424,7 +432,7 @@ def _claim_in(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
         raise
-    return Claim.CLAIMED if linked_now else Claim.FINISHED
+    return claimed
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,10 @@ def _drop_incoming_twin(layout: Layout, key: FileKey) -> None:
     except (FileNotFoundError, NotADirectoryError):
         return
     try:
-        twin = os.lstat(name, dir_fd=folder)
         claimed = os.lstat(layout.processing_path(key))
+        # The name's file is looked at last, just before its unlink: a version renamed onto
+        # the name meanwhile is not the claimed file, and stays.
+        twin = os.lstat(name, dir_fd=folder)
         if same_file(twin, claimed):
             os.unlink(name, dir_fd=folder)
             log.info("finished an interrupted claim of %s", key)

@@ -57,7 +57,20 @@ def test_offers_count_each_offer_and_know_what_is_still_out() -> None:
     assert offers.outstanding == 2 and offers.snapshot() == [("a", 1, 10), ("b", 2, 20)]
     offers.settle("a", failed=True)
     offers.settle("b")
-    assert offers.outstanding == 0 and offers.snapshot() == []
+    assert offers.outstanding == 0 and offers.snapshot() == [("a", 1, 10)]
+
+
+def test_a_file_whose_claim_failed_is_left_to_drain_until_offered_again_or_gone() -> None:
+    offers = Offers()
+    offers.add("a", (1, 10))
+    offers.add("b", (2, 20))
+    offers.settle("a", failed=True)
+    offers.settle("b", failed=True)
+    assert offers.to_record and offers.snapshot() == [("a", 1, 10), ("b", 2, 20)]
+    offers.add("a", (1, 10))
+    offers.settle("a")
+    offers.forget_failing(lambda rel: rel != "b")  # "b" left the folder
+    assert not offers.to_record and offers.snapshot() == []
 
 
 def test_a_drain_record_keeps_any_file_name() -> None:
@@ -339,6 +352,27 @@ async def test_a_drained_file_its_claim_left_in_incoming_is_offered_again_until_
     item.on_claim_settled(False)
     await wait_for_file(drain.layout.drain_file(DATE, "s"), present=False)
     await forgotten(drain)
+
+
+async def test_a_file_whose_claim_failed_before_the_stop_is_drained_too(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    """Its watcher would have offered it again after a delay; the stop ended the watcher."""
+    drain, receive, _ = drains
+    rel, size, mtime_ns = drop(drain.layout, "s", "a.bin")
+    with drain.watching(DATE, "s") as offers:
+        offers.add(rel, (size, mtime_ns))
+        offers.settle(rel, failed=True)
+    await drain.record(DATE, "s").wait()
+    assert decode_drain(drain.layout.drain_file(DATE, "s").read_bytes())[1] == [(rel, size, mtime_ns)]
+    with trio.fail_after(5):
+        item = await receive.receive()
+    assert item.key == FileKey(DATE, "s", rel) and item.expected == (size, mtime_ns)
+    drain.layout.incoming_path(item.key).unlink()  # claimed this time
+    assert item.on_claim_settled is not None
+    item.on_claim_settled(False)
+    await forgotten(drain)
+    assert not offers.to_record
 
 
 async def test_a_drained_file_goes_after_an_older_file_of_its_name_in_flight(

@@ -3,9 +3,9 @@
 Stopping a session stops its watcher; the workers drain what it had queued. The queue is in
 memory: a restart before it drained (a crash, a rolling update right after a stop) would
 leave those files in incoming for good, the session being stopped. So a stop that leaves
-offers unclaimed writes their names, sizes and mtimes to
-``.processing/.drains/<YYYYMMDD>/<session>.json``, removed once every one of them is
-claimed. At start-up each drain file left there is caught up: the files it names that are
+offers unclaimed (or files whose claim failed, which its watcher would have offered again)
+writes their names, sizes and mtimes to ``.processing/.drains/<YYYYMMDD>/<session>.json``,
+removed once every one of them is claimed. At start-up each drain file left there is caught up: the files it names that are
 still in the session's folder, unchanged, are offered again. So are, while the service runs,
 those that a claim left there (it failed, NFS said ESTALE, an older file of the name was
 still in flight), with a growing delay, until none is left or a watcher of the session lists
@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -65,6 +66,9 @@ class Offers:
     def __init__(self, names: SessionNames | None = None) -> None:
         # rel -> ((size, mtime_ns), how many offers of it are out)
         self._pending: dict[str, tuple[tuple[int, int], int]] = {}
+        # rel -> (size, mtime_ns): files whose last claim failed (still in incoming) and that
+        # are not offered again yet. As good as queued: a stop puts them in its drain too.
+        self._failing: dict[str, tuple[int, int]] = {}
         self._names = names if names is not None else SessionNames()
         self.outstanding = 0
         self._settled = trio.Event()
@@ -83,6 +87,7 @@ class Offers:
     def add(self, rel: str, expected: tuple[int, int]) -> None:
         count = self._pending.get(rel, (expected, 0))[1]
         self._pending[rel] = (expected, count + 1)
+        self._failing.pop(rel, None)
         self._names.offered[rel] += 1
         self.outstanding += 1
         if self._settled.is_set():
@@ -96,6 +101,10 @@ class Offers:
             self._pending.pop(rel, None)
         else:
             self._pending[rel] = (expected, count - 1)
+        if failed:
+            self._failing[rel] = expected
+        else:
+            self._failing.pop(rel, None)
         offered = self._names.offered
         offered[rel] -= 1
         if offered[rel] <= 0:
@@ -112,8 +121,21 @@ class Offers:
         found gone, or claimed twice."""
         return rel in self._names.offered
 
+    @property
+    def to_record(self) -> bool:
+        """Whether a stop now leaves files to drain: offers out, or claims that failed."""
+        return bool(self.outstanding or self._failing)
+
     def snapshot(self) -> list[Offered]:
-        return [(rel, size, mtime_ns) for rel, ((size, mtime_ns), _) in sorted(self._pending.items())]
+        """What a stop now leaves to drain: the offers out and the files whose claim failed."""
+        files = {rel: expected for rel, (expected, _) in self._pending.items()}
+        files.update((rel, expected) for rel, expected in self._failing.items() if rel not in files)
+        return [(rel, size, mtime_ns) for rel, (size, mtime_ns) in sorted(files.items())]
+
+    def forget_failing(self, keep: Callable[[str], bool]) -> None:
+        """Forget the failed claims of files for which ``keep`` is false (they left incoming)."""
+        if self._failing:
+            self._failing = {rel: found for rel, found in self._failing.items() if keep(rel)}
 
     async def wait_settled(self) -> None:
         while self.outstanding:
@@ -255,6 +277,10 @@ def still_there(layout: Layout, session: str, files: list[Offered]) -> list[Offe
     return left
 
 
+def _not_in(names: frozenset[str], rel: str) -> bool:
+    return rel not in names
+
+
 class Drains:
     """Every session's offers, and the drains on record until those are claimed."""
 
@@ -320,7 +346,7 @@ class Drains:
         key = (date_prefix, session)
         written = trio.Event()
         offers = self._offers.get(key)
-        if offers is None or not offers.outstanding:
+        if offers is None or not offers.to_record:
             written.set()
             return written
         # With what an earlier drain of it named and may not have been claimed yet (a
@@ -372,6 +398,9 @@ class Drains:
                     if not self._watched[key[1]]:  # (its watcher offers them)
                         await self._offer_what_is_left(key, offers)
                     continue
+                # None of the files it names is left: no failed claim of theirs is either.
+                named = frozenset(rel for rel, _, _ in self._recorded.get(key, []))
+                offers.forget_failing(partial(_not_in, named))
                 await self._until_done(f"remove the drain file of {key[1]}", self._ordered(key).remover())
                 if self._stops[key] == stops:
                     break  # (else a stop recorded another drain meanwhile: written after this)

@@ -148,6 +148,10 @@ class StabilityTracker:
         self._held[rel] = (failures, monotonic_now + delay)
         return delay
 
+    def in_folder(self, rel: str) -> bool:
+        """Whether the last scan listed ``rel``."""
+        return rel in self._seen
+
     @property
     def pending(self) -> frozenset[str]:
         return frozenset(self._pending)
@@ -234,6 +238,7 @@ async def run(
                     stable += found
                     await trio.lowlevel.checkpoint()
                 progress.claims_failing = tracker.claims_failing
+                offers.forget_failing(tracker.in_folder)
                 # Oldest first: a folder's listing order says nothing of age, and a file late in it
                 # would wait behind every newer one each time a restart or a full queue interrupted
                 # the offers (under a backlog that never drains, for ever).

@@ -161,6 +161,41 @@ def test_added_latency_only_slows_things_down(
     assert service.status()["files_failed"] == 0
 
 
+def test_a_request_storage_refuses_for_one_file_quarantines_it_at_once(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    service = through_proxy(service_factory, azurite, proxy, APP_MAX_ATTEMPTS="5")
+    service.start_session("p")
+    proxy.error(400, method="PUT", target="p/refused.bin", times=None, code="InvalidHeaderValue")
+    write_file(folders.session("p") / "refused.bin", 5000, seed=1)
+    good = drop(folders, "p", {"ok.bin": 10_000})
+    wait_for(lambda: service.status()["files_quarantined"] == 1, timeout=60, what="the quarantine")
+    assert wait_for_blobs(container, set(good)) == good
+    reason = json.loads((folders.processing / ".failed" / "reasons" / today() / "p" / "refused.bin.json").read_text())
+    assert reason["attempts"] == 1 and reason["disposition"] == "permanent"
+    assert "InvalidHeaderValue" in reason["reason"]
+
+
+def test_a_refusal_of_every_request_quarantines_nothing(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    """A 400 is permanent for a file, unless storage refuses everyone: an account changed."""
+    service = through_proxy(service_factory, azurite, proxy, APP_MAX_ATTEMPTS="2")
+    service.start_session("p")
+    refusal = proxy.error(400, method="PUT", times=None, code="AccountRequiresHttps",
+                          message="The account being accessed does not support http.")
+    expected = drop(folders, "p", {"a.bin": 1000, "b.bin": 3 * MiB})
+    wait_for(lambda: service.status()["files_failed"] >= 6, timeout=60, what="failed attempts")
+    status = service.status()
+    assert status["files_quarantined"] == 0 and "AccountRequiresHttps" in status["last_error"]
+    proxy.remove(refusal)
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    assert service.status()["files_quarantined"] == 0
+
+
 def test_a_file_that_always_fails_is_quarantined_and_the_others_go_on(
     service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
     folders: Folders, container: ContainerClient,

@@ -127,6 +127,13 @@ def classify(exc: BaseException) -> Disposition:
     return Disposition.RETRYABLE
 
 
+def refused_by_storage(exc: BaseException) -> bool:
+    """An answer of storage's, permanent or not, that may be about the file (a header it will
+    not take for it) or about every file (an account that now requires HTTPS answers 400 to
+    every request): a probe of storage tells which."""
+    return isinstance(exc, HttpResponseError)
+
+
 def is_out_of_space(exc: BaseException) -> bool:
     """A full disk or quota: it fails every file until space comes back, so it says nothing
     about the file itself (a probe that lists a folder would still succeed)."""

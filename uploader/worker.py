@@ -32,6 +32,7 @@ from uploader.errors import (
     classify,
     describe,
     is_out_of_space,
+    refused_by_storage,
 )
 from uploader.fileops import Claim, Claimed, StagedFile
 from uploader.lanes import Lanes
@@ -479,7 +480,13 @@ class Pipeline:
         if isinstance(exc, SourceChanged):
             item.claimed_size = None  # measured again: its room on the staging disk too
         if disposition is Disposition.PERMANENT:
-            give_up = True
+            # A refusal by storage may be the account's, not the file's (an account that now
+            # requires HTTPS answers 400 to every request): then the probe is refused too.
+            give_up = (
+                not refused_by_storage(exc)
+                or others_completed
+                or await self._works_for_others(exc)
+            )
         elif at_completion:
             # The blob is up and verified: what failed is the move to the completed folder on
             # NFS, which fails every file alike while the share does (a listing that works

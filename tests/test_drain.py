@@ -284,6 +284,30 @@ async def sessions_with_drains(
         nursery.cancel_scope.cancel()
 
 
+async def test_what_is_kept_for_a_session_goes_once_it_is_stopped_and_drained(tmp_path: Path) -> None:
+    """A service that runs for months starts many thousands of sessions."""
+    layout = layout_in(tmp_path)
+    queued: list[Offers] = []
+
+    async def watch(date: str, session: str, *, offers: Offers, task_status: trio.TaskStatus[None]) -> None:
+        if session == "queued":
+            offers.add("a.bin", (1, 2))
+            queued.append(offers)
+        task_status.started()
+        await trio.sleep_forever()
+
+    async with sessions_with_drains(layout, watch) as (control, drains):
+        for name in ("s1", "s2", "queued"):
+            await control.start(name)
+            await control.stop()
+        assert [session for _, session in drains._offers] == ["queued"]  # its file is still queued
+        queued[0].settle("a.bin")
+        await forgotten(drains)
+        with trio.fail_after(5):
+            while drains._offers or drains._names:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+
 async def test_a_session_started_again_and_stopped_at_once_keeps_the_first_stop_s_drain(
     tmp_path: Path,
 ) -> None:

@@ -115,6 +115,11 @@ class Offers:
         for listener in self._names.listeners:
             listener(rel)
 
+    @property
+    def is_listened(self) -> bool:
+        """Whether someone (a watcher, a drain offering) is told of settled offers now."""
+        return bool(self._names.listeners)
+
     def is_pending(self, rel: str) -> bool:
         """Whether a file of that name is offered and not settled (by another watcher of the
         session, of this date or another, or a catch-up): offered again, it would only be
@@ -295,7 +300,7 @@ class Drains:
         self.nfs = nfs
         self._send = send
         self.progress = progress
-        # Kept for the process's life: a watcher may hold its session's Offers at any time.
+        # Kept while a watcher, a drain or an offer out may use them (see _forget_if_idle).
         self._offers: dict[SessionKey, Offers] = {}
         self._names: dict[str, SessionNames] = {}
         self._files: dict[SessionKey, fileops.OrderedWrites] = {}
@@ -328,6 +333,28 @@ class Drains:
             self._watched[session] -= 1
             if not self._watched[session]:
                 del self._watched[session]
+            self._forget_if_idle(key)
+
+    def _forget_if_idle(self, key: SessionKey) -> None:
+        """Drop what is kept for the session once nothing can use it: a service that runs for
+        months starts many thousands of sessions. An offer out, a failed claim (a stop would
+        drain it), a drain on record, a watcher of the name or a write of its drain file not
+        done yet keeps it."""
+        offers = self._offers.get(key)
+        files = self._files.get(key)
+        if (
+            (offers is not None and (offers.to_record or offers.is_listened))
+            or key in self._waiting
+            or key in self._forgetting
+            or self._watched[key[1]]
+            or (files is not None and not files.settled)
+        ):
+            return
+        self._offers.pop(key, None)
+        self._files.pop(key, None)
+        self._stops.pop(key, None)
+        if not any(session == key[1] for _, session in self._offers):
+            self._names.pop(key[1], None)
 
     def _offers_of(self, key: SessionKey) -> Offers:
         offers = self._offers.get(key)
@@ -408,6 +435,7 @@ class Drains:
             self._recorded.pop(key, None)
         finally:
             self._forgetting.discard(key)
+        self._forget_if_idle(key)
 
     async def _left_in_incoming(self, key: SessionKey, offers: Offers) -> list[Offered]:
         """What the drain names that is still in the session's folder as it was, and offered

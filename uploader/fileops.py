@@ -1013,12 +1013,18 @@ class OrderedWrites:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._versions = itertools.count(1)
+        self._asked = 0
         self._done = 0
         self._lock = threading.Lock()
 
+    @property
+    def settled(self) -> bool:
+        """Whether the last one asked for is done: any older one, still in a thread, is dropped."""
+        return self._done >= self._asked
+
     def writer(self, payload: bytes) -> Callable[[], None]:
         """The blocking write of ``payload``, numbered now (on the event loop), for a thread."""
-        version = next(self._versions)
+        version = self._asked = next(self._versions)
 
         def write() -> None:
             self._in_turn(version, lambda: write_atomically(self.path, payload))
@@ -1027,7 +1033,7 @@ class OrderedWrites:
 
     def remover(self) -> Callable[[], None]:
         """The blocking removal of the file, numbered now, for a thread."""
-        version = next(self._versions)
+        version = self._asked = next(self._versions)
 
         def remove() -> None:
             self._in_turn(version, lambda: remove_quietly(self.path))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from uploader.gc import Sweep, remove_empty_folders, sweep
+from uploader.gc import Sweep, empty_staging, foreign_in_staging, remove_empty_folders, sweep
 from uploader.layout import FileKey, Layout
 from uploader.progress import Progress
 
@@ -88,6 +88,30 @@ async def test_sweep_leaves_files_in_a_folder_that_is_no_session(layout: Layout)
     # Recovery ignores it too: its name was never a session's, so it is not the service's.
     put(layout.processing_root / "20240102" / "bad name" / "a.bin")
     assert (await sweep_once(layout, Progress())).unowned == set()
+
+
+def test_emptying_staging_removes_only_the_service_s_own(layout: Layout) -> None:
+    """A staging root set to a folder in use (a mistyped setting) loses none of its files."""
+    root = layout.staging_root
+    ours = [put(layout.staging_path(KEY)), put(layout.staging_path(FileKey("20240103", "t", "b"))),
+            put(root / ".uploader-probe")]
+    theirs = [put(root / "important.txt"), put(root / "app" / "db.sqlite"),
+              put(root / "20240102" / "not a session" / "x")]
+    (root / "lost+found").mkdir()
+    (root / "empty").mkdir()
+    assert empty_staging(root) == 2
+    assert not any(path.exists() for path in ours) and not (root / "20240103").exists()
+    assert all(path.exists() for path in theirs)
+    assert (root / "lost+found").is_dir() and (root / "empty").is_dir()
+    assert foreign_in_staging(root) == ["app", "empty", "important.txt"]
+
+
+async def test_sweep_removes_empty_folders_in_staging_only_below_dates(layout: Layout) -> None:
+    (layout.staging_root / "lost+found").mkdir(parents=True)
+    (layout.staging_root / "20240102" / "s" / "sub").mkdir(parents=True)
+    await sweep_once(layout, Progress())
+    assert (layout.staging_root / "lost+found").is_dir()
+    assert not (layout.staging_root / "20240102").exists()
 
 
 def test_removes_nested_empty_folders(tmp_path: Path) -> None:

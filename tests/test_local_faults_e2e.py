@@ -163,9 +163,12 @@ def test_what_an_earlier_run_left_in_staging_is_removed_at_start(
     """Every claimed file is copied again after a restart: a leftover only takes room."""
     leftover = folders.staging / today() / "old" / "half.bin"
     write_file(leftover, 1000)
+    theirs = write_file(folders.staging / "notes.txt", 10)  # staging set to a folder in use
     service = service_factory()
     assert not leftover.exists() and not (folders.staging / today()).exists()
     assert "removed 1 copies an earlier run left in staging" in service.log()
+    assert (folders.staging / "notes.txt").read_bytes() == theirs
+    assert "holds 1 entries that are not the service's ('notes.txt')" in service.log()
 
 
 def test_a_read_only_staging_disk_quarantines_nothing_and_everything_goes_up_once_writable(

@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from uploader.errors import describe
-from uploader.fileops import list_files, remove_quietly
+from uploader.fileops import PROBE_FILE_NAME, list_files, remove_quietly
 from uploader.lanes import Lanes
 from uploader.layout import FileKey, Layout, is_date_prefix, is_session_name
 from uploader.progress import Progress
@@ -41,18 +41,35 @@ def remove_empty_folders(top: Path, *, keep_top: bool = True) -> int:
 
 
 def empty_staging(root: Path) -> int:
-    """Blocking: remove everything under the staging root; returns how many files went.
+    """Blocking: remove the copies an earlier run left in staging; returns how many went.
 
     At start-up, before any worker: every file claimed before is copied again (a copy a
     crash left may be partial), so what staging holds then is of no use, and would only
-    take the room that the copies to come are counted against (staging_space.py)."""
-    removed = 0
-    for folder, _, names in os.walk(root, topdown=False):
-        for name in names:
-            remove_quietly(Path(folder) / name)
-            removed += 1
-    remove_empty_folders(root)
+    take the room that the copies to come are counted against (staging_space.py). Only the
+    service's own are removed, the files of <date>/<session>/ trees and its probe file: a
+    staging root set to a folder that holds other files (a mistyped setting, a disk's
+    lost+found) loses none of them (``foreign_in_staging`` names them)."""
+    removed = sum(remove_quietly(path) for _, path in _keys_below(root))
+    remove_quietly(root / PROBE_FILE_NAME)
+    for date in _dated_folders(root):
+        remove_empty_folders(date, keep_top=False)
     return removed
+
+
+# What a file system puts at the top of a disk of its own, which staging may be.
+_FILE_SYSTEM_OWN = {"lost+found"}
+
+
+def foreign_in_staging(root: Path) -> list[str]:
+    """Blocking: the names at the top of the staging root that are not the service's."""
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    return [
+        name for name in names
+        if not is_date_prefix(name) and name != PROBE_FILE_NAME and name not in _FILE_SYSTEM_OWN
+    ]
 
 
 def _keys_below(root: Path) -> list[tuple[FileKey, Path]]:
@@ -109,10 +126,11 @@ def sweep(layout: Layout, progress: Progress) -> Sweep:
             # (Listed before a file that just completed removed its own copy: not counted.)
             counts["staging"] += remove_quietly(path)
     unowned = {key for key, _ in _keys_below(layout.processing_root) if not claimed(key)}
-    for top in (layout.completed_root, layout.staging_root, layout.failed_files_root, layout.failed_reasons_root,
+    for top in (layout.completed_root, layout.failed_files_root, layout.failed_reasons_root,
                 layout.drains_root):
         counts["folders"] += remove_empty_folders(top)
-    for date in _dated_folders(layout.processing_root):
+    # The two roots the operator chose hold other folders too: only the dated ones are ours.
+    for date in _dated_folders(layout.processing_root) + _dated_folders(layout.staging_root):
         counts["folders"] += remove_empty_folders(date, keep_top=False)
     return Sweep(counts, unowned)
 

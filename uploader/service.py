@@ -166,6 +166,13 @@ class Service:
         try:
             if removed := await lanes.staging.run(gc.empty_staging, layout.staging_root):
                 log.info("removed %d copies an earlier run left in staging", removed)
+            if foreign := await lanes.staging.run(gc.foreign_in_staging, layout.staging_root):
+                shown = ", ".join(repr(name) for name in foreign[:5])
+                log.warning(
+                    "APP_LOCAL_STAGING_ROOT (%s) holds %d entries that are not the service's (%s%s); "
+                    "they are left alone, but a staging folder of its own is safer",
+                    layout.staging_root, len(foreign), shown, ", ..." if len(foreign) > 5 else "",
+                )
         except OSError as exc:  # a staging disk that refuses fails each copy, and says so
             log.warning("cannot empty the staging folder: %s", describe(exc))
         send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)

@@ -953,6 +953,39 @@ def test_a_file_made_unreadable_after_its_upload_counts_as_changed(tmp_path: Pat
     assert done.stdout.strip() == "SourceChanged", done.stdout + done.stderr
 
 
+PROBE_A_FOLDER_ANOTHER_USER_LEFT = """
+import sys
+from pathlib import Path
+from uploader.fileops import probe_writable
+root = Path(sys.argv[1])
+probe_writable(root)
+for failed in (root / "20240101" / "s" / "a.bin", root / "20240101" / "new" / "a.bin"):
+    try:
+        probe_writable(root, failed)
+    except PermissionError as exc:
+        print(exc.filename)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="running as another user needs setpriv (util-linux) and root")
+def test_a_probe_of_staging_fails_where_a_folder_of_the_failed_copy_is_not_writable() -> None:
+    """An earlier run as root left a session's staging folder: every copy of the session
+    fails there, and the probe must say so, though the top of staging takes files."""
+    root = Path(tempfile.mkdtemp(prefix="uploader-staging-"))
+    try:
+        root.chmod(0o777)
+        (root / "20240101" / "s").mkdir(parents=True)  # root's, 0755
+        done = subprocess.run(
+            ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups",
+             sys.executable, "-c", PROBE_A_FOLDER_ANOTHER_USER_LEFT, str(root)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        shutil.rmtree(root)
+    assert done.stdout.split() == [str(root / "20240101" / "s"), str(root / "20240101")], done.stderr
+
+
 def test_mark_completed_refuses_a_symlink_put_in_the_file_s_place(tmp_path: Path) -> None:
     processing, staged = staged_for(tmp_path)
     twin = make_file(tmp_path / "elsewhere" / "a.bin", b"payload")

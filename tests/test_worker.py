@@ -504,6 +504,35 @@ async def test_a_quarantine_that_nfs_failed_half_way_is_finished_and_the_file_ne
     assert [p.name for p in failed.parent.iterdir()] == ["q.bin"]  # linked once, not twice
 
 
+async def test_a_quarantine_nfs_keeps_refusing_is_tried_again_ever_later_and_said(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed folder this user may not write (an earlier run as root): its tries must not
+    come every second, for ever, unseen in the status."""
+    settings = settings.model_copy(update={"max_attempts": 1, "retry_backoff_s": 0.05, "retry_backoff_max_s": 10})
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "q.bin")
+    in_incoming(layout, key)
+    RefusedUploads(store, monkeypatch)
+    real_quarantine = fileops.quarantine
+    refusals = 0
+
+    def refused_four_times(*args: Any, **kwargs: Any) -> Path:
+        nonlocal refusals
+        if refusals < 4:
+            refusals += 1
+            raise PermissionError(errno.EACCES, "Permission denied", str(layout.failed_files_root))
+        return real_quarantine(*args, **kwargs)
+
+    monkeypatch.setattr(fileops, "quarantine", refused_four_times)
+    with caplog.at_level(logging.WARNING, logger="uploader.worker"):
+        await run_until(pipeline, send, receive, offer(layout, key), lambda: progress.files_quarantined > 0)
+    delays = [r.args[-1] for r in caplog.records if r.msg.startswith("the quarantine of")]  # type: ignore[index]
+    assert len(delays) == 4 and delays[3] > 2 * delays[0]  # 0.4 s or more, against 0.1 s or less
+    assert "cannot quarantine it: EACCES" in str(progress.last_error)  # the last error it saw
+
+
 def test_a_quarantine_whose_last_unlink_was_done_already_is_done(tmp_path: Path) -> None:
     """NFS: a retransmitted unlink answers ENOENT though the first one went through."""
     processing, failed = tmp_path / "proc" / "a", tmp_path / "failed" / "a"

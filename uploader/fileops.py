@@ -812,8 +812,17 @@ def finish(processing: Path, completed: Path, staged: StagedFile) -> list[str]:
 PROBE_FILE_NAME = ".uploader-probe"  # at the top of a root, where no date folder is
 
 
-def probe_writable(root: Path) -> None:
-    """Write, sync and remove a small file in ``root``: OSError where the disk refuses."""
+def probe_writable(root: Path, failed: Path | None = None) -> None:
+    """Write, sync and remove a small file in ``root``: OSError where the disk refuses. With
+    ``failed`` (a path below ``root`` that an operation failed on), first: OSError where this
+    user may not write the folder it is in (or the nearest one of its folders there is), as
+    an earlier run under another user may have left it."""
+    if failed is not None:
+        folder = failed.parent
+        while folder != root and folder.is_relative_to(root) and not os.path.isdir(folder):
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable by this user", os.fspath(folder))
     probe = root / f"{PROBE_FILE_NAME}-{os.getpid()}-{threading.get_ident()}"
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

@@ -50,7 +50,8 @@ def empty_staging(root: Path) -> int:
     staging root set to a folder that holds other files (a mistyped setting, a disk's
     lost+found) loses none of them (``foreign_in_staging`` names them)."""
     removed = sum(remove_quietly(path) for _, path in _keys_below(root))
-    remove_quietly(root / PROBE_FILE_NAME)
+    for name in _probe_files(root):  # (a crash in the middle of a probe)
+        remove_quietly(root / name)
     for date in _dated_folders(root):
         remove_empty_folders(date, keep_top=False)
     return removed
@@ -60,15 +61,22 @@ def empty_staging(root: Path) -> int:
 _FILE_SYSTEM_OWN = {"lost+found"}
 
 
-def foreign_in_staging(root: Path) -> list[str]:
-    """Blocking: the names at the top of the staging root that are not the service's."""
+def _top_names(root: Path) -> list[str]:
     try:
-        names = sorted(os.listdir(root))
+        return sorted(os.listdir(root))
     except FileNotFoundError:
         return []
+
+
+def _probe_files(root: Path) -> list[str]:
+    return [name for name in _top_names(root) if name.startswith(PROBE_FILE_NAME)]
+
+
+def foreign_in_staging(root: Path) -> list[str]:
+    """Blocking: the names at the top of the staging root that are not the service's."""
     return [
-        name for name in names
-        if not is_date_prefix(name) and name != PROBE_FILE_NAME and name not in _FILE_SYSTEM_OWN
+        name for name in _top_names(root)
+        if not is_date_prefix(name) and not name.startswith(PROBE_FILE_NAME) and name not in _FILE_SYSTEM_OWN
     ]
 
 
@@ -136,10 +144,7 @@ def sweep(layout: Layout, progress: Progress) -> Sweep:
 
 
 def _dated_folders(root: Path) -> list[Path]:
-    try:
-        return [root / name for name in sorted(os.listdir(root)) if is_date_prefix(name)]
-    except FileNotFoundError:
-        return []
+    return [root / name for name in _top_names(root) if is_date_prefix(name)]
 
 
 async def run(

@@ -84,6 +84,7 @@ class WorkItem:
     # The file's stat as the last quarantine try found it: the next try finds it in the
     # failed folder by it, should the failed try have got as far as its removal.
     quarantine_stat: os.stat_result | None = None
+    quarantine_tries: int = 0  # failed ones: the wait before the next one doubles too
     in_pipeline: bool = False
 
 
@@ -515,6 +516,7 @@ class Pipeline:
         if give_up:
             if await self._quarantine(item, reason, disposition):
                 return
+            item.quarantine_tries += 1
             item.quarantine_due = (reason, disposition)
             self._quarantines_due.add(key)
         # A file waiting for its retry keeps no staging copy: during an outage every file
@@ -529,7 +531,8 @@ class Pipeline:
 
     def _retry_soon(self, item: WorkItem, message: str, *args: object) -> None:
         delay = backoff_delay(
-            item.attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s
+            item.attempts + item.quarantine_tries, self.settings.retry_backoff_s,
+            self.settings.retry_backoff_max_s,
         )
         log.warning(message, *args, delay, extra=_log_fields(item.key))
         self.progress.retry_waiting += 1
@@ -543,9 +546,9 @@ class Pipeline:
     async def _works_for_others(self, exc: Exception) -> bool:
         """Probe the side that failed this file: is it the file, or is everything failing?"""
         with trio.move_on_after(self.settings.nfs_op_timeout_s):
-            if isinstance(exc, OSError) and self._on_staging_disk(exc):
+            if isinstance(exc, OSError) and (failed := self._on_staging_disk(exc)) is not None:
                 try:
-                    await self.lanes.staging.run(fileops.probe_writable, self.layout.staging_root)
+                    await self.lanes.staging.run(fileops.probe_writable, self.layout.staging_root, failed)
                 except OSError:
                     return False
                 return True
@@ -558,12 +561,12 @@ class Pipeline:
             return await self.store.probe()
         return False
 
-    def _on_staging_disk(self, exc: OSError) -> bool:
-        """Whether the failure names a path on the local staging disk (read-only, failing)."""
+    def _on_staging_disk(self, exc: OSError) -> Path | None:
+        """The path on the local staging disk (read-only, failing) that the failure names."""
         for name in (exc.filename, exc.filename2):
-            if name is not None and Path(os.fsdecode(name)).is_relative_to(self.layout.staging_root):
-                return True
-        return False
+            if name is not None and (path := Path(os.fsdecode(name))).is_relative_to(self.layout.staging_root):
+                return path
+        return None
 
     async def _retry_later(self, item: WorkItem, delay: float) -> None:
         try:
@@ -588,6 +591,7 @@ class Pipeline:
             if done:
                 self._quarantines_due.discard(item.key)
             else:
+                item.quarantine_tries += 1
                 self._retry_soon(item, "the quarantine of %s will be tried again in %.1f s", item.key)
 
     async def _quarantine(self, item: WorkItem, reason: str, disposition: Disposition) -> bool:
@@ -633,6 +637,7 @@ class Pipeline:
             return True
         except OSError as exc:
             log.error("cannot quarantine %s: %s", key, describe(exc), extra=_log_fields(key))
+            self.progress.note_error(f"{key}: cannot quarantine it: {describe(exc)}")
             return False
         record["path"] = str(where)
         if item.span is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -217,6 +218,19 @@ async def test_a_stop_with_offers_out_records_them_until_they_are_claimed(
             break
         await trio.sleep(0.01)
     assert drain.names() == []
+
+
+async def test_drains_lost_with_their_folder_are_written_again(
+    drains: tuple[Drains, trio.MemoryReceiveChannel[WorkItem], Progress],
+) -> None:
+    """The processing root renamed or removed while the service runs (instance_lock)."""
+    drain, _, _ = drains
+    await recorded(drain, "a.bin", (4, 40))
+    path = drain.layout.drain_file(DATE, "s")
+    shutil.rmtree(drain.layout.drains_root)
+    drain.record_again()
+    await wait_for_file(path, present=True)
+    assert decode_drain(path.read_bytes())[1] == [("a.bin", 4, 40)]
 
 
 async def test_a_stop_with_nothing_out_records_nothing(

@@ -166,9 +166,13 @@ async def test_a_lock_file_removed_while_held_is_locked_again(
 ) -> None:
     monkeypatch.setattr(instance_lock, "CHECK_EVERY_S", 0.05)
     path = tmp_path / ".uploader.lock"
+    replaced: list[None] = []
     with caplog.at_level(logging.WARNING):
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(instance_lock.run, timeout_s=5), path, ThreadLane("nfs", 2), Progress())
+            await nursery.start(
+                partial(instance_lock.run, timeout_s=5, on_replaced=lambda: replaced.append(None)),
+                path, ThreadLane("nfs", 2), Progress(),
+            )
             path.unlink()  # someone cleaning up: a second service could lock a new file
             await trio.sleep(0.5)
             assert path.exists()
@@ -177,6 +181,28 @@ async def test_a_lock_file_removed_while_held_is_locked_again(
     assert [r.getMessage() for r in caplog.records] == [
         f"{path} was removed or replaced while this service held it; locked again"
     ]
+    assert len(replaced) == 1  # the service writes its session state again
+
+
+async def test_a_processing_root_renamed_while_held_is_made_again_and_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(instance_lock, "CHECK_EVERY_S", 0.05)
+    root = tmp_path / "proc"
+    root.mkdir()
+    path = root / ".uploader.lock"
+    replaced: list[None] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(instance_lock.run, timeout_s=5, on_replaced=lambda: replaced.append(None)),
+            path, ThreadLane("nfs", 2), Progress(),
+        )
+        root.rename(tmp_path / "proc.gone")
+        with trio.fail_after(5):
+            while not replaced:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert not await trio.to_thread.run_sync(another_process_can_lock, path)
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_check_that_misses_the_lock_file_for_a_moment_keeps_the_lock(

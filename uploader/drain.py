@@ -390,6 +390,14 @@ class Drains:
         self._forget_when_claimed_soon(key, offers)
         return written
 
+    def record_again(self) -> None:
+        """Write every drain on record again (in the background, until it is): the files
+        that held them were lost with their folder."""
+        assert self._nursery is not None
+        for key in sorted(self._waiting):
+            write = self._ordered(key).writer(encode_drain(*key, self._recorded.get(key, [])))
+            self._nursery.start_soon(self._write, key, write, trio.Event())
+
     def _ordered(self, key: SessionKey) -> fileops.OrderedWrites:
         return self._files.setdefault(key, fileops.OrderedWrites(self.layout.drain_file(*key)))
 

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from uploader.errors import Fatal, describe
+from uploader.fileops import in_folder
 from uploader.lanes import ThreadLane
 from uploader.progress import Progress
 
@@ -96,7 +97,9 @@ def take_again(path: Path, held: int) -> tuple[int, bool]:
         locked: tuple[int, int] | None = _file_id(os.fstat(held))
     except OSError:
         locked = None  # the held file is gone for good (ESTALE): nothing of it to keep
-    fd = os.open(path, _OPEN_FLAGS, 0o644)
+    # Its folder too, where the processing root itself went (renamed, removed): the claims
+    # to come make it again anyway, and the session state is written there again.
+    fd = in_folder(path, lambda: os.open(path, _OPEN_FLAGS, 0o644))
     try:
         same = _file_id(os.fstat(fd)) == locked
     except BaseException:
@@ -150,16 +153,19 @@ async def run(
     progress: Progress,
     *,
     timeout_s: float,
+    on_replaced: Callable[[], None] = lambda: None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Take the lock at ``path``, waiting as long as another service holds it or the share
     fails or does not answer within ``timeout_s`` (logged now and then, and shown as the
-    status's last error), then report started and hold it until cancelled."""
+    status's last error), then report started and hold it until cancelled. ``on_replaced``
+    is called when the lock file was found removed or replaced, and locked again: whatever
+    else the service keeps beside it (the session state) went the same way."""
     async with trio.open_nursery() as calls:
         fd = await _take(path, nfs, progress, timeout_s, calls)
         task_status.started()
         if fd is not None:
-            await _hold(path, fd, nfs, timeout_s, calls)
+            await _hold(path, fd, nfs, timeout_s, calls, on_replaced)
 
 
 async def _take(
@@ -201,7 +207,10 @@ async def _take(
     return fd
 
 
-async def _hold(path: Path, fd: int, nfs: ThreadLane, timeout_s: float, calls: trio.Nursery) -> None:
+async def _hold(
+    path: Path, fd: int, nfs: ThreadLane, timeout_s: float, calls: trio.Nursery,
+    on_replaced: Callable[[], None],
+) -> None:
     """Check every CHECK_EVERY_S that ``path`` is still the file ``fd`` holds locked; lock a
     new one where it was removed or replaced. Raises Fatal when another service locked it
     first: this one stops, so that one service works the share. A share that fails or does
@@ -238,6 +247,7 @@ async def _hold(path: Path, fd: int, nfs: ThreadLane, timeout_s: float, calls: t
             log.warning("%s was removed or replaced while this service held it; locked again", path)
             calls.start_soon(nfs.run, os.close, fd)  # the old file's lock, of no use now
             fd = new_fd
+            on_replaced()
     finally:
         # Closing releases the lock, a call to the server that may hang with it: bounded,
         # and the process's end releases it anyway.

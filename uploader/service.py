@@ -143,7 +143,11 @@ class Service:
                 await make_folders(settings, self.lanes.nfs, missing)
                 # Before recovery: what is claimed under the processing root is the holder's.
                 await root.start(
-                    partial(instance_lock.run, timeout_s=settings.nfs_op_timeout_s),
+                    partial(
+                        instance_lock.run,
+                        timeout_s=settings.nfs_op_timeout_s,
+                        on_replaced=self._processing_root_replaced,
+                    ),
                     self.layout.lock_file, self.lanes.nfs, self.progress,
                 )
                 await self._start_pipeline(root)
@@ -154,6 +158,22 @@ class Service:
             finally:
                 self.ready = False
                 self.store.close()
+
+    def _processing_root_replaced(self) -> None:
+        """The lock file went (the processing root renamed or removed, the share mounted
+        again empty): the session state and the drains kept beside it went too, and a crash
+        now would not resume the session. They are written again from memory."""
+        problem = (
+            f"{self.layout.lock_file} was removed or replaced while this service held it (the "
+            "processing root moved, or the share was mounted again?); the session state and the "
+            "drains of stopped sessions are written there again"
+        )
+        log.error("%s", problem)
+        self.progress.note_error(problem)
+        if self.sessions is not None:
+            self.sessions.record_again()
+        if self.drains is not None:
+            self.drains.record_again()
 
     async def _start_pipeline(self, root: trio.Nursery) -> None:
         settings, layout, lanes = self.settings, self.layout, self.lanes

@@ -391,6 +391,11 @@ class SessionControl:
         finally:
             ended.set()
 
+    def record_again(self) -> None:
+        """Write the session state again (in the background, until it is): the file that
+        held it was lost with its folder."""
+        self._keep_saving()
+
     def _keep_saving(self) -> None:
         """Record the current state in the background until it is. One loop at a time, as it
         always writes the state of the moment: a client retrying starts against a hung share

@@ -263,7 +263,9 @@ def test_a_file_that_cannot_be_read_is_quarantined_and_the_others_go_on(
     failed = folders.processing / ".failed" / "files" / today() / "bad" / "broken.bin"
     assert failed.read_bytes() == broken
     reason = service.status()["quarantined"][0]
-    assert "EIO" in str(reason["reason"]) and reason["attempts"] == 3
+    # APP_MAX_ATTEMPTS, or one more where nothing else went through NFS between its last two
+    # tries (the probe then earns it one more, begun while NFS is known to work).
+    assert "EIO" in str(reason["reason"]) and reason["attempts"] in (3, 4)
     # After a restart, status still shows what is in the failed folder.
     service.stop()
     service.restart()

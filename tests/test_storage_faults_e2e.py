@@ -213,7 +213,10 @@ def test_a_file_that_always_fails_is_quarantined_and_the_others_go_on(
     reason_file = folders.processing / ".failed" / "reasons" / today() / "q" / "doomed.bin.json"
     assert failed.read_bytes() == bad
     reason = json.loads(reason_file.read_text())
-    assert reason["attempts"] == 3
+    # APP_MAX_ATTEMPTS, or one more where no other file went up between its last two tries
+    # (the probe then earns it one more, begun while storage is known to work).
+    attempts = reason["attempts"]
+    assert attempts in (3, 4)
     assert "500" in reason["reason"] and "InternalError" in reason["reason"]
     assert reason["blob_name"] == f"{today()}/q/doomed.bin"
     status = service.status()
@@ -222,7 +225,7 @@ def test_a_file_that_always_fails_is_quarantined_and_the_others_go_on(
         folders.service_nfs / ".processing" / ".failed" / "files" / today() / "q" / "doomed.bin"
     )
     assert status["files_processed"] == 5
-    assert f"quarantined {today()}/q/doomed.bin after 3 attempts: " in service.log()
+    assert f"quarantined {today()}/q/doomed.bin after {attempts} attempts: " in service.log()
     # Nothing else is left behind, and the service still takes new files.
     wait_for(lambda: folders.files_on_nfs() == sorted([failed, reason_file]),
              what="only the quarantined file and its reason on NFS")

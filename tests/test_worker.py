@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from azure.core.exceptions import ServiceRequestError
 from azure.storage.blob import ContainerClient
 
 from tests.support.azurite import Azurite
@@ -202,7 +203,7 @@ def in_incoming(layout: Layout, *keys: FileKey) -> None:
         layout.incoming_path(key).write_bytes(b"x" * 100)
 
 
-def staging_disk_refuses(root: Path) -> None:
+def staging_disk_refuses(root: Path, failed: Path | None = None) -> None:
     raise OSError(errno.EROFS, "Read-only file system", str(root))
 
 
@@ -355,19 +356,25 @@ async def test_files_staged_before_the_disk_failed_are_no_evidence_against_a_fil
     real_stage_copy, real_upload = fileops.stage_copy, store.upload
     attempts: list[int] = []
 
-    def read_only_for_b(source: Path, target: Path, *args: Any, **kwargs: Any) -> fileops.StagedFile:
+    a_staged = threading.Event()
+
+    def read_only_once_a_is_staged(source: Path, target: Path, *args: Any, **kwargs: Any) -> fileops.StagedFile:
         if target.name == "b.bin":
+            a_staged.wait(10)
             attempts.append(1)
             if len(attempts) == 1:
                 trio.from_thread.run_sync(first_failure.set)
+        if a_staged.is_set():
             raise OSError(errno.EROFS, "Read-only file system", str(target))
-        return real_stage_copy(source, target, *args, **kwargs)
+        staged = real_stage_copy(source, target, *args, **kwargs)
+        a_staged.set()
+        return staged
 
     async def upload_after_b_failed(staged: fileops.StagedFile, name: str, **kwargs: Any) -> Any:
         await first_failure.wait()
         return await real_upload(staged, name, **kwargs)
 
-    monkeypatch.setattr(fileops, "stage_copy", read_only_for_b)
+    monkeypatch.setattr(fileops, "stage_copy", read_only_once_a_is_staged)
     monkeypatch.setattr(fileops, "probe_writable", staging_disk_refuses)
     monkeypatch.setattr(store, "upload", upload_after_b_failed)
     async with trio.open_nursery() as nursery:
@@ -381,6 +388,39 @@ async def test_files_staged_before_the_disk_failed_are_no_evidence_against_a_fil
 
     assert progress.files_quarantined == 0
     assert layout.processing_path(refused).exists()
+
+
+async def test_a_file_whose_last_try_failed_in_an_outage_just_over_is_tried_again_not_quarantined(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its retries ran out in a storage outage; the failure of the last is handled as storage
+    comes back (a probe succeeds): that try was no test of the file. README: an outage that
+    fails every file quarantines nothing."""
+    settings = with_quick_retries(settings)
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "outage.bin")
+    in_incoming(layout, key)
+    real_upload, real_probe = store.upload, store.probe
+    tries = 0
+    outage_over = False
+
+    async def upload_in_the_outage(*args: Any, **kwargs: Any) -> Any:
+        nonlocal tries, outage_over
+        tries += 1
+        if tries <= settings.max_attempts:
+            outage_over = tries == settings.max_attempts  # as this last try gives up
+            raise ServiceRequestError("Connection refused")
+        return await real_upload(*args, **kwargs)
+
+    async def probe() -> bool:
+        return outage_over and await real_probe()
+
+    monkeypatch.setattr(store, "upload", upload_in_the_outage)
+    monkeypatch.setattr(store, "probe", probe)
+    await run_until(pipeline, send, receive, offer(layout, key),
+                    lambda: progress.files_processed + progress.files_quarantined > 0)
+    assert (progress.files_processed, progress.files_quarantined) == (1, 0)
 
 
 async def test_a_retry_that_only_completes_is_no_evidence_that_the_staging_disk_works(
@@ -495,7 +535,7 @@ async def test_a_quarantine_that_nfs_failed_half_way_is_finished_and_the_file_ne
     monkeypatch.setattr(fileops, "write_atomically", written_then_eio)
     await run_until(pipeline, send, receive, offer(layout, key), lambda: progress.files_quarantined > 0)
 
-    assert uploads.count == 1 and writes == 2
+    assert uploads.count == 2 and writes == 2  # (the second after storage was seen working)
     assert progress.files_quarantined == 1 and progress.files_processed == 0
     assert not layout.processing_path(key).exists()
     failed = layout.failed_path(key)
@@ -678,7 +718,9 @@ async def test_a_newer_file_waits_for_the_quarantine_of_its_name_nfs_left_half_d
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     key = FileKey("20240102", "s", "q.bin")
     in_incoming(layout, key)
-    RefusedUploads(store, monkeypatch, times=1)
+    # Refused twice: once, then once more after the probe saw storage working (alone, the
+    # file has no one else's upload to show it).
+    RefusedUploads(store, monkeypatch, times=2)
     unlinks = LostUnlinkAnswer(layout.processing_path(key), monkeypatch)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)

@@ -11,6 +11,7 @@ storage, which fails everyone, quarantines nothing.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from uploader.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+# What a file's attempt needs to work: the share, the local staging disk, blob storage.
+SIDES = ("nfs", "staging", "storage")
 
 
 @dataclass
@@ -62,10 +65,11 @@ class WorkItem:
     # failed (the watcher then waits before it offers the file again).
     on_claim_settled: Callable[[bool], None] | None = None
     attempts: int = 0
-    # Numbers of attempts, in the order they started: this one's, and the last started
-    # anywhere when this file first failed.
-    attempt_number: int = 0
-    last_attempt_at_first_failure: int | None = None
+    # When its last attempt failed (trio clock), and the sides (SIDES) seen working since
+    # then, as the current attempt began: a failure of an attempt begun while its side
+    # worked for others is the file's own.
+    failed_at: float = -math.inf
+    seen_working: frozenset[str] = frozenset()
     staged: StagedFile | None = None
     report: UploadReport | None = None
     completing: bool = False  # the attempt got as far as the completion on NFS
@@ -151,11 +155,10 @@ class Pipeline:
         # Files whose quarantine NFS failed, to be tried again: their name in processing may be
         # free already, and must not be claimed by a newer file before the quarantine is done.
         self._quarantines_due: set[FileKey] = set()
-        self._attempts_started = 0
-        # The newest-started attempt that has completed: a file that went all the way after
-        # another's first failure shows that every side works (one staged, uploaded or
-        # completed before it says nothing about a disk or a service that failed since).
-        self._newest_completed_attempt = 0
+        # When each side was last seen working: a step that needs it went through (a claim
+        # or completion on NFS, a copy written to staging, an upload), or its probe did. A
+        # file staged before a disk failed and uploaded after says nothing of the disk.
+        self._working_at = dict.fromkeys(SIDES, -math.inf)
         # Files whose claim has to wait (busy, changed) and was said so in the log: once, not
         # at every poll while they wait.
         self._said_waiting: dict[FileKey, Claim] = {}
@@ -267,8 +270,7 @@ class Pipeline:
         copy made by the upload step as its blocks go up."""
         key, span = item.key, item.span
         assert span is not None
-        self._attempts_started += 1
-        item.attempt_number = self._attempts_started
+        item.seen_working = frozenset(side for side, at in self._working_at.items() if at > item.failed_at)
         stage_error: Exception | None = None
         claimed_now = not item.claimed
         if not item.claimed:
@@ -300,6 +302,7 @@ class Pipeline:
         if stage_error is not None:
             raise stage_error
         if item.staged is not None:
+            self._working("nfs", "staging")
             return True  # copied in the claim's trip to a thread
         if item.verified is not None:
             # The blob was verified: a failure from here on (a storage read) quarantines nothing.
@@ -308,7 +311,6 @@ class Pipeline:
                 item.staged, item.verified = item.verified, None
                 item.report = UploadReport(0, item.staged.size, 0)
                 # Neither staged nor uploaded now: no evidence that either works.
-                item.attempt_number = 0
                 return True
             item.verified, item.completing = None, False
         processing = self.layout.processing_path(key)
@@ -325,6 +327,9 @@ class Pipeline:
                     partial(fileops.stage_copy, at_most=item.claimed_size),
                     processing, staging, self.settings.azure_max_block_size,
                 )
+        self._working("nfs")
+        if item.staged is not None:
+            self._working("staging")
         return True
 
     async def _still_in_storage(self, item: WorkItem, verified: StagedFile) -> bool:
@@ -426,8 +431,10 @@ class Pipeline:
                     self.layout.processing_path(key), self.layout.staging_path(key),
                     blob_name(key), on_sent=sent, at_most=item.claimed_size,
                 )
+                self._working("staging", "storage")
             else:
                 item.report = await self.store.upload(item.staged, blob_name(key), on_sent=sent)
+                self._working("storage")
             span.set_attribute("size", item.staged.size)
             span.set_attribute("bytes_resumed", item.report.bytes_resumed)
         self.metrics.upload_duration.record(trio.current_time() - started)
@@ -447,7 +454,7 @@ class Pipeline:
         progress = self.progress
         progress.claimed.discard(key)
         progress.files_processed += 1
-        self._newest_completed_attempt = max(self._newest_completed_attempt, item.attempt_number)
+        self._working("nfs")
         progress.bytes_uploaded += staged.size
         progress.bytes_resumed += report.bytes_resumed
         self.metrics.files_processed.add(1)
@@ -467,9 +474,12 @@ class Pipeline:
         disposition = classify(exc)
         reason = describe(exc)
         item.attempts += 1
-        if item.last_attempt_at_first_failure is None:
-            item.last_attempt_at_first_failure = self._attempts_started
-        others_completed = self._newest_completed_attempt > item.last_attempt_at_first_failure
+        failed_at = trio.current_time()  # (before a probe: one that succeeds is seen after it)
+        # Its side worked for others when this attempt began: then the failure is the file's.
+        # Evidence from after the failure (storage back a moment ago) only earns it another
+        # attempt, begun while the side is known to work: a long outage, failing every try of
+        # a file, must not quarantine it the moment it ends.
+        side_worked = self._side_of(exc) in item.seen_working
         progress.files_failed += 1
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")
@@ -483,11 +493,7 @@ class Pipeline:
         if disposition is Disposition.PERMANENT:
             # A refusal by storage may be the account's, not the file's (an account that now
             # requires HTTPS answers 400 to every request): then the probe is refused too.
-            give_up = (
-                not refused_by_storage(exc)
-                or others_completed
-                or await self._works_for_others(exc)
-            )
+            give_up = not refused_by_storage(exc) or side_worked or await self._works_for_others(exc)
         elif at_completion:
             # The blob is up and verified: what failed is the move to the completed folder on
             # NFS, which fails every file alike while the share does (a listing that works
@@ -509,10 +515,13 @@ class Pipeline:
                     )
                 disposition = Disposition.PERMANENT
                 progress.note_error(f"{key}: {reason}")  # rather than the disk's words
+        elif item.attempts >= self.settings.max_attempts:
+            give_up = side_worked
+            if not give_up:
+                await self._works_for_others(exc)  # seen working: the next attempt decides
         else:
-            give_up = item.attempts >= self.settings.max_attempts and (
-                others_completed or await self._works_for_others(exc)
-            )
+            give_up = False
+        item.failed_at = failed_at
         if give_up:
             if await self._quarantine(item, reason, disposition):
                 return
@@ -543,23 +552,38 @@ class Pipeline:
         size = _known_size(item)
         return size is not None and await self.space.larger_than_disk(size)
 
+    def _working(self, *sides: str) -> None:
+        now = trio.current_time()
+        for side in sides:
+            self._working_at[side] = now
+
+    def _side_of(self, exc: Exception) -> str:
+        """The side (of SIDES) whose failure ``exc`` is."""
+        if isinstance(exc, OSError) and self._on_staging_disk(exc) is not None:
+            return "staging"
+        if isinstance(exc, OSError | SourceChanged):
+            return "nfs"
+        return "storage"
+
     async def _works_for_others(self, exc: Exception) -> bool:
-        """Probe the side that failed this file: is it the file, or is everything failing?"""
+        """Probe the side that failed this file: is it the file, or is everything failing?
+        A side that answers is seen working from now on."""
+        side = self._side_of(exc)
+        working = False
         with trio.move_on_after(self.settings.nfs_op_timeout_s):
-            if isinstance(exc, OSError) and (failed := self._on_staging_disk(exc)) is not None:
-                try:
+            try:
+                if side == "staging":
+                    assert isinstance(exc, OSError)
+                    failed = self._on_staging_disk(exc)
                     await self.lanes.staging.run(fileops.probe_writable, self.layout.staging_root, failed)
-                except OSError:
-                    return False
-                return True
-            if isinstance(exc, OSError | SourceChanged):
-                try:
+                elif side == "nfs":
                     await self.lanes.nfs.run(os.listdir, self.layout.processing_root)
-                except OSError:
-                    return False
-                return True
-            return await self.store.probe()
-        return False
+                working = side != "storage" or await self.store.probe()
+            except OSError:
+                working = False
+        if working:
+            self._working(side)
+        return working
 
     def _on_staging_disk(self, exc: OSError) -> Path | None:
         """The path on the local staging disk (read-only, failing) that the failure names."""

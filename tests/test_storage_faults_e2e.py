@@ -161,6 +161,22 @@ def test_added_latency_only_slows_things_down(
     assert service.status()["files_failed"] == 0
 
 
+def test_an_upload_answered_without_an_md5_is_checked_against_the_stored_blob(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    """An endpoint that says 201 to a Put Blob it never stored (a proxy in the way)."""
+    service = through_proxy(service_factory, azurite, proxy)
+    service.start_session("lie")
+    proxy.error(201, method="PUT", target="lie/told.bin", times=1)
+    expected = drop(folders, "lie", {"told.bin": 5000})
+    assert wait_for_blobs(container, set(expected)) == expected
+    wait_until_clean(folders)
+    status = service.status()
+    assert status["files_failed"] == 1 and status["files_processed"] == 1
+    assert "answered without an MD5" in status["last_error"]
+
+
 def test_a_request_storage_refuses_for_one_file_quarantines_it_at_once(
     service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
     folders: Folders, container: ContainerClient,

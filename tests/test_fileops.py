@@ -986,6 +986,44 @@ def test_a_probe_of_staging_fails_where_a_folder_of_the_failed_copy_is_not_writa
     assert done.stdout.split() == [str(root / "20240101" / "s"), str(root / "20240101")], done.stderr
 
 
+CLAIM_FILES_ANOTHER_USER_OWNS = """
+import sys
+from pathlib import Path
+from uploader.fileops import claim
+root = Path(sys.argv[1])
+for name in ("closed", "sticky"):
+    try:
+        claim(root / "in" / name / "a.bin", root / "proc" / name / "a.bin", None, root / "in")
+    except PermissionError as exc:
+        print(f"{exc.filename}|{exc.strerror}")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="running as another user needs setpriv (util-linux) and root")
+def test_a_claim_refused_by_permissions_names_the_folder_its_owner_and_mode() -> None:
+    root = Path(tempfile.mkdtemp(prefix="uploader-perm-"))
+    try:
+        root.chmod(0o755)
+        for name, mode in (("closed", 0o755), ("sticky", 0o1777)):
+            make_file(root / "in" / name / "a.bin").chmod(0o644)  # root's, as an instrument's
+            (root / "in" / name).chmod(mode)
+            (root / "proc" / name).mkdir(parents=True)
+            os.chown(root / "proc" / name, 10001, 10001)
+        done = subprocess.run(
+            ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups",
+             sys.executable, "-c", CLAIM_FILES_ANOTHER_USER_OWNS, str(root)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        shutil.rmtree(root)
+    closed, sticky = done.stdout.splitlines()
+    assert closed == (f"{root}/in/closed|this folder is not writable by this service "
+                      "(owner uid 0, mode 0755; this service runs as uid 10001)"), done.stderr
+    assert sticky.startswith(f"{root}/in/sticky/a.bin|its folder is sticky (owner uid 0, mode 1777;")
+    assert sticky.endswith("the file belongs to uid 0: only its owner or the folder's may move it")
+
+
 def test_mark_completed_refuses_a_symlink_put_in_the_file_s_place(tmp_path: Path) -> None:
     processing, staged = staged_for(tmp_path)
     twin = make_file(tmp_path / "elsewhere" / "a.bin", b"payload")

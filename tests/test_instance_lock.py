@@ -3,6 +3,7 @@ says who holds the share, until the first is gone."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -272,3 +273,13 @@ def test_a_second_service_on_the_same_share_waits_until_the_first_is_gone(
     second.wait_ready(timeout=30)
     status = second.status()
     assert (status["active"], status["session_name"]) == (True, "one")  # it took over the session
+
+
+def test_a_lock_file_this_user_may_not_open_is_explained_with_its_owner_and_mode(tmp_path: Path) -> None:
+    """An earlier run as root left it: "EACCES; trying again" would read as a passing failure."""
+    path = tmp_path / ".uploader.lock"
+    path.write_text("root's\n")
+    path.chmod(0o644)
+    said = instance_lock._explained(path, PermissionError(errno.EACCES, "Permission denied", str(path)))
+    assert said == (f"this service (uid {os.geteuid()}) may not open it for writing (owner uid "
+                    f"{os.getuid()}, mode 0644): change its owner or mode, or remove it while no service runs")

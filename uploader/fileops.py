@@ -360,9 +360,39 @@ def claim(source: Path, target: Path, expected: tuple[int, int] | None, within: 
     except OSError as exc:
         if exc.filename == name:
             exc.filename = os.fspath(source)  # the whole path, for logs and status
+        if exc.errno in (errno.EACCES, errno.EPERM) and (why := why_refused(source, target)) is not None:
+            raise type(exc)(exc.errno, why[1], why[0]) from None
         raise
     finally:
         os.close(folder)
+
+
+def why_refused(*paths: Path) -> tuple[str, str] | None:
+    """Blocking: (path, why) for the first of ``paths`` that this user may not move or
+    create: its folder not writable, or sticky with the file another user's. "EACCES on
+    'a' -> 'b'" names two paths and no cause; an operator needs the folder, its owner and
+    mode, and who the service runs as."""
+    uid = os.geteuid()
+    for path in paths:
+        folder = path.parent
+        try:
+            info = os.stat(folder)
+        except OSError:
+            continue
+        said = f"owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}; this service runs as uid {uid}"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return os.fspath(folder), f"this folder is not writable by this service ({said})"
+        if info.st_mode & stat.S_ISVTX and info.st_uid != uid:
+            try:
+                owner = os.lstat(path).st_uid
+            except OSError:
+                continue
+            if owner != uid:
+                return os.fspath(path), (
+                    f"its folder is sticky ({said}) and the file belongs to uid {owner}: only "
+                    "its owner or the folder's may move it"
+                )
+    return None
 
 
 def _claim_in(

@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,6 +113,20 @@ def take_again(path: Path, held: int) -> tuple[int, bool]:
     return take(path), False
 
 
+def _explained(path: Path, exc: OSError) -> str:
+    """``exc`` described, with the owner and mode of a lock file this user may not open (one
+    an earlier run as another user left): "EACCES" alone reads as a passing failure."""
+    if isinstance(exc, PermissionError):
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            return (
+                f"this service (uid {os.geteuid()}) may not open it for writing (owner uid "
+                f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}): change its owner or mode, or "
+                "remove it while no service runs"
+            )
+    return describe(exc)
+
+
 def _file_id(info: os.stat_result) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
@@ -195,7 +210,7 @@ async def _take(
                         "service off this processing root", path, describe(exc),
                     )
                     return None
-                problem = f"cannot lock {path} now: {describe(exc)}; trying again"
+                problem = f"cannot lock {path} now: {_explained(path, exc)}; trying again"
         if trio.current_time() - last_note >= NOTE_EVERY_S:
             log.warning("%s", problem)
             progress.note_error(problem)

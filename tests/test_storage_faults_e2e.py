@@ -197,9 +197,12 @@ def test_a_refusal_of_every_request_quarantines_nothing(
     service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy,
     folders: Folders, container: ContainerClient,
 ) -> None:
-    """A 400 is permanent for a file, unless storage refuses everyone: an account changed."""
+    """A 400 is permanent for a file, unless storage refuses everyone: an account changed
+    since files went up."""
     service = through_proxy(service_factory, azurite, proxy, APP_MAX_ATTEMPTS="2")
     service.start_session("p")
+    before = drop(folders, "p", {"before.bin": 100})
+    assert wait_for_blobs(container, set(before)) == before
     refusal = proxy.error(400, method="PUT", times=None, code="AccountRequiresHttps",
                           message="The account being accessed does not support http.")
     expected = drop(folders, "p", {"a.bin": 1000, "b.bin": 3 * MiB})
@@ -207,7 +210,7 @@ def test_a_refusal_of_every_request_quarantines_nothing(
     status = service.status()
     assert status["files_quarantined"] == 0 and "AccountRequiresHttps" in status["last_error"]
     proxy.remove(refusal)
-    assert wait_for_blobs(container, set(expected)) == expected
+    assert wait_for_blobs(container, set(expected) | set(before)) == expected | before
     wait_until_clean(folders)
     assert service.status()["files_quarantined"] == 0
 

@@ -423,6 +423,49 @@ async def test_a_file_whose_last_try_failed_in_an_outage_just_over_is_tried_agai
     assert (progress.files_processed, progress.files_quarantined) == (1, 0)
 
 
+async def test_with_one_attempt_an_outage_after_files_went_up_quarantines_nothing(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """APP_MAX_ATTEMPTS=1: a file's first failure decides, and what went up before it
+    began (before the outage) is no evidence that storage works now."""
+    settings = settings.model_copy(update={"max_attempts": 1, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05})
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    before, during = FileKey("20240102", "s", "before.bin"), FileKey("20240102", "s", "during.bin")
+    in_incoming(layout, before, during)
+    real_upload, real_probe = store.upload, store.probe
+    outage = False
+
+    async def upload(*args: Any, **kwargs: Any) -> Any:
+        if outage:
+            raise ServiceRequestError("Connection refused")
+        return await real_upload(*args, **kwargs)
+
+    async def probe() -> bool:
+        return not outage and await real_probe()
+
+    monkeypatch.setattr(store, "upload", upload)
+    monkeypatch.setattr(store, "probe", probe)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, before))
+        with trio.fail_after(10):
+            while progress.files_processed < 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        outage = True
+        await send.send(offer(layout, during))
+        with trio.fail_after(10):
+            while progress.files_failed < 5:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert progress.files_quarantined == 0
+        outage = False
+        with trio.fail_after(10):
+            while progress.files_processed < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert progress.files_quarantined == 0
+
+
 async def test_a_retry_that_only_completes_is_no_evidence_that_the_staging_disk_works(
     settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

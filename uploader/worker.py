@@ -65,10 +65,10 @@ class WorkItem:
     # failed (the watcher then waits before it offers the file again).
     on_claim_settled: Callable[[bool], None] | None = None
     attempts: int = 0
-    # When its last attempt failed (trio clock), and the sides (SIDES) seen working since
-    # then, as the current attempt began: a failure of an attempt begun while its side
-    # worked for others is the file's own.
-    failed_at: float = -math.inf
+    # When its last attempt failed (trio clock; None: it has not failed), and the sides
+    # (SIDES) seen working since then, as the current step began: a failure of a step begun
+    # while its side worked for others is the file's own.
+    failed_at: float | None = None
     seen_working: frozenset[str] = frozenset()
     staged: StagedFile | None = None
     report: UploadReport | None = None
@@ -212,6 +212,7 @@ class Pipeline:
         assert span is not None
         with trace.use_span(span, end_on_exit=False):
             try:
+                self._note_sides_seen(item)
                 return await step(item)
             except Exception as exc:
                 span.set_attribute("outcome", "failed")
@@ -270,7 +271,6 @@ class Pipeline:
         copy made by the upload step as its blocks go up."""
         key, span = item.key, item.span
         assert span is not None
-        item.seen_working = frozenset(side for side, at in self._working_at.items() if at > item.failed_at)
         stage_error: Exception | None = None
         claimed_now = not item.claimed
         if not item.claimed:
@@ -321,6 +321,7 @@ class Pipeline:
         # is further down the pipeline (a large file's copy is made by the upload step).
         if item.room is None:  # (taken already for a small file whose claim made no copy)
             item.room = await self.space.take(item.claimed_size, staging)
+            self._note_sides_seen(item)  # (the wait for room may have been long)
         if not self._streams(item.claimed_size):
             with tracer.start_as_current_span("stage"):
                 item.staged = await self.lanes.nfs.run(
@@ -493,7 +494,8 @@ class Pipeline:
         if disposition is Disposition.PERMANENT:
             # A refusal by storage may be the account's, not the file's (an account that now
             # requires HTTPS answers 400 to every request): then the probe is refused too.
-            give_up = not refused_by_storage(exc) or side_worked or await self._works_for_others(exc)
+            # (A probe, not what went through before: the refusal may be new, as everyone's.)
+            give_up = not refused_by_storage(exc) or await self._works_for_others(exc)
         elif at_completion:
             # The blob is up and verified: what failed is the move to the completed folder on
             # NFS, which fails every file alike while the share does (a listing that works
@@ -551,6 +553,15 @@ class Pipeline:
     async def _larger_than_staging(self, item: WorkItem) -> bool:
         size = _known_size(item)
         return size is not None and await self.space.larger_than_disk(size)
+
+    def _note_sides_seen(self, item: WorkItem) -> None:
+        """Which sides were seen working since the file's last failure, as a step of it
+        begins (none before its first: evidence from long before says nothing of now)."""
+        failed_at = item.failed_at
+        item.seen_working = (
+            frozenset() if failed_at is None
+            else frozenset(side for side, at in self._working_at.items() if at > failed_at)
+        )
 
     def _working(self, *sides: str) -> None:
         now = trio.current_time()

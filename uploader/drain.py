@@ -306,6 +306,7 @@ class Drains:
         self._files: dict[SessionKey, fileops.OrderedWrites] = {}
         self._waiting: set[SessionKey] = set()  # drains on record, waiting for their claims
         self._forgetting: set[SessionKey] = set()  # those whose claims are being waited for
+        self._removing: set[SessionKey] = set()  # those whose files are being removed
         self._recorded: dict[SessionKey, list[Offered]] = {}  # what each drain on record names
         self._stops: collections.Counter[SessionKey] = collections.Counter()  # drains recorded
         self._watched: collections.Counter[str] = collections.Counter()  # names with a watcher
@@ -394,7 +395,7 @@ class Drains:
         """Write every drain on record again (in the background, until it is): the files
         that held them were lost with their folder."""
         assert self._nursery is not None
-        for key in sorted(self._waiting):
+        for key in sorted(self._waiting - self._removing):  # (nothing left to drain there)
             write = self._ordered(key).writer(encode_drain(*key, self._recorded.get(key, [])))
             self._nursery.start_soon(self._write, key, write, trio.Event())
 
@@ -436,7 +437,11 @@ class Drains:
                 # None of the files it names is left: no failed claim of theirs is either.
                 named = frozenset(rel for rel, _, _ in self._recorded.get(key, []))
                 offers.forget_failing(partial(_not_in, named))
-                await self._until_done(f"remove the drain file of {key[1]}", self._ordered(key).remover())
+                self._removing.add(key)
+                try:
+                    await self._until_done(f"remove the drain file of {key[1]}", self._ordered(key).remover())
+                finally:
+                    self._removing.discard(key)
                 if self._stops[key] == stops:
                     break  # (else a stop recorded another drain meanwhile: written after this)
             self._waiting.discard(key)

@@ -381,7 +381,11 @@ def why_refused(*paths: Path) -> tuple[str, str] | None:
             continue
         said = f"owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}; this service runs as uid {uid}"
         if not os.access(folder, os.W_OK | os.X_OK):
-            return os.fspath(folder), f"this folder is not writable by this service ({said})"
+            mode_allows = uid == 0 or (info.st_uid == uid and info.st_mode & stat.S_IWUSR)
+            return os.fspath(folder), f"this folder is not writable by this service ({said})" + (
+                ", though its mode allows it: an immutable attribute, an ACL, a read-only mount "
+                "or NFS root squashing refuses it" if mode_allows else ""
+            )
         if info.st_mode & stat.S_ISVTX and info.st_uid != uid:
             try:
                 owner = os.lstat(path).st_uid
@@ -842,17 +846,24 @@ def finish(processing: Path, completed: Path, staged: StagedFile) -> list[str]:
 PROBE_FILE_NAME = ".uploader-probe"  # at the top of a root, where no date folder is
 
 
+def check_folder_writable(root: Path, failed: Path) -> None:
+    """PermissionError where this user may not write the folder of ``failed`` (a path below
+    ``root``; the nearest of its folders there is), as an earlier run under another user may
+    have left it: every file that needs it fails, whatever others do."""
+    folder = failed.parent if failed != root else root
+    while folder != root and folder.is_relative_to(root) and not os.path.isdir(folder):
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "not writable by this user", os.fspath(folder))
+
+
 def probe_writable(root: Path, failed: Path | None = None) -> None:
     """Write, sync and remove a small file in ``root``: OSError where the disk refuses. With
     ``failed`` (a path below ``root`` that an operation failed on), first: OSError where this
     user may not write the folder it is in (or the nearest one of its folders there is), as
     an earlier run under another user may have left it."""
     if failed is not None:
-        folder = failed.parent
-        while folder != root and folder.is_relative_to(root) and not os.path.isdir(folder):
-            folder = folder.parent
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable by this user", os.fspath(folder))
+        check_folder_writable(root, failed)
     probe = root / f"{PROBE_FILE_NAME}-{os.getpid()}-{threading.get_ident()}"
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

@@ -518,8 +518,8 @@ class Pipeline:
                 disposition = Disposition.PERMANENT
                 progress.note_error(f"{key}: {reason}")  # rather than the disk's words
         elif item.attempts >= self.settings.max_attempts:
-            give_up = side_worked
-            if not give_up:
+            give_up = side_worked and not await self._folder_refused(exc)
+            if not side_worked:
                 await self._works_for_others(exc)  # seen working: the next attempt decides
         else:
             give_up = False
@@ -553,6 +553,18 @@ class Pipeline:
     async def _larger_than_staging(self, item: WorkItem) -> bool:
         size = _known_size(item)
         return size is not None and await self.space.larger_than_disk(size)
+
+    async def _folder_refused(self, exc: Exception) -> bool:
+        """Whether a staging failure is its folder's, which this user may not write (one an
+        earlier run as another user left): it fails every file of that folder, while files
+        of other folders go through and show the disk working."""
+        if not isinstance(exc, OSError) or (failed := self._on_staging_disk(exc)) is None:
+            return False
+        try:
+            await self.lanes.staging.run(fileops.check_folder_writable, self.layout.staging_root, failed)
+        except OSError:
+            return True
+        return False
 
     def _note_sides_seen(self, item: WorkItem) -> None:
         """Which sides were seen working since the file's last failure, as a step of it

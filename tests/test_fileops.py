@@ -913,6 +913,20 @@ def test_a_write_while_the_file_is_read_again_at_completion_counts_as_a_change(
     assert processing.read_bytes() == b"PAYLOAD"
 
 
+needs_another_user = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="running as another user needs setpriv (util-linux) and root",
+)
+
+
+def as_another_user(script: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (Python, given ``folder``) as uid 10001, the Deployment's user."""
+    return subprocess.run(
+        ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups", sys.executable, "-c", script, str(folder)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+
+
 MARK_COMPLETED_AFTER_A_CHMOD = r"""
 import os, sys
 from pathlib import Path
@@ -935,19 +949,14 @@ else:
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="running as another user needs setpriv (util-linux) and root")
+@needs_another_user
 def test_a_file_made_unreadable_after_its_upload_counts_as_changed(tmp_path: Path) -> None:
     """It cannot be read again to prove its bytes unchanged: a change (copied again, and
     quarantined if it stays unreadable), not an NFS failure retried for ever."""
     shared = Path(tempfile.mkdtemp(prefix="uploader-chmod-"))
     try:
         shared.chmod(0o777)
-        done = subprocess.run(
-            ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups",
-             sys.executable, "-c", MARK_COMPLETED_AFTER_A_CHMOD, str(shared)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-        )
+        done = as_another_user(MARK_COMPLETED_AFTER_A_CHMOD, shared)
     finally:
         shutil.rmtree(shared)
     assert done.stdout.strip() == "SourceChanged", done.stdout + done.stderr
@@ -967,8 +976,7 @@ for failed in (root / "20240101" / "s" / "a.bin", root / "20240101" / "new" / "a
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="running as another user needs setpriv (util-linux) and root")
+@needs_another_user
 def test_a_probe_of_staging_fails_where_a_folder_of_the_failed_copy_is_not_writable() -> None:
     """An earlier run as root left a session's staging folder: every copy of the session
     fails there, and the probe must say so, though the top of staging takes files."""
@@ -976,11 +984,7 @@ def test_a_probe_of_staging_fails_where_a_folder_of_the_failed_copy_is_not_writa
     try:
         root.chmod(0o777)
         (root / "20240101" / "s").mkdir(parents=True)  # root's, 0755
-        done = subprocess.run(
-            ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups",
-             sys.executable, "-c", PROBE_A_FOLDER_ANOTHER_USER_LEFT, str(root)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-        )
+        done = as_another_user(PROBE_A_FOLDER_ANOTHER_USER_LEFT, root)
     finally:
         shutil.rmtree(root)
     assert done.stdout.split() == [str(root / "20240101" / "s"), str(root / "20240101")], done.stderr
@@ -999,8 +1003,7 @@ for name in ("closed", "sticky"):
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="running as another user needs setpriv (util-linux) and root")
+@needs_another_user
 def test_a_claim_refused_by_permissions_names_the_folder_its_owner_and_mode() -> None:
     root = Path(tempfile.mkdtemp(prefix="uploader-perm-"))
     try:
@@ -1010,11 +1013,7 @@ def test_a_claim_refused_by_permissions_names_the_folder_its_owner_and_mode() ->
             (root / "in" / name).chmod(mode)
             (root / "proc" / name).mkdir(parents=True)
             os.chown(root / "proc" / name, 10001, 10001)
-        done = subprocess.run(
-            ["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups",
-             sys.executable, "-c", CLAIM_FILES_ANOTHER_USER_OWNS, str(root)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-        )
+        done = as_another_user(CLAIM_FILES_ANOTHER_USER_OWNS, root)
     finally:
         shutil.rmtree(root)
     closed, sticky = done.stdout.splitlines()

@@ -466,6 +466,48 @@ async def test_with_one_attempt_an_outage_after_files_went_up_quarantines_nothin
     assert progress.files_quarantined == 0
 
 
+async def test_a_file_failing_in_the_spells_of_a_flapping_outage_is_not_quarantined(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Others get through between the spells (seen working before its tries began), but
+    storage refuses again as its try fails: asked at once, it does not work now."""
+    settings = with_quick_retries(settings)
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    flap = FileKey("20240102", "s", "flap.bin")
+    others = [FileKey("20240102", "s", f"ok{n}.bin") for n in range(6)]
+    in_incoming(layout, flap, *others)
+    real_upload, real_probe = store.upload, store.probe
+    spell = True
+
+    async def upload(staged: fileops.StagedFile, name: str, **kwargs: Any) -> Any:
+        if spell and name.endswith("flap.bin"):
+            raise ServiceRequestError("Connection refused")
+        return await real_upload(staged, name, **kwargs)
+
+    async def probe() -> bool:
+        return not spell and await real_probe()
+
+    monkeypatch.setattr(store, "upload", upload)
+    monkeypatch.setattr(store, "probe", probe)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, flap))
+        for key in others:  # going up between its tries
+            await send.send(offer(layout, key))
+            await trio.sleep(0.05)
+        with trio.fail_after(10):
+            while progress.files_failed < 5 or progress.files_processed < len(others):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert progress.files_quarantined == 0
+        spell = False
+        with trio.fail_after(10):
+            while progress.files_processed < len(others) + 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert progress.files_quarantined == 0
+
+
 async def test_a_retry_that_only_completes_is_no_evidence_that_the_staging_disk_works(
     settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

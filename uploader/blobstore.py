@@ -348,7 +348,10 @@ class BlobStore:
         """
         blob = self.container.get_blob_client(PROBE_BLOB)
         try:
-            await self.lanes.azure.run(blob.stage_block, "probe", b"probe", validate_content=True)
+            # Once, now: the SDK's retries would wait seconds, and an outage may end meanwhile.
+            await self.lanes.azure.run(
+                partial(blob.stage_block, "probe", b"probe", validate_content=True, retry_total=0)
+            )
         except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
             log.info("storage probe failed: %s", describe(exc))
             return False

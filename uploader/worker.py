@@ -518,9 +518,10 @@ class Pipeline:
                 disposition = Disposition.PERMANENT
                 progress.note_error(f"{key}: {reason}")  # rather than the disk's words
         elif item.attempts >= self.settings.max_attempts:
-            give_up = side_worked and not await self._folder_refused(exc)
-            if not side_worked:
-                await self._works_for_others(exc)  # seen working: the next attempt decides
+            # And it works now, asked at once: a flapping outage lets others through between
+            # its spells, and this step may have begun in one gap and failed in the next spell.
+            works_now = await self._works_for_others(exc)  # (seen working: the next attempt decides)
+            give_up = side_worked and works_now and not await self._folder_refused(exc)
         else:
             give_up = False
         item.failed_at = failed_at

@@ -198,7 +198,9 @@ def test_stop_ends_watching_but_queued_files_still_upload(
     service.start_session("drain")
     folder = folders.session("drain")
     first = {f"f{i:02d}.bin": write_file(folder / f"f{i:02d}.bin", 3 * MiB, seed=i) for i in range(12)}
-    wait_for(lambda: service.status()["queue_depth"] > 0, timeout=30, interval=0.01,
+    # Several queued, so that the one worker cannot have claimed them all between the
+    # stop and the listing below.
+    wait_for(lambda: service.status()["queue_depth"] >= 4, timeout=30, interval=0.01,
              what="files to be queued")
     stopped = service.stop_session()
     assert stopped["active"] is False and stopped["session_name"] == "drain"

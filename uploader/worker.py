@@ -494,8 +494,15 @@ class Pipeline:
         if disposition is Disposition.PERMANENT:
             # A refusal by storage may be the account's, not the file's (an account that now
             # requires HTTPS answers 400 to every request): then the probe is refused too.
-            # (A probe, not what went through before: the refusal may be new, as everyone's.)
-            give_up = not refused_by_storage(exc) or await self._works_for_others(exc)
+            # (A probe, not only what went through before: the refusal may be new, as
+            # everyone's.) And, like any failure, it is the file's only when storage worked
+            # for others as the step began: a probe just after an account-wide refusal ended
+            # earns the file one more attempt, which decides.
+            if refused_by_storage(exc):
+                works_now = await self._works_for_others(exc)
+                give_up = side_worked and works_now
+            else:
+                give_up = True
         elif at_completion:
             # The blob is up and verified: what failed is the move to the completed folder on
             # NFS, which fails every file alike while the share does (a listing that works

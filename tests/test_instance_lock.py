@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 from azure.storage.blob import ContainerClient
 
 from tests.conftest import ServiceFactory
@@ -202,6 +203,30 @@ async def test_a_processing_root_renamed_while_held_is_made_again_and_locked(
         with trio.fail_after(5):
             while not replaced:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+        assert not await trio.to_thread.run_sync(another_process_can_lock, path)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lock_taken_again_is_reported_at_once_not_a_check_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    """The session state beside the lock is written again as soon as the lock is back."""
+    monkeypatch.setattr(instance_lock, "CHECK_EVERY_S", 10)
+    path = tmp_path / ".uploader.lock"
+    replaced = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(instance_lock.run, timeout_s=5, on_replaced=replaced.set),
+            path, ThreadLane("nfs", 2), Progress(),
+        )
+        path.unlink()
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(10)  # one check, and only one: the clock stands still after it
+        for _ in range(200):  # real time, for the threads of the check and the take
+            if replaced.is_set():
+                break
+            await trio.to_thread.run_sync(time.sleep, 0.02)
+        assert replaced.is_set()
         assert not await trio.to_thread.run_sync(another_process_can_lock, path)
         nursery.cancel_scope.cancel()
 

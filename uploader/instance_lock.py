@@ -234,7 +234,10 @@ async def _hold(
     kept_open: list[int] = []  # descriptors of the held file that must not be closed before it
     try:
         while True:
-            await trio.sleep(CHECK_EVERY_S)
+            if pending is None or pending[0] == "check":
+                # (A lock being taken again is waited for at once: until it is back, what the
+                # service keeps beside it, the session state, is not written again.)
+                await trio.sleep(CHECK_EVERY_S)
             kind, call = pending or ("check", _OneCall(calls, nfs, still_there, path, fd))
             pending = (kind, call)
             if not await call.answered_within(timeout_s):
@@ -251,7 +254,7 @@ async def _hold(
                 continue
             if kind == "check":
                 if not answer:
-                    pending = ("take", _OneCall(calls, nfs, take_again, path, fd))  # next round
+                    pending = ("take", _OneCall(calls, nfs, take_again, path, fd))
                 continue
             new_fd, same_file = answer
             if same_file:

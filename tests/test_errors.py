@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import random
+import socket
 
 import pytest
 from azure.core.exceptions import (
@@ -12,6 +14,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.storage.blob import BlobServiceClient
 
 from uploader.errors import (
     BlobNameRefused,
@@ -24,6 +27,7 @@ from uploader.errors import (
     classify,
     describe,
     is_benign_race,
+    unanswered,
 )
 
 RETRYABLE, PERMANENT = Disposition.RETRYABLE, Disposition.PERMANENT
@@ -245,3 +249,34 @@ def test_backoff_delay_stays_capped_for_very_many_attempts() -> None:
     rng = random.Random(42)
     for attempt in (1025, 5000, 100_000):
         assert 30.0 <= backoff_delay(attempt, 1.0, 60.0, rng) <= 60.0
+
+
+def _sdk_failure(endpoint: str) -> Exception:
+    """What one upload through the real SDK raises against ``endpoint``."""
+    client = BlobServiceClient.from_connection_string(
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={base64.b64encode(b'k').decode()};"
+        f"BlobEndpoint={endpoint}/devstoreaccount1;",
+        retry_total=0, connection_timeout=0.5, read_timeout=0.5,
+    )
+    with client, pytest.raises(Exception) as caught:
+        client.get_blob_client("c", "b").upload_blob(b"x" * 1000, overwrite=True)
+    return caught.value
+
+
+def test_a_request_storage_never_answers_went_unanswered_for_the_read_timeout() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes connections, says nothing
+        exc = _sdk_failure(f"http://127.0.0.1:{silent.getsockname()[1]}")
+    assert unanswered(exc) == "read"
+
+
+def test_a_refused_connection_is_an_answer_not_a_silence() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    assert unanswered(_sdk_failure(f"http://127.0.0.1:{port}")) is None
+
+
+def test_a_connection_reset_and_an_error_answer_are_no_silence() -> None:
+    reset = ServiceResponseError("Connection aborted.", error=ConnectionResetError(104, "reset by peer"))
+    assert unanswered(reset) is None
+    assert unanswered(http_error(503)) is None
+    assert unanswered(OSError(errno.ETIMEDOUT, "timed out")) is None  # NFS, not storage

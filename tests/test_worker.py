@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from azure.core.exceptions import ServiceRequestError
+from azure.core.exceptions import ServiceRequestError, ServiceResponseTimeoutError
 from azure.storage.blob import ContainerClient
 
 from tests.support.azurite import Azurite
@@ -506,6 +506,119 @@ async def test_a_file_failing_in_the_spells_of_a_flapping_outage_is_not_quaranti
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert progress.files_quarantined == 0
+
+
+def with_quick_timeouts(settings: Settings) -> Settings:
+    """Two attempts before a quarantine, retries after a pause others can use, and a read
+    timeout short enough for a test."""
+    return settings.model_copy(update={
+        "max_attempts": 2, "retry_backoff_s": 0.2, "retry_backoff_max_s": 0.3, "azure_read_timeout_s": 0.3,
+    })
+
+
+async def offer_one_by_one(
+    send: trio.MemorySendChannel[WorkItem], layout: Layout, keys: list[FileKey], every_s: float
+) -> None:
+    for key in keys:
+        await send.send(offer(layout, key))
+        await trio.sleep(every_s)
+
+
+async def test_a_file_timing_out_in_the_spells_of_a_flapping_outage_is_not_quarantined(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Storage hangs in spells (a stopped server) and answers in the gaps: each try of the
+    file begins in a gap, waits out its read timeout in a spell, and the probe after it lands
+    in the next gap. Nobody was answered while it waited: no evidence against the file."""
+    settings = with_quick_timeouts(settings)
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    flap = FileKey("20240102", "s", "flap.bin")
+    others = [FileKey("20240102", "s", f"ok{n}.bin") for n in range(30)]
+    in_incoming(layout, flap, *others)
+    real_upload = store.upload
+    spell, others_going, flap_tries = False, 0, 0
+
+    async def upload(staged: fileops.StagedFile, name: str, **kwargs: Any) -> Any:
+        nonlocal spell, others_going, flap_tries
+        if name.endswith("flap.bin"):
+            flap_tries += 1
+            if flap_tries <= 4:
+                while others_going:  # noqa: ASYNC110  (a spell stalls every request, these too)
+                    await trio.sleep(0.005)
+                spell = True
+                await trio.sleep(settings.azure_read_timeout_s)
+                spell = False
+                raise ServiceResponseTimeoutError("Read timed out. (read timeout=0.3)")
+        while spell:  # noqa: ASYNC110
+            await trio.sleep(0.005)
+        others_going += 1
+        try:
+            return await real_upload(staged, name, **kwargs)
+        finally:
+            others_going -= 1
+
+    monkeypatch.setattr(store, "upload", upload)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, flap))
+        nursery.start_soon(offer_one_by_one, send, layout, others, 0.05)
+        with trio.fail_after(20):
+            while progress.files_processed < len(others) + 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert flap_tries == 5 and progress.files_quarantined == 0
+
+
+async def test_a_file_timing_out_while_storage_answers_others_is_quarantined(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = with_quick_timeouts(settings)
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    doomed = FileKey("20240102", "s", "doomed.bin")
+    others = [FileKey("20240102", "s", f"ok{n}.bin") for n in range(30)]
+    in_incoming(layout, doomed, *others)
+    real_upload = store.upload
+
+    async def upload(staged: fileops.StagedFile, name: str, **kwargs: Any) -> Any:
+        if name.endswith("doomed.bin"):  # a middlebox that stalls this file's requests only
+            await trio.sleep(settings.azure_read_timeout_s)
+            raise ServiceResponseTimeoutError("Read timed out. (read timeout=0.3)")
+        return await real_upload(staged, name, **kwargs)
+
+    monkeypatch.setattr(store, "upload", upload)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, doomed))
+        nursery.start_soon(offer_one_by_one, send, layout, others, 0.02)
+        with trio.fail_after(20):
+            while not progress.files_quarantined:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert progress.quarantined[0]["file"] == "doomed.bin"
+
+
+async def test_a_file_whose_path_is_too_long_for_the_processing_root_is_quarantined_from_incoming(
+    settings: Settings, store: BlobStore,
+) -> None:
+    """No claim can ever work (the system's path limit) and its blob name is too long for
+    Azure anyway: it leaves incoming for the failed folder, not offered again for ever."""
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    base = len(os.fsencode(layout.incoming_path(FileKey("20240102", "s", "x")))) - 1
+    depth, rest = divmod(4090 - base, 201)
+    rel = "/".join(["d" * 200] * depth + ["f" * max(rest - 1, 1)])
+    key = FileKey("20240102", "s", rel)
+    assert len(os.fsencode(layout.incoming_path(key))) < 4096 < len(os.fsencode(layout.processing_path(key)))
+    in_incoming(layout, key)
+    await run_until(pipeline, send, receive, offer(layout, key), lambda: progress.files_quarantined > 0)
+    assert not layout.incoming_path(key).exists()
+    (record,) = progress.quarantined
+    assert "cannot be uploaded" in str(record["reason"]) and record["disposition"] == "permanent"
+    kept = Path(str(record["path"]))
+    assert kept.read_bytes() == b"x" * 100 and ".apart-" in str(kept)  # noqa: ASYNC240
+    assert json.loads(layout.failed_reason_path(kept).read_text())["file"] == rel
 
 
 async def test_a_retry_that_only_completes_is_no_evidence_that_the_staging_disk_works(

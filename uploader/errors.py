@@ -16,11 +16,14 @@ import enum
 import errno
 import random
 
+import urllib3
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
     ServiceRequestError,
+    ServiceRequestTimeoutError,
     ServiceResponseError,
+    ServiceResponseTimeoutError,
 )
 
 from uploader.config import redact
@@ -132,6 +135,32 @@ def refused_by_storage(exc: BaseException) -> bool:
     not take for it) or about every file (an account that now requires HTTPS answers 400 to
     every request): a probe of storage tells which."""
     return isinstance(exc, HttpResponseError)
+
+
+def unanswered(exc: BaseException) -> str | None:
+    """Which wait ran out when storage gave no answer in time: "connect" (no connection
+    within the connect timeout) or "read" (a request sent, nothing heard back within the
+    read timeout, which also bounds each send); None for an answer, or for a connection
+    refused or reset. Such a failure says nothing about the file unless others were answered
+    while it waited (see worker.py)."""
+    if isinstance(exc, ServiceRequestTimeoutError):
+        return "connect"
+    if isinstance(exc, ServiceResponseTimeoutError):
+        return "read"
+    if not isinstance(exc, ServiceRequestError | ServiceResponseError):
+        return None
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:  # what the SDK wrapped: a socket's timeout
+        seen.add(id(cause))
+        if isinstance(cause, urllib3.exceptions.NewConnectionError):  # (refused, no such host:
+            return None  # a subclass of urllib3's ConnectTimeoutError, for history's sake)
+        if isinstance(cause, TimeoutError | urllib3.exceptions.TimeoutError):
+            return "connect" if isinstance(cause, urllib3.exceptions.ConnectTimeoutError) else "read"
+        inner = getattr(cause, "inner_exception", None)
+        nested = [a for a in getattr(cause, "args", ()) if isinstance(a, BaseException)]
+        cause = inner or cause.__cause__ or cause.__context__ or (nested[-1] if nested else None)
+    return None
 
 
 def is_out_of_space(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ storage, which fails everyone, quarantines nothing.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from uploader.errors import (
     describe,
     is_out_of_space,
     refused_by_storage,
+    unanswered,
 )
 from uploader.fileops import Claim, Claimed, StagedFile
 from uploader.lanes import Lanes
@@ -387,6 +389,15 @@ class Pipeline:
             self.metrics.files_failed.add(1, {"disposition": classify(exc).value})
             self.progress.note_error(f"claim {key}: {describe(exc)}")
             log.warning("cannot claim %s: %s", key, describe(exc), extra=_log_fields(key))
+            if exc.errno == errno.ENAMETOOLONG and (problem := blob_name_problem(blob_name(key))):
+                # Its path is too long for the processing root, and Azure would refuse its
+                # blob name anyway: no claim can ever work, so it leaves incoming for the
+                # failed folder as it is, instead of being offered again for ever.
+                item.attempts += 1
+                reason = f"{key} cannot be uploaded: {problem}"
+                if await self._quarantine(item, reason, Disposition.PERMANENT, source=layout.incoming_path(key)):
+                    failed = False
+                    self.progress.left_incoming(key)
             return Claimed(Claim.GONE)
         finally:
             self.progress.claim_ended(key)
@@ -481,6 +492,10 @@ class Pipeline:
         # attempt, begun while the side is known to work: a long outage, failing every try of
         # a file, must not quarantine it the moment it ends.
         side_worked = self._side_of(exc) in item.seen_working
+        # A request storage never answered (a timeout) is the file's only if storage answered
+        # others while it waited: in a flapping outage a try begun in a gap times out in the
+        # next spell, and the probe below may land in the gap after it.
+        answered_others = self._answered_others_while_waiting(exc, failed_at)
         progress.files_failed += 1
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")
@@ -528,7 +543,9 @@ class Pipeline:
             # And it works now, asked at once: a flapping outage lets others through between
             # its spells, and this step may have begun in one gap and failed in the next spell.
             works_now = await self._works_for_others(exc)  # (seen working: the next attempt decides)
-            give_up = side_worked and works_now and not await self._folder_refused(exc)
+            give_up = (
+                side_worked and works_now and answered_others and not await self._folder_refused(exc)
+            )
         else:
             give_up = False
         item.failed_at = failed_at
@@ -582,6 +599,16 @@ class Pipeline:
             frozenset() if failed_at is None
             else frozenset(side for side, at in self._working_at.items() if at > failed_at)
         )
+
+    def _answered_others_while_waiting(self, exc: Exception, failed_at: float) -> bool:
+        """For a request storage left unanswered until its timeout ran out: whether another
+        request of storage's went through meanwhile. True for any other failure."""
+        wait = unanswered(exc)
+        if wait is None:
+            return True
+        settings = self.settings
+        waited = settings.azure_connect_timeout_s if wait == "connect" else settings.azure_read_timeout_s
+        return self._working_at.get("storage", -math.inf) > failed_at - waited
 
     def _working(self, *sides: str) -> None:
         now = trio.current_time()
@@ -649,8 +676,12 @@ class Pipeline:
                 item.quarantine_tries += 1
                 self._retry_soon(item, "the quarantine of %s will be tried again in %.1f s", item.key)
 
-    async def _quarantine(self, item: WorkItem, reason: str, disposition: Disposition) -> bool:
+    async def _quarantine(
+        self, item: WorkItem, reason: str, disposition: Disposition, *, source: Path | None = None
+    ) -> bool:
+        """Move the claimed file (or ``source``) to the failed folder; whether it is done."""
         key, layout = item.key, self.layout
+        source = source or layout.processing_path(key)
         failed = layout.failed_path(key)
 
         record: dict[str, object] = {
@@ -672,7 +703,7 @@ class Pipeline:
         try:
             where = await self.lanes.nfs.run(
                 quarantine,
-                layout.processing_path(key),
+                source,
                 failed,
                 layout.failed_reason_path(failed),
                 record,
@@ -680,7 +711,7 @@ class Pipeline:
             )
         except FileNotFoundError:
             try:
-                if await self.lanes.nfs.run(fileops.holds, layout.processing_path(key), item.quarantine_stat):
+                if await self.lanes.nfs.run(fileops.holds, source, item.quarantine_stat):
                     return False
             except OSError:
                 return False  # the share cannot say: tried again later

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobClient, ContainerClient
 
+from tests.faults.proxy import FaultProxy
 from tests.support.azurite import Azurite
 from tests.support.service import random_bytes
 from uploader import blobstore
@@ -161,6 +162,26 @@ async def test_a_failed_copy_is_the_cause_not_the_blocks_its_cleanup_removed(
     monkeypatch.setattr(blobstore, "read_block", read_late)
     with pytest.raises(SourceChanged):
         await store.upload_while_staging(source, tmp_path / "stage" / "big.bin", "d/s/big.bin")
+
+
+async def test_a_probe_storage_answers_only_late_says_it_does_not_work(
+    azurite: Azurite, container_name: str, tmp_path: Path, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Answered as a hang ends, a probe would call storage working at the moment a file's
+    request timed out in that hang."""
+    monkeypatch.setattr(blobstore, "PROBE_TIMEOUT_S", 0.3)
+    settings = Settings(
+        azure_auth="key", azure_connection_string=azurite.connection_string(port=proxy.port),
+        azure_container=container_name, azure_retry_total=0,
+        nfs_incoming_dir=tmp_path / "in", nfs_processing_root=tmp_path / "proc", local_staging_root=tmp_path / "stage",
+    )
+    store = await open_blob_store(settings, make_lanes(settings))
+    try:
+        proxy.stall(target=blobstore.PROBE_BLOB, times=1, seconds=1.0)
+        assert await store.probe() is False
+        assert await store.probe() is True  # the hang over
+    finally:
+        store.close()
 
 
 async def test_the_probe_writes_nothing_visible(store: BlobStore, container: ContainerClient) -> None:

@@ -49,6 +49,9 @@ from uploader.lanes import Lanes
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PROBE_BLOB = ".uploader-probe"
+# A probe storage answers later than this says it does not work now: one answered only as a
+# hang ends (a stalled server) would count a file's timeout in it against the file.
+PROBE_TIMEOUT_S = 2.0
 COPY_FAILURE_WAIT_S = 5.0
 tracer = trace.get_tracer(__name__)
 
@@ -347,10 +350,15 @@ class BlobStore:
         An uncommitted block is invisible in listings and expires on its own after 7 days.
         """
         blob = self.container.get_blob_client(PROBE_BLOB)
+        settings = self.settings
         try:
             # Once, now: the SDK's retries would wait seconds, and an outage may end meanwhile.
             await self.lanes.azure.run(
-                partial(blob.stage_block, "probe", b"probe", validate_content=True, retry_total=0)
+                partial(
+                    blob.stage_block, "probe", b"probe", validate_content=True, retry_total=0,
+                    connection_timeout=min(PROBE_TIMEOUT_S, settings.azure_connect_timeout_s),
+                    read_timeout=min(PROBE_TIMEOUT_S, settings.azure_read_timeout_s),
+                )
             )
         except (HttpResponseError, ServiceRequestError, ServiceResponseError) as exc:
             log.info("storage probe failed: %s", describe(exc))

@@ -599,6 +599,42 @@ async def test_a_file_timing_out_while_storage_answers_others_is_quarantined(
     assert progress.quarantined[0]["file"] == "doomed.bin"
 
 
+async def test_a_file_whose_lost_answers_hid_an_upload_that_went_through_is_completed_not_quarantined(
+    settings: Settings, store: BlobStore, container: ContainerClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every answer to its upload is lost (a timeout after the blob was written): when its
+    attempts run out, storage holds its blob byte for byte, and it is done."""
+    settings = with_quick_retries(settings)
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    lost = FileKey("20240102", "s", "lost.bin")
+    others = [FileKey("20240102", "s", f"ok{n}.bin") for n in range(20)]
+    in_incoming(layout, lost, *others)
+    real_upload = store.upload
+    tries = 0
+
+    async def upload(staged: fileops.StagedFile, name: str, **kwargs: Any) -> Any:
+        nonlocal tries
+        report = await real_upload(staged, name, **kwargs)
+        if name.endswith("lost.bin"):
+            tries += 1
+            raise ServiceResponseTimeoutError("Read timed out. (read timeout=60.0)")
+        return report
+
+    monkeypatch.setattr(store, "upload", upload)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, lost))
+        nursery.start_soon(offer_one_by_one, send, layout, others, 0.02)
+        with trio.fail_after(20):
+            while progress.files_processed < len(others) + 1 and not progress.files_quarantined:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert tries == settings.max_attempts and progress.files_quarantined == 0
+    assert container.download_blob(blob_name(lost)).readall() == b"x" * 100
+    assert not layout.processing_path(lost).exists()
+
+
 async def test_a_file_whose_path_is_too_long_for_the_processing_root_is_quarantined_from_incoming(
     settings: Settings, store: BlobStore,
 ) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from azure.core.exceptions import AzureError
 from opentelemetry import trace
 
 from uploader import fileops
@@ -548,6 +549,12 @@ class Pipeline:
             )
         else:
             give_up = False
+        if give_up and disposition is Disposition.RETRYABLE and await self._went_up_all_the_same(item, exc):
+            # A request whose answer was lost (a timeout, a reset) may have gone through: the
+            # file is up, byte for byte, and its retry only completes it. Quarantined, it
+            # would be both up and set aside.
+            give_up = False
+            item.verified = item.staged
         item.failed_at = failed_at
         if give_up:
             if await self._quarantine(item, reason, disposition):
@@ -599,6 +606,15 @@ class Pipeline:
             frozenset() if failed_at is None
             else frozenset(side for side, at in self._working_at.items() if at > failed_at)
         )
+
+    async def _went_up_all_the_same(self, item: WorkItem, exc: Exception) -> bool:
+        """Whether storage holds the blob of the staged file, though its upload failed."""
+        if item.staged is None or self._side_of(exc) != "storage":
+            return False
+        try:
+            return await self.store.holds(blob_name(item.key), item.staged)
+        except AzureError:
+            return False  # (asked again at the next failure)
 
     def _answered_others_while_waiting(self, exc: Exception, failed_at: float) -> bool:
         """For a request storage left unanswered until its timeout ran out: whether another

@@ -29,6 +29,7 @@ from kubernetes_validate.utils import all_versions
 from pydantic import SecretStr
 
 from uploader.config import ENV_PREFIX, Settings, SettingsError, load_settings
+from uploader.memory_budget import over_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "kubernetes"
@@ -311,6 +312,12 @@ def test_deployment_values_parse_as_settings(monkeypatch: pytest.MonkeyPatch) ->
     assert settings.host == "0.0.0.0", "the probes and the Service reach the pod's IP, not loopback"
     assert settings.azure_auth == "auto"
     assert settings.file_extensions == ()
+
+
+@pytest.mark.usefixtures("no_app_environment")
+def test_the_upload_buffers_fit_the_memory_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings_from_manifest(monkeypatch)
+    assert over_limit(settings, int(quantity(container()["resources"]["limits"]["memory"]))) is None
 
 
 @pytest.mark.usefixtures("no_app_environment")

@@ -25,6 +25,7 @@ import trio
 
 from uploader.config import Settings, SettingsError, load_settings, unknown_settings
 from uploader.errors import Fatal
+from uploader.memory_budget import memory_limit, over_limit
 from uploader.otel_settings import otel_setting_problems
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ def read_settings() -> Settings:
         settings = load_settings()
     except SettingsError as exc:
         problems.insert(0, str(exc))
+    else:
+        if (too_much := over_limit(settings, memory_limit())) is not None:
+            problems.insert(0, too_much)
     if problems:
         raise SettingsError("; ".join(problems))
     return settings

@@ -70,8 +70,11 @@ def test_bad_session_names_are_refused_and_change_nothing(
         (b'{"session_name": "ok", "extra": 1}', "Unknown field 'extra'"),
         (b'{"name": "ok"}', "Unknown field 'name'"),
         (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
+        (b'{"session_name": null}', "leave it out to get a generated name"),
+        (b'{"session_name": "a", "session_name": "b"}', "names 'session_name' twice"),
     ],
-    ids=["broken", "not-utf8", "array", "string", "extra-field", "wrong-field", "deep"],
+    ids=["broken", "not-utf8", "array", "string", "extra-field", "wrong-field", "deep", "null-name",
+         "duplicate-key"],
 )
 def test_malformed_bodies_are_refused(
     service: ServiceProcess, folders: Folders, body: bytes, reason: str
@@ -85,12 +88,12 @@ def test_malformed_bodies_are_refused(
     assert not folders.incoming.exists() or list(folders.incoming.iterdir()) == []
 
 
-def test_empty_body_and_null_name_start_an_unnamed_session(service: ServiceProcess) -> None:
+def test_empty_body_and_empty_object_start_an_unnamed_session(service: ServiceProcess) -> None:
     first = service.http.post("/v1/watch/start")
     assert first.status_code == 200
     assert first.json()["session_name"].startswith("00-session-")
     service.stop_session()
-    second = service.http.post("/v1/watch/start", json={"session_name": None})
+    second = service.http.post("/v1/watch/start", json={})
     assert second.status_code == 200
     assert second.json()["session_name"].startswith("00-session-")
 
@@ -111,6 +114,84 @@ def test_stop_without_a_session_is_harmless(service: ServiceProcess) -> None:
     answer = service.http.post("/v1/watch/stop")
     assert answer.status_code == 200
     assert answer.json()["active"] is False
+
+
+@pytest.mark.parametrize("body", [b"", b"{}", b" \r\n"], ids=["empty", "empty-object", "blank"])
+def test_stop_without_a_name_stops_the_active_session(service: ServiceProcess, body: bytes) -> None:
+    service.start_session("any")
+    answer = service.http.post("/v1/watch/stop", content=body)
+    assert answer.status_code == 200
+    assert answer.json()["session_name"] == "any" and answer.json()["active"] is False
+
+
+def test_stop_naming_the_active_session_stops_it(service: ServiceProcess) -> None:
+    service.start_session("named")
+    answer = service.http.post("/v1/watch/stop", json={"session_name": "named"})
+    assert answer.status_code == 200
+    assert answer.json()["session_name"] == "named" and answer.json()["active"] is False
+    assert service.status()["active"] is False
+
+
+def test_stop_naming_another_session_is_a_conflict_and_stops_nothing(service: ServiceProcess) -> None:
+    service.start_session("one")
+    answer = service.http.post("/v1/watch/stop", json={"session_name": "other"})
+    assert answer.status_code == 409
+    assert answer.json() == {
+        "error": "session 'other' is not the active session ('one' is); nothing was stopped."
+    }
+    assert service.status()["active"] is True and service.status()["session_name"] == "one"
+
+
+def test_stop_naming_the_session_already_stopped_answers_as_the_first_stop(service: ServiceProcess) -> None:
+    """A client that lost the answer to its stop asks again: same answer, not an error."""
+    service.start_session("once")
+    first = service.http.post("/v1/watch/stop", json={"session_name": "once"})
+    again = service.http.post("/v1/watch/stop", json={"session_name": "once"})
+    assert again.status_code == 200 and again.json() == first.json()
+
+
+def test_stop_naming_a_session_when_none_ever_ran_is_a_conflict(service: ServiceProcess) -> None:
+    answer = service.http.post("/v1/watch/stop", json={"session_name": "ghost"})
+    assert answer.status_code == 409
+    assert "is not the active session (no session is)" in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'"s"', "JSON object"),
+        (b'{"session_name": "s", "force": true}', "Unknown field 'force'"),
+        (b'{"session_name": null}', "leave it out to stop whichever session is active"),
+        (b'{"session_name": 7}', "must be a string"),
+        (b'{"session_name": "../s"}', "may only contain"),
+        (b'{"session_name": "s", "session_name": "other"}', "names 'session_name' twice"),
+    ],
+    ids=["broken", "not-utf8", "array", "string", "extra-field", "null-name", "number-name",
+         "bad-name", "duplicate-key"],
+)
+def test_malformed_stop_bodies_are_refused_and_stop_nothing(
+    service: ServiceProcess, body: bytes, reason: str
+) -> None:
+    service.start_session("s")
+    answer = service.http.post("/v1/watch/stop", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400
+    assert reason in answer.json()["error"]
+    assert service.status()["active"] is True
+
+
+def test_an_oversized_stop_body_is_refused_and_stops_nothing(service: ServiceProcess) -> None:
+    service.start_session("s")
+    answer = service.http.post("/v1/watch/stop", content=b"x" * 100_000)
+    assert answer.status_code == 413 and "larger than 65536 bytes" in answer.json()["error"]
+    promised = read_until_closed(
+        service.port,
+        b"POST /v1/watch/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\nConnection: close\r\n\r\n",
+    )
+    assert promised.startswith(b"HTTP/1.1 413 ")
+    assert service.status()["active"] is True
 
 
 def test_session_folders_are_created_on_start(service: ServiceProcess, folders: Folders) -> None:

@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from uploader.config import Settings
 from uploader.errors import describe, first_leaf
-from uploader.layout import InvalidSessionName
+from uploader.layout import InvalidSessionName, validate_session_name
 from uploader.session import NfsRefused, NfsUnavailable, SessionConflict
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 ASGIApp = Callable[[dict[str, Any], Callable[..., Any], Callable[..., Any]], Awaitable[None]]
 MAX_BODY_BYTES = 64 * 1024
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
-START_FIELDS = {"session_name"}
 
 
 class BadRequest(Exception):
@@ -50,22 +49,60 @@ def error(status: int, message: str) -> Response:
     return Response(json.dumps({"error": message}), status=status, mimetype="application/json")
 
 
-def parse_start_body(raw: str | bytes) -> object | None:
-    """The requested session name (None: generate one), or BadRequest with one sentence."""
+# The one field of both start and stop: the name to start, or the name the client means to stop.
+BODY_FIELDS = {"session_name"}
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, as json.loads builds it, but refused where it names a key twice: the
+    parser would silently keep the last, which may not be the name the client meant."""
+    body: dict[str, object] = {}
+    for key, value in pairs:
+        if key in body:
+            raise BadRequest(f"The request body names {key!r} twice; give each field once.")
+        body[key] = value
+    return body
+
+
+def parse_body(raw: str | bytes) -> dict[str, object]:
+    """The fields of a start or stop request (an empty body: none), or BadRequest with one
+    sentence."""
     if not raw.strip():
-        return None
+        return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_refuse_duplicates)
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("The request body is not valid JSON.") from None
     except RecursionError:
-        raise BadRequest("The request body is nested too deeply to be a start request.") from None
+        raise BadRequest("The request body is nested too deeply to be a start or stop request.") from None
     if not isinstance(body, dict):
         raise BadRequest('The request body must be a JSON object such as {"session_name": "run-1"}.')
-    unknown = sorted(set(body) - START_FIELDS)
+    unknown = sorted(set(body) - BODY_FIELDS)
     if unknown:
         raise BadRequest(f"Unknown field {unknown[0]!r}; the only field is 'session_name'.")
+    return body
+
+
+def parse_start_body(raw: str | bytes) -> object | None:
+    """The requested session name (None: generate one), or BadRequest with one sentence."""
+    body = parse_body(raw)
+    if "session_name" in body and body["session_name"] is None:
+        # Only an omitted name is generated (the contract): a null is more likely a client's
+        # unset variable than a wish for a generated name.
+        raise BadRequest("session_name must be a string; leave it out to get a generated name.")
     return body.get("session_name")
+
+
+def parse_stop_body(raw: str | bytes) -> str | None:
+    """The session the client means to stop (None: whichever is active), or BadRequest /
+    InvalidSessionName with one sentence."""
+    body = parse_body(raw)
+    if "session_name" not in body:
+        return None
+    if body["session_name"] is None:
+        raise BadRequest("session_name must be a string; leave it out to stop whichever session is active.")
+    # A name no session can have is a mistake to say as such, not a mere mismatch (409).
+    return validate_session_name(body["session_name"])
 
 
 NOT_READY = (
@@ -110,10 +147,19 @@ def create_app(service: Service) -> QuartTrio:
     @app.post("/v1/watch/stop")
     async def stop() -> Any:
         if request.query_string:
-            return error(400, "POST /v1/watch/stop takes no query parameters: it stops the active session.")
+            return error(400, 'POST /v1/watch/stop takes no query parameters; send {"session_name": "..."} '
+                              "as its JSON body, or no body to stop the active session.")
         if service.sessions is None:
             return error(503, NOT_READY)
-        state = await service.sessions.stop()
+        try:
+            name = parse_stop_body(await request.get_data(as_text=False))
+            state = await service.sessions.stop(name)
+        except (BadRequest, InvalidSessionName) as exc:
+            return error(400, str(exc))
+        except SessionConflict as exc:
+            return error(409, str(exc))
+        except NfsUnavailable as exc:
+            return error(503, f"Cannot stop the session: {exc}")
         return {**state.public(), "draining": service.draining()}
 
     @app.get("/v1/status")

@@ -269,9 +269,12 @@ class SessionControl:
         name = new_session_name() if requested_name is None else validate_new_session_name(requested_name)
         return await self._to_the_end(self._start, name)
 
-    async def stop(self) -> SessionState:
-        """Stop the active session's watcher (the workers drain the queue); the state after."""
-        return await self._to_the_end(self._stop)
+    async def stop(self, expected_name: str | None = None) -> SessionState:
+        """Stop the active session's watcher (the workers drain the queue); the state after.
+        With ``expected_name``, only that session: SessionConflict when another one is the
+        session of the moment (a stop meant for a session that ended, and a newer one started
+        since, must not stop the newer one)."""
+        return await self._to_the_end(self._stop, expected_name)
 
     async def _to_the_end(self, operation: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run ``operation`` in this control's own nursery and wait for its outcome. A caller
@@ -326,10 +329,18 @@ class SessionControl:
             await self._start_watcher(state)
             log.info("session %s resumed", state.session_name, extra={"session": state.session_name})
 
-    async def _stop(self) -> SessionState:
+    async def _stop(self, expected_name: str | None) -> SessionState:
         async with self._lock:
+            if expected_name is not None and expected_name != self.state.session_name:
+                now = (
+                    f"{self.state.session_name!r} is" if self.state.active
+                    else "no session is"
+                )
+                raise SessionConflict(
+                    f"session {expected_name!r} is not the active session ({now}); nothing was stopped."
+                )
             if not self.state.active:
-                return self.state
+                return self.state  # stopped already: a stop asked again gets the same answer
             if self._scope is not None:
                 self._scope.cancel()
                 self._scope = None

@@ -277,6 +277,24 @@ def test_a_path_with_doubled_slashes_starts_and_stops_nothing(service: ServicePr
     assert service.status()["active"] is True
 
 
+WEBSOCKET_HANDSHAKE = (
+    "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/watch/stop"])
+def test_a_websocket_handshake_is_refused_with_a_json_error(service: ServiceProcess, path: str) -> None:
+    answer = read_until_closed(service.port, WEBSOCKET_HANDSHAKE.format(path=path).encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert json.loads(body) == {
+        "error": f"There is no WebSocket endpoint at {path}; the API answers plain HTTP requests only."
+    }
+    assert service.http.get("/healthz").status_code == 200  # a request after it, to flush the log
+    assert '"level": "error"' not in service.log() and "Traceback" not in service.log()
+
+
 def test_a_request_naming_a_whole_url_is_answered_for_its_path(service: ServiceProcess) -> None:
     """HTTP/1.1 servers must accept the absolute form (RFC 9112, 3.2.2)."""
     for path, expected in (("/healthz", b'{"ok": true}'), ("/v1/status", b'"files_processed"')):

@@ -177,10 +177,8 @@ def create_app(service: Service) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        # A path is the client's own, of any length: shown in part, never echoed whole; as
-        # it came (werkzeug's request.path merges slashes: "//healthz" would read "/healthz").
-        path = str(request.scope.get("path", request.path))
-        path = path if len(path) <= 200 else f"{path[:200]}..."
+        # As it came (werkzeug's request.path merges slashes: "//healthz" would read "/healthz").
+        path = shown_path(str(request.scope.get("path", request.path)))
         if status == 404:
             return error(404, f"There is no {path} here; see the README for the API.")
         if status == 405:
@@ -238,10 +236,17 @@ def sends_shielded(app: ASGIApp) -> ASGIApp:
 
 
 PROBES = ("/healthz", "/readyz")
+SHOWN_PATH_CHARS = 200
+
+
+def shown_path(path: str) -> str:
+    # A path is the client's own, of any length: shown in part, never echoed whole.
+    return path if len(path) <= SHOWN_PATH_CHARS else f"{path[:SHOWN_PATH_CHARS]}..."
 
 
 def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
-    """Answer /healthz and /readyz before the web framework sees them.
+    """Answer /healthz and /readyz before the web framework sees them, and refuse what the
+    framework would fail on with a bare 500 and a traceback (a WebSocket).
 
     The probes touch no filesystem, no thread and no framework machinery: they answer from
     a flag, whatever NFS or Azure are doing, at a fraction of a routed request's cost.
@@ -250,40 +255,74 @@ def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
     async def asgi(
         scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
     ) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(("http://", "https://")):
-            scope = in_origin_form(scope)
-        if scope["type"] != "http" or scope["path"] not in PROBES:
+        if scope["type"] == "websocket":
+            await refuse_websocket(scope, send)
+            return
+        if scope["type"] != "http":  # lifespan: Quart's own
             await app(scope, receive, send)
             return
-        body: dict[str, object]
-        if scope["method"] not in ("GET", "HEAD"):
-            status, body = 405, {"error": f"{scope['method']} is not allowed on {scope['path']}."}
-        elif scope["path"] == "/healthz":
-            status, body = 200, {"ok": True}
-        else:
-            status, body = (200, {"ready": True}) if ready() else (503, {"ready": False})
-        payload = json.dumps(body).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    *([(b"allow", b"GET, HEAD")] if status == 405 else []),
-                ],
-                "trailers": False,
-            }
-        )
-        await send(
-            {
-                "type": "http.response.body",
-                "body": b"" if scope["method"] == "HEAD" else payload,
-                "more_body": False,
-            }
-        )
+        if scope["path"].startswith(("http://", "https://")):
+            scope = in_origin_form(scope)
+        head = scope["method"] == "HEAD"
+        if scope["path"] in PROBES:
+            if scope["method"] not in ("GET", "HEAD"):
+                await send_json(
+                    send, 405, {"error": f"{scope['method']} is not allowed on {scope['path']}."},
+                    head=head, headers=[(b"allow", b"GET, HEAD")],
+                )
+            elif scope["path"] == "/healthz":
+                await send_json(send, 200, {"ok": True}, head=head)
+            elif ready():
+                await send_json(send, 200, {"ready": True}, head=head)
+            else:
+                await send_json(send, 503, {"ready": False}, head=head)
+            return
+        await app(scope, receive, send)
 
     return asgi
+
+
+async def send_json(
+    send: Callable[..., Any], status: int, body: dict[str, object], *, head: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """An answer of ``body`` as JSON, sent without the framework."""
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *(headers or []),
+            ],
+            "trailers": False,
+        }
+    )
+    await send({"type": "http.response.body", "body": b"" if head else payload, "more_body": False})
+
+
+async def refuse_websocket(scope: dict[str, Any], send: Callable[..., Any]) -> None:
+    """Refuse a WebSocket handshake: the API has none. Quart would route it, fail to build
+    its error answer outside a request context, and leave the client a bare 500 and the log
+    two tracebacks."""
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        # A server without the denial response extension answers this with a plain 403.
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    path = shown_path(str(scope.get("path", "")))
+    payload = json.dumps(
+        {"error": f"There is no WebSocket endpoint at {path}; the API answers plain HTTP requests only."}
+    ).encode()
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": 404,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": payload, "more_body": False})
 
 
 def in_origin_form(scope: dict[str, Any]) -> dict[str, Any]:

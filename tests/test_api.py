@@ -295,6 +295,22 @@ def test_a_websocket_handshake_is_refused_with_a_json_error(service: ServiceProc
     assert '"level": "error"' not in service.log() and "Traceback" not in service.log()
 
 
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example", "a..b:8080"])
+def test_a_host_header_that_is_no_host_name_is_refused_with_a_json_error(
+    service: ServiceProcess, host: str
+) -> None:
+    answer = service.http.get("/v1/status", headers={"Host": host})
+    assert answer.status_code == 400
+    assert answer.json() == {"error": "The Host header is not a valid host name."}
+    assert service.http.get("/healthz").status_code == 200  # a request after it, to flush the log
+    assert '"level": "error"' not in service.log() and "Traceback" not in service.log()
+
+
+def test_probes_answer_whatever_the_host_header(service: ServiceProcess) -> None:
+    """A probe's answer depends on nothing the client sends."""
+    assert service.http.get("/healthz", headers={"Host": "a..b"}).json() == {"ok": True}
+
+
 def test_a_request_naming_a_whole_url_is_answered_for_its_path(service: ServiceProcess) -> None:
     """HTTP/1.1 servers must accept the absolute form (RFC 9112, 3.2.2)."""
     for path, expected in (("/healthz", b'{"ok": true}'), ("/v1/status", b'"files_processed"')):

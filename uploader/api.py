@@ -25,6 +25,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.sansio.utils import get_host
 
 from uploader.config import Settings
 from uploader.errors import describe, first_leaf
@@ -236,6 +237,7 @@ def sends_shielded(app: ASGIApp) -> ASGIApp:
 
 
 PROBES = ("/healthz", "/readyz")
+BAD_HOST = "The Host header is not a valid host name."
 SHOWN_PATH_CHARS = 200
 
 
@@ -246,7 +248,7 @@ def shown_path(path: str) -> str:
 
 def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
     """Answer /healthz and /readyz before the web framework sees them, and refuse what the
-    framework would fail on with a bare 500 and a traceback (a WebSocket).
+    framework would fail on with a bare 500 and a traceback (a WebSocket, a bad Host).
 
     The probes touch no filesystem, no thread and no framework machinery: they answer from
     a flag, whatever NFS or Azure are doing, at a fraction of a routed request's cost.
@@ -265,6 +267,7 @@ def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
             scope = in_origin_form(scope)
         head = scope["method"] == "HEAD"
         if scope["path"] in PROBES:
+            # Whatever the Host: a probe's answer depends on nothing the client sends.
             if scope["method"] not in ("GET", "HEAD"):
                 await send_json(
                     send, 405, {"error": f"{scope['method']} is not allowed on {scope['path']}."},
@@ -276,6 +279,9 @@ def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
                 await send_json(send, 200, {"ready": True}, head=head)
             else:
                 await send_json(send, 503, {"ready": False}, head=head)
+            return
+        if not host_is_valid(scope):
+            await send_json(send, 400, {"error": BAD_HOST}, head=head)
             return
         await app(scope, receive, send)
 
@@ -323,6 +329,22 @@ async def refuse_websocket(scope: dict[str, Any], send: Callable[..., Any]) -> N
         }
     )
     await send({"type": "websocket.http.response.body", "body": payload, "more_body": False})
+
+
+def host_is_valid(scope: dict[str, Any]) -> bool:
+    """Whether the request's host can be routed. Quart binds werkzeug's URL map to it while it
+    builds the request context, before any error handler of the app: werkzeug encodes the
+    host's name (the port aside) as IDNA and raises BadHost where it cannot (an empty label,
+    ``a..b``; a label over 63 characters), which the client got as a bare 500. The same
+    steps here: werkzeug's ``get_host`` (a host of characters no host name has reads as
+    empty, which binds), lower case, the port left out, IDNA."""
+    header = next((value.decode("latin-1") for name, value in scope["headers"] if name.lower() == b"host"), None)
+    host = get_host(scope.get("scheme", "http"), header, scope.get("server"))
+    try:
+        host.lower().partition(":")[0].encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def in_origin_form(scope: dict[str, Any]) -> dict[str, Any]:

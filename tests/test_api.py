@@ -277,6 +277,15 @@ def test_a_path_with_doubled_slashes_starts_and_stops_nothing(service: ServicePr
     assert service.status()["active"] is True
 
 
+def test_an_encoded_slash_is_no_path_separator(service: ServiceProcess) -> None:
+    """``%2F`` is a character of one segment's name, not a separator (RFC 3986, 2.2)."""
+    service.start_session("s")
+    for path in ("/v1%2Fwatch%2Fstop", "/v1/watch%2fstop"):
+        answer = read_until_closed(service.port, f"POST {path} HTTP/1.0\r\nContent-Length: 0\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 404 ") and f"There is no {path} here".encode() in answer
+    assert service.status()["active"] is True
+
+
 WEBSOCKET_HANDSHAKE = (
     "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import h11
 import hypercorn.protocol
@@ -265,6 +266,7 @@ def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
             return
         if scope["path"].startswith(("http://", "https://")):
             scope = in_origin_form(scope)
+        scope = encoded_slashes_kept(scope)
         head = scope["method"] == "HEAD"
         if scope["path"] in PROBES:
             # Whatever the Host: a probe's answer depends on nothing the client sends.
@@ -345,6 +347,21 @@ def host_is_valid(scope: dict[str, Any]) -> bool:
     except UnicodeError:
         return False
     return True
+
+
+_ENCODED_SLASH = re.compile(rb"(%2f)", re.IGNORECASE)  # a group: split() keeps it
+
+
+def encoded_slashes_kept(scope: dict[str, Any]) -> dict[str, Any]:
+    """The request with ``%2F`` left encoded in its path. Hypercorn decodes the whole path,
+    so ``/v1%2Fwatch%2Fstop`` routed as ``/v1/watch/stop``, though an encoded slash is part
+    of one segment's name (RFC 3986, 2.2), not a separator: it is a path of no endpoint."""
+    raw = scope.get("raw_path") or b""
+    if not _ENCODED_SLASH.search(raw):
+        return scope
+    parts = _ENCODED_SLASH.split(raw)  # the text between, and each %2F as written
+    path = "".join(part.decode("latin-1") if i % 2 else unquote(part.decode("latin-1")) for i, part in enumerate(parts))
+    return {**scope, "path": path}
 
 
 def in_origin_form(scope: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,3 +360,30 @@ def test_a_hung_share_at_start_answers_503_then_works(
              timeout=10, what="start to work again")
     data = write_file(folders.session("later") / "f.bin", 100)
     assert wait_for_blobs(container, {f"{today()}/later/f.bin"})[f"{today()}/later/f.bin"] == data
+
+
+def test_concurrent_starts_on_a_hung_share_each_answer_within_the_timeout_and_leave_no_folder(
+    service: ServiceProcess, faultfs: FaultFS, folders: Folders
+) -> None:
+    """Each start waited for the one before it (the fifth answered after five timeouts), and
+    a mkdir given up on left the folder of a session that never started once it ended."""
+    hang = faultfs.hang("mkdir", "incoming/*")
+    answers: dict[str, tuple[int, float]] = {}
+
+    def start(name: str) -> None:
+        started = time.perf_counter()
+        answer = httpx.post(f"{service.url}/v1/watch/start", json={"session_name": name}, timeout=30)
+        answers[name] = (answer.status_code, time.perf_counter() - started)
+
+    clients = [threading.Thread(target=start, args=(f"s{i}",)) for i in range(5)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    faultfs.release(hang)
+    assert {status for status, _ in answers.values()} == {503}
+    assert max(took for _, took in answers.values()) < 2 + 1.5, answers  # APP_NFS_OP_TIMEOUT_S=2
+    assert service.status()["active"] is False
+    wait_for(lambda: folders.incoming.is_dir() and not any(folders.incoming.iterdir()), timeout=10,
+             what="the folder made after its start gave up to be removed")
+

@@ -3,11 +3,15 @@ when SessionControl records it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -374,3 +378,124 @@ def test_a_state_write_that_ends_late_never_puts_an_older_state_back(tmp_path: P
     started()
     stopped()  # the abandoned write ends last
     assert read_state(tmp_path / "session.json") == ACTIVE
+
+
+@dataclass
+class HungMkdir:
+    released: threading.Event = field(default_factory=threading.Event)  # the share answers
+    made: threading.Event = field(default_factory=threading.Event)  # a folder was made
+
+
+def hang_making_folders(monkeypatch: pytest.MonkeyPatch, *, after_making: bool = False) -> HungMkdir:
+    """Make every making of a session folder hang (before it makes anything, or once it has
+    made the folder) until ``released`` is set, as on a hung share."""
+    hung = HungMkdir()
+    real_make = fileops.make_session_folder
+
+    def make(path: Path) -> bool:
+        if not after_making:
+            hung.released.wait(10)
+        made = real_make(path)
+        hung.made.set()
+        hung.released.wait(10)
+        return made
+
+    monkeypatch.setattr(fileops, "make_session_folder", make)
+    return hung
+
+
+async def test_concurrent_starts_and_stops_on_a_hung_share_each_answer_within_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each waited for the lock behind the ones before it: the fifth answered after five
+    timeouts. The wait for the lock counts against the timeout too."""
+    layout = layout_in(tmp_path)
+    hung = hang_making_folders(monkeypatch)
+    control = SessionControl(layout, ThreadLane("nfs", 8), watch, nfs_timeout_s=0.3)
+    took: list[float] = []
+
+    async def timed(call: Callable[[], Awaitable[object]]) -> None:
+        started = trio.current_time()
+        # 503, or for the stop, 200 where the lock came its way in time (no session to stop).
+        with contextlib.suppress(NfsUnavailable):
+            await call()
+        took.append(trio.current_time() - started)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.run)
+            async with trio.open_nursery() as clients:
+                clients.start_soon(timed, partial(control.start, "run-0"))
+                await trio.sleep(0.05)  # it holds the lock now, its mkdir hung; the others queue
+                for i in range(1, 4):
+                    clients.start_soon(timed, partial(control.start, f"run-{i}"))
+                clients.start_soon(timed, control.stop)
+            nursery.cancel_scope.cancel()
+    finally:
+        hung.released.set()
+    assert len(took) == 5 and max(took) < 0.3 + 0.2, took
+    assert not control.state.active
+
+
+async def test_a_start_behind_a_background_state_write_answers_within_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write that records a failed start again holds the lock while the share hangs."""
+    layout = layout_in(tmp_path)
+    released = threading.Event()
+
+    def hung_write(path: Path, payload: bytes) -> None:
+        released.wait(10)
+
+    monkeypatch.setattr(fileops, "write_atomically", hung_write)
+    control = SessionControl(layout, ThreadLane("nfs", 8), watch, nfs_timeout_s=0.5)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.run)
+            with pytest.raises(NfsUnavailable):
+                await control.start("run-1")  # its write hangs; one in the background now
+            await trio.sleep(0.05)  # the background write has the lock
+            started = trio.current_time()
+            with pytest.raises(NfsUnavailable):
+                await control.start("run-2")
+            assert trio.current_time() - started < 0.5 + 0.2
+            nursery.cancel_scope.cancel()
+    finally:
+        released.set()
+
+
+async def test_a_folder_made_after_its_start_gave_up_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client was told the session did not start: no folder says otherwise."""
+    layout = layout_in(tmp_path)
+    hung = hang_making_folders(monkeypatch)
+    control = SessionControl(layout, ThreadLane("nfs", 8), watch, nfs_timeout_s=0.3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        with pytest.raises(NfsUnavailable):
+            await control.start("late")
+        hung.released.set()  # the share answers: the mkdir given up on is done now
+        for _ in range(100):
+            await trio.sleep(0.05)
+            if hung.made.is_set() and not layout.incoming_dir("late").exists():
+                break
+        assert hung.made.is_set() and not layout.incoming_dir("late").exists()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_folder_made_late_stays_when_its_session_has_started_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = layout_in(tmp_path)
+    hung = hang_making_folders(monkeypatch, after_making=True)
+    control = SessionControl(layout, ThreadLane("nfs", 8), watch, nfs_timeout_s=0.3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        with pytest.raises(NfsUnavailable):
+            await control.start("again")  # its folder is made; the call hangs after
+        hung.released.set()
+        await control.start("again")  # the client retries, and the folder is there
+        await trio.sleep(0.2)  # the first call has ended by now, and gone by the folder
+        assert layout.incoming_dir("again").is_dir()
+        nursery.cancel_scope.cancel()

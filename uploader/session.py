@@ -6,13 +6,15 @@ scope of its own; stopping cancels only that scope, so workers drain what is que
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -187,23 +189,32 @@ def read_state(path: Path) -> SessionState:
     )
 
 
-def _make_session_folders(layout: Layout, date: str, name: str) -> None:
+def _make_session_folders(layout: Layout, date: str, name: str) -> bool:
+    """Make a session's folders; True when its incoming folder was made here (not there
+    before), so that a start that fails after all can take it away again."""
     incoming = layout.incoming_dir(name)
     try:
-        fileops.make_session_folder(incoming)
+        made = fileops.make_session_folder(incoming)
     except NotADirectoryError as exc:
         raise SessionConflict(
             f"{incoming} exists but {exc.strerror}; remove it or choose another session name."
         ) from None
-    # One there already (made by an administrator, or by another user) that the watcher
-    # could not list would start a session that reads nothing.
-    fileops.check_listable(incoming)
-    os.makedirs(layout.processing_dir(date, name), exist_ok=True)
+    try:
+        # One there already (made by an administrator, or by another user) that the watcher
+        # could not list would start a session that reads nothing.
+        fileops.check_listable(incoming)
+        os.makedirs(layout.processing_dir(date, name), exist_ok=True)
+    except OSError:
+        if made:  # a start that fails leaves no folder for a session that never was
+            with contextlib.suppress(OSError):
+                os.rmdir(incoming)
+        raise
     # Only a convenience: workers make staging folders as they need them, and a staging disk
     # that refuses for a while (read-only, say) fails, counts and retries each file; it is
     # no reason to refuse the session, nor NFS's fault.
     with contextlib.suppress(OSError):
         os.makedirs(layout.staging_dir(date, name), exist_ok=True)
+    return made
 
 
 class StateFile:
@@ -256,6 +267,9 @@ class SessionControl:
         self._scope: trio.CancelScope | None = None
         self._watcher_ended = trio.Event()
         self._saving_in_background = False
+        # Starts carried through, by session name: a folder a given-up start made late is
+        # removed only if no session of its name started since.
+        self._starts: collections.Counter[str] = collections.Counter()
 
     async def run(self, *, task_status: trio.TaskStatus[SessionControl] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -265,16 +279,40 @@ class SessionControl:
 
     async def start(self, requested_name: object | None = None) -> SessionState:
         """Start a session; raises InvalidSessionName, SessionConflict, NfsRefused or
-        NfsUnavailable."""
+        NfsUnavailable, all within APP_NFS_OP_TIMEOUT_S of the call."""
         name = new_session_name() if requested_name is None else validate_new_session_name(requested_name)
-        return await self._to_the_end(self._start, name)
+        return await self._to_the_end(self._start, name, self._deadline())
 
     async def stop(self, expected_name: str | None = None) -> SessionState:
         """Stop the active session's watcher (the workers drain the queue); the state after.
         With ``expected_name``, only that session: SessionConflict when another one is the
         session of the moment (a stop meant for a session that ended, and a newer one started
-        since, must not stop the newer one)."""
-        return await self._to_the_end(self._stop, expected_name)
+        since, must not stop the newer one). NfsUnavailable when the session state cannot be
+        had within APP_NFS_OP_TIMEOUT_S (an earlier start or stop still holds it)."""
+        return await self._to_the_end(self._stop, expected_name, self._deadline())
+
+    def _deadline(self) -> float:
+        # A client is answered within APP_NFS_OP_TIMEOUT_S of asking, whatever it waits for:
+        # the lock (held by a start or a background write on a hung share) included.
+        return trio.current_time() + self._nfs_timeout_s
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, deadline: float) -> AsyncIterator[None]:
+        """The lock that serialises starts, stops and state writes, or NfsUnavailable when it
+        is not free by ``deadline``: whoever holds it is waiting for the share."""
+        acquired = False
+        with trio.move_on_at(deadline):
+            await self._lock.acquire()
+            acquired = True
+        if not acquired:
+            raise NfsUnavailable(
+                f"the NFS share did not answer within {self._nfs_timeout_s:g} s (an earlier start or "
+                "stop, or a write of the session state, is still waiting for it)."
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     async def _to_the_end(self, operation: Callable[..., Awaitable[T]], *args: object) -> T:
         """Run ``operation`` in this control's own nursery and wait for its outcome. A caller
@@ -301,26 +339,84 @@ class SessionControl:
             raise NfsUnavailable("the service is shutting down.")
         return result[0]
 
-    async def _start(self, name: str) -> SessionState:
-        async with self._lock:
+    async def _start(self, name: str, deadline: float) -> SessionState:
+        async with self._locked(deadline):
             if self.state.active:
                 raise SessionConflict(
                     f"session {self.state.session_name!r} is already active; stop it first."
                 )
             now = self._clock()
             state = SessionState(True, name, date_prefix(now), now.isoformat(timespec="seconds"))
-            await self._on_nfs(_make_session_folders, self.layout, state.date_prefix, name)
+            made = await self._make_folders(state, deadline)
             try:
-                await self._save(state)
+                await self._save(state, deadline)
             except (NfsUnavailable, NfsRefused):
                 # The write given up on may still land, in its thread: the start failed, so
                 # the state as it is goes over it (writes take turns), or a restart would
                 # resume a session the client was told did not start.
                 self._keep_saving()
+                if made:
+                    ended = trio.Event()
+                    ended.set()
+                    self._remove_unused_later(name, ended, [made])
                 raise
             await self._start_watcher(state)
+            self._starts[name] += 1
             log.info("session %s started", name, extra={"session": name})
             return state
+
+    async def _make_folders(self, state: SessionState, deadline: float) -> bool:
+        """Make the session's folders by ``deadline`` (True: its incoming folder was made
+        now), or NfsUnavailable. The call given up on goes on in its thread: an incoming
+        folder it makes after the client was told the session did not start is removed again."""
+        assert self._nursery is not None and state.date_prefix is not None and state.session_name is not None
+        done = trio.Event()
+        outcome: list[bool] = []
+        failure: list[Exception] = []
+
+        async def make() -> None:
+            try:
+                outcome.append(await self._on_nfs(
+                    _make_session_folders, self.layout, state.date_prefix, state.session_name, deadline=math.inf
+                ))
+            except Exception as exc:  # for the start to raise, not the nursery
+                failure.append(exc)
+            finally:
+                done.set()
+
+        self._nursery.start_soon(make)
+        with trio.move_on_at(deadline):
+            await done.wait()
+        if failure:
+            raise failure[0]
+        if not done.is_set():
+            self._remove_unused_later(state.session_name, done, outcome)
+            raise NfsUnavailable(f"the NFS share did not answer within {self._nfs_timeout_s:g} s.")
+        if not outcome:  # cancelled with the whole service
+            raise NfsUnavailable("the service is shutting down.")
+        return outcome[0]
+
+    def _remove_unused_later(self, name: str, ended: trio.Event, outcome: list[bool]) -> None:
+        """In the background: remove the incoming folder of a start that failed, once the
+        making of its folders has ``ended``, if that made it (``outcome`` is [True])."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._remove_unused, name, ended, outcome, self._starts[name])
+
+    async def _remove_unused(self, name: str, ended: trio.Event, outcome: list[bool], starts: int) -> None:
+        """Remove the incoming folder a failed start made, if it is still empty and no session
+        of that name started since: a folder of a session that never started would mislead
+        whoever drops files there (they would wait for uploads that never come)."""
+        await ended.wait()
+        if outcome != [True]:
+            return  # it failed, or the folder was there before (someone made it for the session)
+        async with self._lock:
+            if self._starts[name] != starts:
+                return
+            folder = self.layout.incoming_dir(name)
+            with trio.move_on_after(self._nfs_timeout_s), contextlib.suppress(OSError):
+                # rmdir: only an empty folder goes; one holding a file already stays.
+                await self.nfs.run(os.rmdir, folder)
+                log.info("removed %s, made by a start that had answered 503 already", folder)
 
     async def resume(self, state: SessionState) -> None:
         """Restart the watcher of a session that was active before the restart."""
@@ -329,8 +425,8 @@ class SessionControl:
             await self._start_watcher(state)
             log.info("session %s resumed", state.session_name, extra={"session": state.session_name})
 
-    async def _stop(self, expected_name: str | None) -> SessionState:
-        async with self._lock:
+    async def _stop(self, expected_name: str | None, deadline: float) -> SessionState:
+        async with self._locked(deadline):
             if expected_name is not None and expected_name != self.state.session_name:
                 now = (
                     f"{self.state.session_name!r} is" if self.state.active
@@ -438,8 +534,12 @@ class SessionControl:
             await trio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
-    async def _save(self, state: SessionState) -> None:
-        with trio.move_on_after(self._nfs_timeout_s):
+    async def _save(self, state: SessionState, deadline: float | None = None) -> None:
+        """Record ``state``, by ``deadline`` (default: APP_NFS_OP_TIMEOUT_S from now), or
+        NfsUnavailable / NfsRefused."""
+        if deadline is None:
+            deadline = self._deadline()
+        with trio.move_on_at(deadline):
             for written in list(self._drains_pending):
                 await written.wait()
         self._drains_pending = [written for written in self._drains_pending if not written.is_set()]
@@ -448,12 +548,16 @@ class SessionControl:
                 f"the NFS share did not take the record of a stopped session's queue within "
                 f"{self._nfs_timeout_s:g} s."
             )
-        await self._on_nfs(self._state_file.writer(state))
+        await self._on_nfs(self._state_file.writer(state), deadline=deadline)
 
-    async def _on_nfs(self, fn: Callable[..., object], *args: object) -> None:
+    async def _on_nfs(self, fn: Callable[..., T], *args: object, deadline: float | None = None) -> T:
+        """``fn`` in the NFS lane, its OSErrors as NfsRefused or NfsUnavailable; given up on
+        at ``deadline`` (default: APP_NFS_OP_TIMEOUT_S from now; math.inf: never)."""
+        if deadline is None:
+            deadline = self._deadline()
         try:
-            with trio.fail_after(self._nfs_timeout_s):
-                await self.nfs.run(fn, *args)
+            with trio.fail_at(deadline):
+                return await self.nfs.run(fn, *args)
         except trio.TooSlowError:
             raise NfsUnavailable(
                 f"the NFS share did not answer within {self._nfs_timeout_s:g} s."

@@ -9,6 +9,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 from pydantic import ValidationError
 
+from uploader import config
 from uploader.config import (
     MiB,
     SettingsError,
@@ -297,6 +298,35 @@ def test_folders_that_overlap_through_a_symlink_are_found_once_resolved(tmp_path
     assert message is not None
     assert "APP_NFS_INCOMING_DIR" in message and "APP_NFS_PROCESSING_ROOT" in message
     assert f"which are {tmp_path / 'nfs'} and {tmp_path / 'nfs' / 'p'}, must be separate" in message
+
+
+def test_overlapping_folders_with_bytes_that_are_no_utf8_are_one_line_naming_both() -> None:
+    """Python reads those bytes as lone surrogates, which pydantic cannot put in its error:
+    the settings failed with a UnicodeEncodeError traceback."""
+    message = settings_error(
+        APP_NFS_INCOMING_DIR=os.fsdecode(b"/x/in\xff"), APP_LOCAL_STAGING_ROOT=os.fsdecode(b"/x/in\xff/s")
+    )
+    assert message == (
+        "APP_NFS_INCOMING_DIR (/x/in\\xff) and APP_LOCAL_STAGING_ROOT (/x/in\\xff/s) must be "
+        "separate folders, neither inside the other"
+    )
+
+
+def test_a_failure_pydantic_does_not_report_as_a_bad_value_is_still_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever escapes pydantic is a SettingsError, naming the variables whose values hold
+    bytes that are no UTF-8 (the likely cause), never a traceback."""
+    raw_path = os.fsdecode(b"/x/in\xff")
+
+    def message_with_the_raw_path(folders: object, resolve: object) -> str:
+        return f"overlap at {raw_path}"
+
+    monkeypatch.setattr(config, "overlapping_folders", message_with_the_raw_path)
+    message = settings_error(APP_NFS_INCOMING_DIR=raw_path)
+    assert message.startswith("cannot check the settings (UnicodeEncodeError: ")
+    assert message.endswith("; the values of APP_NFS_INCOMING_DIR hold bytes that are no UTF-8")
+    assert "\n" not in message
 
 
 def test_sibling_folders_with_common_prefix_do_not_overlap(clean_env: pytest.MonkeyPatch) -> None:

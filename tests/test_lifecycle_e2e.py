@@ -331,6 +331,17 @@ def test_overlapping_folders_are_refused(tmp_path: Path) -> None:
     assert "APP_NFS_INCOMING_DIR" in line and "APP_NFS_PROCESSING_ROOT" in line
 
 
+def test_overlapping_folders_with_bytes_that_are_no_utf8_are_refused_in_one_line(tmp_path: Path) -> None:
+    """They ended in a UnicodeEncodeError traceback and exit 1."""
+    line = refused_setting(settings_env(tmp_path) | {
+        "APP_NFS_INCOMING_DIR": os.fsdecode(b"/x/in\xff"),
+        "APP_LOCAL_STAGING_ROOT": os.fsdecode(b"/x/in\xff/s"),
+    })
+    assert line.startswith(
+        "uploader: bad setting: APP_NFS_INCOMING_DIR (/x/in\\xff) and APP_LOCAL_STAGING_ROOT (/x/in\\xff/s) "
+    )
+
+
 def test_unreachable_storage_stops_start_up_with_a_clear_line(
     service_factory: ServiceFactory,
 ) -> None:

@@ -261,13 +261,25 @@ def overlapping_folders(folders: Mapping[str, Path], resolve: Callable[[Path], P
         for second in names[i + 1 :]:
             a, b = resolved[first], resolved[second]
             if a == b or a.is_relative_to(b) or b.is_relative_to(a):
-                shown_a, shown_b = folders[first], folders[second]
-                how = "" if (a, b) == (shown_a, shown_b) else f", which are {a} and {b},"
+                given_a, given_b = folders[first], folders[second]
+                how = "" if (a, b) == (given_a, given_b) else f", which are {shown(a)} and {shown(b)},"
                 return (
-                    f"{first} ({shown_a}) and {second} ({shown_b}){how} must be separate "
-                    "folders, neither inside the other"
+                    f"{first} ({shown(given_a)}) and {second} ({shown(given_b)}){how} must be "
+                    "separate folders, neither inside the other"
                 )
     return None
+
+
+def shown(path: Path | str) -> str:
+    """``path`` for a message: as it is, but for bytes that are no UTF-8, written ``\\xNN``.
+    Python reads them as lone surrogates, which a pydantic error cannot carry (the settings
+    failed with a UnicodeEncodeError traceback) and no terminal shows."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
 
 
 def _connection_fields(connection_string: str) -> dict[str, str] | None:
@@ -415,6 +427,23 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
+    except Exception as exc:  # a bad setting is one line, never a traceback
+        # pydantic passes some failures through as they are, not as a ValidationError: a
+        # validator's message it cannot carry (lone surrogates, from bytes that are no UTF-8).
+        raise SettingsError(_unexpected_failure(exc, os.environ)) from None
+
+
+def _unexpected_failure(exc: Exception, environ: Mapping[str, str]) -> str:
+    """One line for a failure to read the settings that pydantic did not report as invalid
+    values; it names the variables whose values hold bytes that are no UTF-8, the likely cause."""
+    undecodable = sorted(
+        name for name, value in environ.items()
+        if name.upper().startswith(ENV_PREFIX) and shown(value) != value
+    )
+    problem = redact(f"cannot check the settings ({type(exc).__name__}: {shown(str(exc))})")
+    if undecodable:
+        return f"{problem}; the values of {', '.join(undecodable)} hold bytes that are no UTF-8"
+    return problem
 
 
 def _setting_names() -> set[str]:

@@ -20,7 +20,8 @@ from azure.storage.blob import ContainerClient
 
 from tests.conftest import ServiceFactory
 from tests.faults.faultfs import FaultFS
-from tests.support.azurite import blob_contents
+from tests.faults.proxy import FaultProxy
+from tests.support.azurite import Azurite, blob_contents
 from tests.support.service import Folders, ServiceProcess, wait_for, write_file
 from tests.test_local_faults_e2e import small_disk
 from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
@@ -387,3 +388,27 @@ def test_concurrent_starts_on_a_hung_share_each_answer_within_the_timeout_and_le
     wait_for(lambda: folders.incoming.is_dir() and not any(folders.incoming.iterdir()), timeout=10,
              what="the folder made after its start gave up to be removed")
 
+
+def test_a_share_that_hangs_at_start_up_is_in_last_error_until_start_up_is_done(
+    service_factory: ServiceFactory, faultfs: FaultFS, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    """The log said so at once, the status only some 30 s later (from another step)."""
+    hang = faultfs.hang("lookup", "incoming")
+    storage = proxy.stall(times=None)  # start-up waits for storage: not ready meanwhile
+    service = service_factory(
+        start=False, connection_string=azurite.connection_string(port=proxy.port), APP_NFS_OP_TIMEOUT_S="1"
+    )
+    service.start(wait_ready=False)
+
+    def last_error() -> str | None:
+        try:
+            return service.status()["last_error"]
+        except httpx.TransportError:
+            return None
+
+    said = wait_for(last_error, timeout=10, what="last_error")
+    assert said.startswith("cannot check APP_NFS_INCOMING_DIR (") and "no answer within 1 s" in said
+    faultfs.release(hang)
+    proxy.release(storage)
+    service.wait_ready()
+    assert service.status()["last_error"] is None

@@ -265,6 +265,28 @@ async def test_a_share_that_does_not_answer_does_not_stop_start_up(
     )
 
 
+async def test_a_share_that_does_not_answer_is_noted_for_the_status_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only logged: /v1/status's last_error said nothing of it for some 30 s."""
+    released = threading.Event()
+    real_inspect = folders.inspect_folder
+
+    def hangs_on_incoming(variable: str, path: Path) -> bool:
+        if variable == "APP_NFS_INCOMING_DIR":
+            released.wait(30)
+        return real_inspect(variable, path)
+
+    monkeypatch.setattr(folders, "inspect_folder", hangs_on_incoming)
+    settings = settings_for(tmp_path / "in", tmp_path / "proc", tmp_path / "staging", nfs_op_timeout_s=0.2)
+    noted: list[str] = []
+    try:
+        await check_folders(settings, ThreadLane("nfs", 4), note_error=noted.append)
+    finally:
+        released.set()
+    assert noted == [f"cannot check APP_NFS_INCOMING_DIR ({tmp_path / 'in'}) now: no answer within 0.2 s; starting anyway"]
+
+
 async def test_a_failing_share_does_not_stop_start_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

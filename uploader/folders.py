@@ -176,15 +176,22 @@ def _resolved(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
-async def check_folders(settings: Settings, nfs: ThreadLane) -> list[tuple[str, Path]]:
+def _ignore(message: str) -> None:
+    pass
+
+
+async def check_folders(
+    settings: Settings, nfs: ThreadLane, *, note_error: Callable[[str], None] = _ignore
+) -> list[tuple[str, Path]]:
     """Check each folder in the NFS lane, each call within APP_NFS_OP_TIMEOUT_S, and that the
     folders, symlinks followed, are still apart (config.py compares them as written: it reads
     no file system). Makes nothing: a bad setting must change nothing. Returns the folders
-    that are missing, for ``make_folders`` once nothing else stops start-up."""
+    that are missing, for ``make_folders`` once nothing else stops start-up. A folder that
+    cannot be checked now is logged and given to ``note_error`` (the status's last_error)."""
     checked: dict[str, Path] = {}
     missing: list[tuple[str, Path]] = []
     for variable, path in settings.folders.items():
-        answer = await _within(settings, nfs, inspect_folder, variable, path, "check")
+        answer = await _within(settings, nfs, inspect_folder, variable, path, "check", note_error)
         if answer is not None:
             checked[variable] = path
             if answer:
@@ -219,18 +226,22 @@ def _check_one_file_system(incoming: Path, processing: Path) -> None:
         )
 
 
-async def make_folders(settings: Settings, nfs: ThreadLane, missing: list[tuple[str, Path]]) -> None:
+async def make_folders(
+    settings: Settings, nfs: ThreadLane, missing: list[tuple[str, Path]], *,
+    note_error: Callable[[str], None] = _ignore,
+) -> None:
     """Make the folders ``check_folders`` found missing, and check them."""
     for variable, path in missing:
-        await _within(settings, nfs, prepare_folder, variable, path, "make")
+        await _within(settings, nfs, prepare_folder, variable, path, "make", note_error)
 
 
 async def _within(
     settings: Settings, nfs: ThreadLane, step: Callable[[str, Path], T], variable: str, path: Path,
-    doing: str,
+    doing: str, note_error: Callable[[str], None],
 ) -> T | None:
-    """Run ``step`` on one folder in the NFS lane; None (logged) when the share fails or does
-    not answer within APP_NFS_OP_TIMEOUT_S. A StartupError goes through."""
+    """Run ``step`` on one folder in the NFS lane; None (logged, and given to ``note_error``)
+    when the share fails or does not answer within APP_NFS_OP_TIMEOUT_S. A StartupError goes
+    through."""
     problem = f"no answer within {settings.nfs_op_timeout_s:g} s"
     with trio.move_on_after(settings.nfs_op_timeout_s):
         try:
@@ -239,5 +250,9 @@ async def _within(
             if exc.errno in _NEVER_PASSES:
                 raise StartupError(f"{variable} ({path}) cannot be used: {describe(exc)}") from None
             problem = describe(exc)
-    log.warning("cannot %s %s (%s) now: %s; starting anyway", doing, variable, path, problem)
+    said = f"cannot {doing} {variable} ({path}) now: {problem}; starting anyway"
+    log.warning("%s", said)
+    # In the status too, at once: start-up may wait on the share long before anything else
+    # there says why (readiness waits for recovery, which needs the share).
+    note_error(said)
     return None

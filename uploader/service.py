@@ -134,13 +134,21 @@ class Service:
                 ) from None
             # Before storage: a wrong folder is a mistake a user fixes, not worth an Azure wait.
             # Missing folders are made only once storage works too: a bad setting changes nothing.
-            missing = await check_folders(settings, self.lanes.nfs)
+            # What the folder checks say of a share that fails or hangs is true until start-up
+            # has got through the steps that need the share (make_folders, the lock, recovery).
+            folder_notes: list[str] = []
+
+            def note_folder_problem(message: str) -> None:
+                folder_notes.append(message)
+                self.progress.note_error(message)
+
+            missing = await check_folders(settings, self.lanes.nfs, note_error=note_folder_problem)
             async with trio.open_nursery() as waiting:
                 waiting.start_soon(say_still_waiting_for_storage, settings, self.progress)
                 self.store = await open_blob_store(settings, self.lanes)
                 waiting.cancel_scope.cancel()
             try:
-                await make_folders(settings, self.lanes.nfs, missing)
+                await make_folders(settings, self.lanes.nfs, missing, note_error=note_folder_problem)
                 # Before recovery: what is claimed under the processing root is the holder's.
                 await root.start(
                     partial(
@@ -152,6 +160,8 @@ class Service:
                 )
                 await self._start_pipeline(root)
                 self.ready = True
+                for message in folder_notes:
+                    self.progress.resolve_error(message)
                 log.info("ready on %s:%d", settings.host, settings.port)
                 task_status.started(self)
                 await trio.sleep_forever()

@@ -211,6 +211,8 @@ def test_a_refusal_of_every_request_quarantines_nothing(
     wait_for(lambda: service.status()["files_failed"] >= 6, timeout=60, what="failed attempts")
     status = service.status()
     assert status["files_quarantined"] == 0 and "AccountRequiresHttps" in status["last_error"]
+    wait_for(lambda: str(service.status()["last_error"]).startswith("storage refuses every request, not only"),
+             timeout=30, what="the refusal said to be everyone's")
     proxy.remove(refusal)
     assert wait_for_blobs(container, set(expected) | set(before)) == expected | before
     wait_until_clean(folders)

@@ -517,6 +517,8 @@ class Pipeline:
             if refused_by_storage(exc):
                 works_now = await self._works_for_others(exc)
                 give_up = side_worked and works_now
+                if not works_now:  # said as what it is: no file's fault
+                    progress.note_error(f"storage refuses every request, not only {key}'s: {reason}")
             else:
                 give_up = True
         elif at_completion:

@@ -524,6 +524,21 @@ async def offer_one_by_one(
         await trio.sleep(every_s)
 
 
+async def run_among_others(
+    pipeline: Pipeline, send: trio.MemorySendChannel[WorkItem], receive: trio.MemoryReceiveChannel[WorkItem],
+    layout: Layout, key: FileKey, others: list[FileKey], every_s: float, done: Callable[[], bool],
+) -> None:
+    """Run the pipeline on ``key``, then on ``others`` offered one by one, until ``done()``."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, key))
+        nursery.start_soon(offer_one_by_one, send, layout, others, every_s)
+        with trio.fail_after(20):
+            while not done():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_file_timing_out_in_the_spells_of_a_flapping_outage_is_not_quarantined(
     settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -559,14 +574,8 @@ async def test_a_file_timing_out_in_the_spells_of_a_flapping_outage_is_not_quara
             others_going -= 1
 
     monkeypatch.setattr(store, "upload", upload)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pipeline.run, receive)
-        await send.send(offer(layout, flap))
-        nursery.start_soon(offer_one_by_one, send, layout, others, 0.05)
-        with trio.fail_after(20):
-            while progress.files_processed < len(others) + 1:  # noqa: ASYNC110
-                await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
+    await run_among_others(pipeline, send, receive, layout, flap, others, 0.05,
+                           lambda: progress.files_processed == len(others) + 1)
     assert flap_tries == 5 and progress.files_quarantined == 0
 
 
@@ -588,14 +597,8 @@ async def test_a_file_timing_out_while_storage_answers_others_is_quarantined(
         return await real_upload(staged, name, **kwargs)
 
     monkeypatch.setattr(store, "upload", upload)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pipeline.run, receive)
-        await send.send(offer(layout, doomed))
-        nursery.start_soon(offer_one_by_one, send, layout, others, 0.02)
-        with trio.fail_after(20):
-            while not progress.files_quarantined:  # noqa: ASYNC110
-                await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
+    await run_among_others(pipeline, send, receive, layout, doomed, others, 0.02,
+                           lambda: progress.files_quarantined > 0)
     assert progress.quarantined[0]["file"] == "doomed.bin"
 
 
@@ -622,14 +625,8 @@ async def test_a_file_whose_lost_answers_hid_an_upload_that_went_through_is_comp
         return report
 
     monkeypatch.setattr(store, "upload", upload)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pipeline.run, receive)
-        await send.send(offer(layout, lost))
-        nursery.start_soon(offer_one_by_one, send, layout, others, 0.02)
-        with trio.fail_after(20):
-            while progress.files_processed < len(others) + 1 and not progress.files_quarantined:  # noqa: ASYNC110
-                await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
+    await run_among_others(pipeline, send, receive, layout, lost, others, 0.02,
+                           lambda: progress.files_processed == len(others) + 1 or progress.files_quarantined > 0)
     assert tries == settings.max_attempts and progress.files_quarantined == 0
     assert container.download_blob(blob_name(lost)).readall() == b"x" * 100
     assert not layout.processing_path(lost).exists()

@@ -31,7 +31,13 @@ from werkzeug.sansio.utils import get_host
 from uploader.config import Settings
 from uploader.errors import describe, first_leaf
 from uploader.layout import InvalidSessionName, validate_session_name
-from uploader.session import NfsRefused, NfsUnavailable, SessionConflict
+from uploader.session import (
+    NfsRefused,
+    NfsUnavailable,
+    SessionConflict,
+    SessionControl,
+    SessionState,
+)
 
 if TYPE_CHECKING:
     from uploader.service import Service
@@ -126,43 +132,39 @@ def create_app(service: Service) -> QuartTrio:
         if request.scope.get("path", request.path) != request.path:
             raise NotFound()
 
-    @app.post("/v1/watch/start")
-    async def start() -> Any:
+    async def session_call(
+        verb: str, usage: str, parse: Callable[[str | bytes], object | None],
+        operation: Callable[[SessionControl, Any], Awaitable[SessionState]],
+    ) -> Any:
+        """Start or stop (``verb``) the session the body names; one JSON sentence on error."""
         if request.query_string:
-            return error(400, 'POST /v1/watch/start takes no query parameters; send {"session_name": "..."} '
-                              "as its JSON body.")
+            return error(400, f"POST /v1/watch/{verb} takes no query parameters; {usage}")
         if service.sessions is None:
             return error(503, NOT_READY)
         try:
-            name = parse_start_body(await request.get_data(as_text=False))
-            state = await service.sessions.start(name)
+            state = await operation(service.sessions, parse(await request.get_data(as_text=False)))
         except (BadRequest, InvalidSessionName) as exc:
             return error(400, str(exc))
         except SessionConflict as exc:
             return error(409, str(exc))
         except NfsRefused as exc:  # a permission or a read-only share: no use retrying
-            return error(500, f"Cannot start the session: {exc}")
+            return error(500, f"Cannot {verb} the session: {exc}")
         except NfsUnavailable as exc:
-            return error(503, f"Cannot start the session: {exc}")
+            return error(503, f"Cannot {verb} the session: {exc}")
         return {**state.public(), "draining": service.draining()}
+
+    @app.post("/v1/watch/start")
+    async def start() -> Any:
+        return await session_call(
+            "start", 'send {"session_name": "..."} as its JSON body.', parse_start_body, SessionControl.start
+        )
 
     @app.post("/v1/watch/stop")
     async def stop() -> Any:
-        if request.query_string:
-            return error(400, 'POST /v1/watch/stop takes no query parameters; send {"session_name": "..."} '
-                              "as its JSON body, or no body to stop the active session.")
-        if service.sessions is None:
-            return error(503, NOT_READY)
-        try:
-            name = parse_stop_body(await request.get_data(as_text=False))
-            state = await service.sessions.stop(name)
-        except (BadRequest, InvalidSessionName) as exc:
-            return error(400, str(exc))
-        except SessionConflict as exc:
-            return error(409, str(exc))
-        except NfsUnavailable as exc:
-            return error(503, f"Cannot stop the session: {exc}")
-        return {**state.public(), "draining": service.draining()}
+        return await session_call(
+            "stop", 'send {"session_name": "..."} as its JSON body, or no body to stop the active session.',
+            parse_stop_body, SessionControl.stop,
+        )
 
     @app.get("/v1/status")
     async def status() -> Any:

@@ -49,3 +49,21 @@ async def test_a_lane_runs_at_most_its_thread_count_at_once(threads: int) -> Non
         await trio.sleep(0.2)
         assert lane.running() == threads
         release.set()
+
+
+async def test_a_call_answered_within_a_while_is_one_begun_and_returned_in_it() -> None:
+    lane = ThreadLane("azure", 2)
+    release = threading.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lane.run, release.wait)  # begun before the while
+        await trio.sleep(0.05)
+        after = trio.current_time()
+        release.set()
+    assert not lane.answered_within(after, trio.current_time())  # returned in it, begun before
+    await lane.run(lambda: None)
+    before = trio.current_time()
+    assert lane.answered_within(after, before)
+    assert not lane.answered_within(before + 1e-6, before + 10)  # nothing begun since
+    with pytest.raises(ZeroDivisionError):
+        await lane.run(lambda: 1 / 0)
+    assert not lane.answered_within(before + 1e-6, trio.current_time())  # a failure is no answer

@@ -204,18 +204,28 @@ class BlobStore:
         name: str,
         *,
         on_sent: Callable[[int], None] = lambda n: None,
+        on_staged: Callable[[StagedFile], None] = lambda staged: None,
         at_most: int | None = None,
     ) -> tuple[StagedFile, UploadReport]:
         """Copy a large file to staging and send its blocks as each is copied (a copy of at
-        most ``at_most`` bytes: ``stage_copy``).
+        most ``at_most`` bytes: ``stage_copy``). ``on_staged`` gets the copy once it is
+        complete, before the commit, whose answer may be lost though it went through.
 
         The blob is committed only once the copy is complete, fsynced and checked unchanged:
         a copy that fails leaves nothing but uncommitted blocks, which the next attempt uses.
         """
-        return await self._in_container(self._stream_blocks, source, staging, name, on_sent, at_most)
+        return await self._in_container(
+            self._stream_blocks, source, staging, name, on_sent, on_staged, at_most
+        )
 
     async def _stream_blocks(
-        self, source: Path, staging: Path, name: str, on_sent: Callable[[int], None], at_most: int | None
+        self,
+        source: Path,
+        staging: Path,
+        name: str,
+        on_sent: Callable[[int], None],
+        on_staged: Callable[[StagedFile], None],
+        at_most: int | None,
     ) -> tuple[StagedFile, UploadReport]:
         blob = self.container.get_blob_client(name)
         ready_send, ready_receive = trio.open_memory_channel[_Block](math.inf)
@@ -253,6 +263,7 @@ class BlobStore:
             # the block being sent fails on the missing file: the copy's failure is the cause.
             raise (copy_failure or first_leaf(group)) from None
         assert staged is not None
+        on_staged(staged)
         await self._commit(blob, staged)
         return staged, UploadReport(sent, resumed, len(staged.block_md5s))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +32,9 @@ class ThreadLane:
         self._ids = itertools.count()
         # Guards _started: calls end in their own threads, maybe after trio abandoned them.
         self._lock = threading.Lock()
+        # (began, ended) on the trio clock of the last calls that returned, in the order they
+        # ended: whether the other side answered anyone in a given while (see answered_within).
+        self._returned: deque[tuple[float, float]] = deque(maxlen=1024)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call_id = next(self._ids)
@@ -51,7 +55,19 @@ class ThreadLane:
                 with self._lock:
                     del self._started[call_id]
 
-        return await trio.to_thread.run_sync(tracked, limiter=self.limiter, abandon_on_cancel=True)
+        began = trio.current_time()
+        result = await trio.to_thread.run_sync(tracked, limiter=self.limiter, abandon_on_cancel=True)
+        self._returned.append((began, trio.current_time()))
+        return result
+
+    def answered_within(self, after: float, before: float) -> bool:
+        """Whether a call begun at ``after`` or later returned by ``before`` (trio clock)."""
+        for began, ended in reversed(self._returned):
+            if ended < after:
+                return False  # (and so did every call before it: none began after ``after``)
+            if began >= after and ended <= before:
+                return True
+        return False
 
     def running(self) -> int:
         with self._lock:

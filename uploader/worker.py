@@ -92,6 +92,9 @@ class WorkItem:
     # failed folder by it, should the failed try have got as far as its removal.
     quarantine_stat: os.stat_result | None = None
     quarantine_tries: int = 0  # failed ones: the wait before the next one doubles too
+    # The staged copy whose last request storage left unanswered: the quarantine due first
+    # asks whether its blob went up after all (storage may carry out a request late).
+    recheck: StagedFile | None = None
     in_pipeline: bool = False
 
 
@@ -443,6 +446,7 @@ class Pipeline:
                 item.staged, item.report = await self.store.upload_while_staging(
                     self.layout.processing_path(key), self.layout.staging_path(key),
                     blob_name(key), on_sent=sent, at_most=item.claimed_size,
+                    on_staged=partial(setattr, item, "staged"),  # (asked by _failed: is it up?)
                 )
                 self._working("staging", "storage")
             else:
@@ -551,18 +555,29 @@ class Pipeline:
             )
         else:
             give_up = False
-        if give_up and disposition is Disposition.RETRYABLE and await self._went_up_all_the_same(item, exc):
+        recheck: StagedFile | None = None
+        if give_up and disposition is Disposition.RETRYABLE and item.staged is not None \
+                and self._side_of(exc) == "storage":
             # A request whose answer was lost (a timeout, a reset) may have gone through: the
             # file is up, byte for byte, and its retry only completes it. Quarantined, it
             # would be both up and set aside.
-            give_up = False
-            item.verified = item.staged
+            went_up = await self._is_up(item, item.staged)
+            if went_up is not False:  # up, or storage cannot say now: asked again next time
+                give_up = False
+                if went_up:
+                    item.verified = item.staged
+            elif unanswered(exc) is not None:
+                # A request left unanswered may yet be carried out (a server that resumes
+                # works off what it had received): asked once more, after a while.
+                recheck = item.staged
         item.failed_at = failed_at
         if give_up:
-            if await self._quarantine(item, reason, disposition):
-                return
-            item.quarantine_tries += 1
+            if recheck is None:
+                if await self._quarantine(item, reason, disposition):
+                    return
+                item.quarantine_tries += 1
             item.quarantine_due = (reason, disposition)
+            item.recheck = recheck
             self._quarantines_due.add(key)
         # A file waiting for its retry keeps no staging copy: during an outage every file
         # waits, and staging must hold only the files in flight. The retry copies it again.
@@ -609,14 +624,15 @@ class Pipeline:
             else frozenset(side for side, at in self._working_at.items() if at > failed_at)
         )
 
-    async def _went_up_all_the_same(self, item: WorkItem, exc: Exception) -> bool:
-        """Whether storage holds the blob of the staged file, though its upload failed."""
-        if item.staged is None or self._side_of(exc) != "storage":
-            return False
-        try:
-            return await self.store.holds(blob_name(item.key), item.staged)
-        except AzureError:
-            return False  # (asked again at the next failure)
+    async def _is_up(self, item: WorkItem, staged: StagedFile) -> bool | None:
+        """Whether storage holds the blob of ``staged``, though its upload failed; None when
+        storage cannot say now."""
+        with trio.move_on_after(self.settings.azure_read_timeout_s):
+            try:
+                return await self.store.holds(blob_name(item.key), staged)
+            except AzureError:
+                pass
+        return None
 
     def _answered_others_while_waiting(self, exc: Exception, failed_at: float) -> bool:
         """For a request storage left unanswered until its timeout ran out: whether another
@@ -626,7 +642,10 @@ class Pipeline:
             return True
         settings = self.settings
         waited = settings.azure_connect_timeout_s if wait == "connect" else settings.azure_read_timeout_s
-        return self._working_at.get("storage", -math.inf) > failed_at - waited
+        # A request sent when this one had waited half its time, and answered before it ran
+        # out: storage was answering then. (One merely answered meanwhile proves less: begun
+        # before a hang, or in the backlog a resumed server works off, where this one was too.)
+        return self.lanes.azure.answered_within(failed_at - waited / 2, failed_at)
 
     def _working(self, *sides: str) -> None:
         now = trio.current_time()
@@ -679,6 +698,19 @@ class Pipeline:
         reason, disposition = item.quarantine_due
         with tracer.start_as_current_span("file", attributes=_attributes(item)) as item.span:
             try:
+                if item.recheck is not None:
+                    went_up = await self._is_up(item, item.recheck)
+                    if went_up is None:
+                        item.quarantine_tries += 1
+                        self._retry_soon(item, "whether %s went up after all is asked again in %.1f s", item.key)
+                        return
+                    if went_up:
+                        log.info("%s went up after all; completing it", item.key, extra=_log_fields(item.key))
+                        item.verified, item.recheck, item.quarantine_due = item.recheck, None, None
+                        self._quarantines_due.discard(item.key)
+                        await self._retry_send.send(item)
+                        return
+                    item.recheck = None
                 done = await self._quarantine(item, reason, disposition)
             except Exception as bug:
                 # As in _step: a bug must not take the other files down with it. The file

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -412,3 +413,25 @@ def test_a_share_that_hangs_at_start_up_is_in_last_error_until_start_up_is_done(
     proxy.release(storage)
     service.wait_ready()
     assert service.status()["last_error"] is None
+
+
+def test_status_shows_the_session_that_resumes_while_recovery_waits_for_the_share(
+    service: ServiceProcess, faultfs: FaultFS
+) -> None:
+    service.start_session("back")
+    service.kill()
+    hang = faultfs.hang("readdir", ".processing")  # recovery's walk of the claimed files
+    service.start(wait_ready=False)
+
+    def resuming() -> dict[str, Any] | None:
+        try:
+            status = service.status()
+        except httpx.TransportError:
+            return None
+        return status if status["session_name"] == "back" else None
+
+    status = wait_for(resuming, timeout=15, what="the stored session in the status")
+    assert status["active"] is True and status["ready"] is False
+    faultfs.release(hang)
+    service.wait_ready()
+    assert service.status()["active"] is True

@@ -92,6 +92,9 @@ class Service:
             stuck_calls=lambda: {lane.name: lane.stuck() for lane in lanes},
         )
         self.ready = False
+        # The session state recovery read, shown by status until start-up is done (then the
+        # session control's): the session that will resume, while the share is still worked.
+        self._recovered_state: SessionState | None = None
         self.sessions: SessionControl | None = None
         self.drains: Drains | None = None
         self.store: BlobStore | None = None
@@ -103,7 +106,11 @@ class Service:
         return 0 if self._queue is None else self._queue.statistics().current_buffer_used
 
     def status(self) -> dict[str, object]:
-        session = (self.sessions.state if self.sessions else SessionState()).public()
+        if not self.ready and self._recovered_state is not None:
+            state = self._recovered_state
+        else:
+            state = self.sessions.state if self.sessions else SessionState()
+        session = state.public()
         return {
             **session,
             "draining": self.draining(),
@@ -160,6 +167,7 @@ class Service:
                 )
                 await self._start_pipeline(root)
                 self.ready = True
+                self._recovered_state = None
                 for message in folder_notes:
                     self.progress.resolve_error(message)
                 log.info("ready on %s:%d", settings.host, settings.port)
@@ -267,6 +275,7 @@ class Service:
                         )
                         log.error("%s", problem)
                         stored = (SessionState(), problem)
+                    self._recovered_state = stored[0]
                 recovered = await recover(self.layout, self.lanes.nfs, stored)
                 if noted is not None:
                     self.progress.resolve_error(noted)  # no longer true

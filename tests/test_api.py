@@ -341,6 +341,24 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer(service: Se
     assert json.loads(answer)["session_name"] == "half"
 
 
+@pytest.mark.parametrize(
+    "head",
+    ["POST /v1/watch/start HTTP/1.0\r\n", "POST /v1/watch/start HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"],
+    ids=["http-1.0", "connection-close"],
+)
+@pytest.mark.parametrize("after", [b"\r\n", b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n"], ids=["crlf", "request"])
+def test_bytes_after_a_request_said_to_be_the_last_leave_its_answer_alone(
+    service: ServiceProcess, head: str, after: bytes
+) -> None:
+    """The request is carried out, so its answer is due; what follows it is no request."""
+    body = b'{"session_name": "last"}'
+    request = head.encode() + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    received = read_until_closed(service.port, request + after)
+    answer_head, _, answer = received.partition(b"\r\n\r\n")
+    assert answer_head.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(answer)["session_name"] == "last"
+
+
 def test_start_and_stop_take_no_query_parameters(service: ServiceProcess, folders: Folders) -> None:
     """A name in the query would otherwise be ignored, and an unnamed session started."""
     refused = service.http.post("/v1/watch/start?session_name=q1")

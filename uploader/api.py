@@ -391,16 +391,47 @@ PROTOCOL_ERRORS = {
 }
 
 
+class LastRequestConnection(h11.Connection):
+    """h11's server side, deaf to whatever a client sends after a request it said was its
+    last (HTTP/1.0, ``Connection: close``).
+
+    h11 takes any such byte, even a stray CRLF, for a protocol error, and Hypercorn then
+    answered 400 in place of the app's answer to a request the app carried out all the same:
+    the client was told its start failed while the session ran. The bytes belong to no
+    request of this connection, which closes once the answer is sent.
+    """
+
+    def receive_data(self, data: bytes) -> None:
+        # An empty read is the client's EOF, which h11 must still see.
+        if data and self.their_state is h11.MUST_CLOSE:
+            return
+        super().receive_data(data)
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        if self.their_state is h11.MUST_CLOSE and self.trailing_data[0]:
+            # Bytes that came in the same read as the end of the request.
+            return h11.NEED_DATA
+        return super().next_event()
+
+
 class JsonErrorsH11Protocol(H11Protocol):
     """Hypercorn's HTTP/1.1 protocol, whose own error answers (a malformed request, headers
     too large) are JSON with one sentence, as every other error of the API, and which
-    answers a request whose client half-closed the connection once it had sent it all."""
+    answers a request whose client half-closed the connection once it had sent it all, or
+    sent more after a request it said was its last."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connection = LastRequestConnection(
+            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+        )
 
     async def handle(self, event: Event) -> None:
         if (
             isinstance(event, Closed)
             and self.stream is not None
-            and self.connection.their_state is h11.CLOSED  # the whole request, then EOF
+            # The whole request, then EOF (CLOSED; MUST_CLOSE where bytes after it are left).
+            and self.connection.their_state in (h11.CLOSED, h11.MUST_CLOSE)
             and self.connection.our_state is h11.SEND_RESPONSE
         ):
             # Hypercorn would close the stream, and the app's answer would go nowhere; once

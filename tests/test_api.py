@@ -359,6 +359,20 @@ def test_bytes_after_a_request_said_to_be_the_last_leave_its_answer_alone(
     assert json.loads(answer)["session_name"] == "last"
 
 
+def test_an_http_1_0_post_that_does_not_say_its_length_is_refused_and_stops_nothing(
+    service: ServiceProcess,
+) -> None:
+    """Read as empty, the body would stop whichever session is active, not the one it names."""
+    service.start_session("one")
+    received = read_until_closed(
+        service.port, b'POST /v1/watch/stop HTTP/1.0\r\n\r\n{"session_name": "other"}'
+    )
+    head, _, answer = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 411 ")
+    assert json.loads(answer) == {"error": "An HTTP/1.0 POST needs a Content-Length header (0 when there is no body)."}
+    assert service.status()["active"] is True
+
+
 def test_start_and_stop_take_no_query_parameters(service: ServiceProcess, folders: Folders) -> None:
     """A name in the query would otherwise be ignored, and an unnamed session started."""
     refused = service.http.post("/v1/watch/start?session_name=q1")

@@ -241,6 +241,7 @@ def sends_shielded(app: ASGIApp) -> ASGIApp:
 
 PROBES = ("/healthz", "/readyz")
 BAD_HOST = "The Host header is not a valid host name."
+LENGTH_REQUIRED = "An HTTP/1.0 POST needs a Content-Length header (0 when there is no body)."
 SHOWN_PATH_CHARS = 200
 
 
@@ -251,7 +252,8 @@ def shown_path(path: str) -> str:
 
 def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
     """Answer /healthz and /readyz before the web framework sees them, and refuse what the
-    framework would fail on with a bare 500 and a traceback (a WebSocket, a bad Host).
+    framework would fail on with a bare 500 and a traceback (a WebSocket, a bad Host) or
+    misread (an HTTP/1.0 POST of unknown length).
 
     The probes touch no filesystem, no thread and no framework machinery: they answer from
     a flag, whatever NFS or Azure are doing, at a fraction of a routed request's cost.
@@ -283,6 +285,9 @@ def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
                 await send_json(send, 200, {"ready": True}, head=head)
             else:
                 await send_json(send, 503, {"ready": False}, head=head)
+            return
+        if body_length_unknown(scope):
+            await send_json(send, 411, {"error": LENGTH_REQUIRED}, head=head)
             return
         if not host_is_valid(scope):
             await send_json(send, 400, {"error": BAD_HOST}, head=head)
@@ -333,6 +338,19 @@ async def refuse_websocket(scope: dict[str, Any], send: Callable[..., Any]) -> N
         }
     )
     await send({"type": "websocket.http.response.body", "body": payload, "more_body": False})
+
+
+def body_length_unknown(scope: dict[str, Any]) -> bool:
+    """Whether the request is an HTTP/1.0 POST that does not say how long its body is.
+
+    h11 reads its body as empty and what the client sent as its body as bytes after it: a
+    stop sent with a name but no Content-Length stopped whichever session was active.
+    HTTP/1.0 requires the header on a POST (RFC 1945, 8.3); in HTTP/1.1 a request without
+    it has no body, and what follows is the next request.
+    """
+    if scope["method"] != "POST" or scope.get("http_version") != "1.0":
+        return False
+    return not any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"])
 
 
 def host_is_valid(scope: dict[str, Any]) -> bool:

@@ -8,6 +8,9 @@ import subprocess
 import threading
 import time
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 
@@ -302,6 +305,56 @@ def test_a_websocket_handshake_is_refused_with_a_json_error(service: ServiceProc
     }
     assert service.http.get("/healthz").status_code == 200  # a request after it, to flush the log
     assert '"level": "error"' not in service.log() and "Traceback" not in service.log()
+
+
+@pytest.mark.parametrize(
+    "handshake",
+    [
+        WEBSOCKET_HANDSHAKE.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+        WEBSOCKET_HANDSHAKE.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+        WEBSOCKET_HANDSHAKE.replace("HTTP/1.1", "HTTP/1.0"),
+        WEBSOCKET_HANDSHAKE + "\x81\x80abcd",  # a frame before the answer
+    ],
+    ids=["no-key", "version-8", "http-1.0", "early-frame"],
+)
+def test_an_invalid_websocket_handshake_gets_the_json_error_and_a_closed_connection(
+    service: ServiceProcess, handshake: str
+) -> None:
+    # read_until_closed raises socket.timeout where the server leaves the connection open.
+    answer = read_until_closed(service.port, handshake.format(path="/ws").encode("latin-1"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert json.loads(body) == {
+        "error": "There is no WebSocket endpoint at /ws; the API answers plain HTTP requests only."
+    }
+
+
+@pytest.mark.parametrize("version", ["13", "8"], ids=["valid", "version-8"])
+def test_an_http2_websocket_handshake_gets_the_json_error_and_its_connection_closes_once_idle(
+    service: ServiceProcess, version: str
+) -> None:
+    """HTTP/2 (prior knowledge, RFC 8441): the stream ends, and the idle connection closes."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [
+        (":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"), (":path", "/ws"),
+        (":authority", "x"), ("sec-websocket-version", version),
+    ])
+    status, body = None, b""
+    # Hypercorn's keep-alive timeout is 5 s.
+    with socket.create_connection(("127.0.0.1", service.port), timeout=15) as conn:
+        conn.sendall(client.data_to_send())
+        while data := conn.recv(65536):  # socket.timeout when the server keeps it open
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+            conn.sendall(client.data_to_send())
+    assert status == b"404"
+    assert json.loads(body) == {
+        "error": "There is no WebSocket endpoint at /ws; the API answers plain HTTP requests only."
+    }
 
 
 @pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example", "a..b:8080"])

@@ -15,11 +15,15 @@ from urllib.parse import unquote, urlsplit
 
 import h11
 import hypercorn.protocol
+import hypercorn.protocol.h2
+import hypercorn.protocol.h11
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event
+from hypercorn.protocol import events as stream_events
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -252,8 +256,9 @@ def shown_path(path: str) -> str:
 
 def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
     """Answer /healthz and /readyz before the web framework sees them, and refuse what the
-    framework would fail on with a bare 500 and a traceback (a WebSocket, a bad Host) or
-    misread (an HTTP/1.0 POST of unknown length).
+    framework would fail on with a bare 500 and a traceback (a bad Host) or misread (an
+    HTTP/1.0 POST of unknown length). WebSocket handshakes never come here: see
+    RefusedWebSocket.
 
     The probes touch no filesystem, no thread and no framework machinery: they answer from
     a flag, whatever NFS or Azure are doing, at a fraction of a routed request's cost.
@@ -262,9 +267,6 @@ def probes_first(app: ASGIApp, ready: Callable[[], bool]) -> ASGIApp:
     async def asgi(
         scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
     ) -> None:
-        if scope["type"] == "websocket":
-            await refuse_websocket(scope, send)
-            return
         if scope["type"] != "http":  # lifespan: Quart's own
             await app(scope, receive, send)
             return
@@ -316,28 +318,6 @@ async def send_json(
         }
     )
     await send({"type": "http.response.body", "body": b"" if head else payload, "more_body": False})
-
-
-async def refuse_websocket(scope: dict[str, Any], send: Callable[..., Any]) -> None:
-    """Refuse a WebSocket handshake: the API has none. Quart would route it, fail to build
-    its error answer outside a request context, and leave the client a bare 500 and the log
-    two tracebacks."""
-    if "websocket.http.response" not in (scope.get("extensions") or {}):
-        # A server without the denial response extension answers this with a plain 403.
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    path = shown_path(str(scope.get("path", "")))
-    payload = json.dumps(
-        {"error": f"There is no WebSocket endpoint at {path}; the API answers plain HTTP requests only."}
-    ).encode()
-    await send(
-        {
-            "type": "websocket.http.response.start",
-            "status": 404,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        }
-    )
-    await send({"type": "websocket.http.response.body", "body": payload, "more_body": False})
 
 
 def body_length_unknown(scope: dict[str, Any]) -> bool:
@@ -472,6 +452,42 @@ class JsonErrorsH11Protocol(H11Protocol):
         await self._send_h11_event(h11.EndOfMessage())
 
 
+class RefusedWebSocket(WSStream):
+    """Hypercorn's WebSocket stream (HTTP/1.1 upgrade, HTTP/2 CONNECT), made to answer every
+    handshake, valid or not, with a JSON 404 and end there: the API has no WebSocket endpoint.
+
+    Hypercorn's own answered a handshake it found invalid (no key, another version, HTTP/1.0,
+    a frame before the answer) with an empty 400 and never ended the stream, so the
+    connection was never closed (HTTP/1.1) nor idle (HTTP/2): each such client held a socket
+    for good. A valid one reached the app, where Quart fails to answer it outside a request
+    context: a bare 500 and two tracebacks.
+    """
+
+    async def handle(self, event: stream_events.Event) -> None:
+        # What the client sends after its handshake is for no one. The answer comes from a
+        # task of its own, as the app's would: HTTP/2 marks the connection busy after this
+        # returns, which would undo the idle mark of a stream already ended here, and the
+        # idle connection would never be closed.
+        if isinstance(event, stream_events.Request):
+            self.task_group.spawn(self._refuse, event)
+
+    async def _refuse(self, event: stream_events.Request) -> None:
+        path = unquote(event.raw_path.partition(b"?")[0].decode("latin-1"))
+        body = json.dumps({"error": no_websocket_endpoint(path)}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if event.http_version != "2":  # HTTP/2 has no Connection header; its stream ends
+            headers.append((b"connection", b"close"))
+        await self.send(stream_events.Response(stream_id=self.stream_id, status_code=404, headers=headers))
+        await self.send(stream_events.Body(stream_id=self.stream_id, data=body))
+        await self.send(stream_events.EndBody(stream_id=self.stream_id))
+        # Hypercorn then closes an HTTP/1.1 connection, and forgets an HTTP/2 stream.
+        await self.send(stream_events.StreamClosed(stream_id=self.stream_id))
+
+
+def no_websocket_endpoint(path: str) -> str:
+    return f"There is no WebSocket endpoint at {shown_path(path)}; the API answers plain HTTP requests only."
+
+
 class ConnectionServer(TCPServer):
     """Hypercorn's trio connection handler, made unable to end the service.
 
@@ -502,10 +518,12 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    # Hypercorn's trio worker builds its connections, and their HTTP/1.1 protocol, from these
-    # module attributes; there is no setting for either.
+    # Hypercorn's trio worker builds its connections, their HTTP/1.1 protocol and the WebSocket
+    # streams of both HTTP versions from these module attributes; there is no setting for any.
     hypercorn.trio.run.TCPServer = ConnectionServer  # type: ignore[attr-defined]
     hypercorn.protocol.H11Protocol = JsonErrorsH11Protocol  # type: ignore[attr-defined]
+    hypercorn.protocol.h11.WSStream = RefusedWebSocket  # type: ignore[attr-defined]
+    hypercorn.protocol.h2.WSStream = RefusedWebSocket  # type: ignore[attr-defined]
     await hypercorn_serve(
         app,
         hypercorn_config(settings),

@@ -168,12 +168,13 @@ def test_stop_naming_a_session_when_none_ever_ran_is_a_conflict(service: Service
         (b'"s"', "JSON object"),
         (b'{"session_name": "s", "force": true}', "Unknown field 'force'"),
         (b'{"session_name": null}', "leave it out to stop whichever session is active"),
+        (b'{"session_name": ""}', "must not be empty; leave it out to stop whichever session is active"),
         (b'{"session_name": 7}', "must be a string"),
         (b'{"session_name": "../s"}', "may only contain"),
         (b'{"session_name": "s", "session_name": "other"}', "names 'session_name' twice"),
     ],
-    ids=["broken", "not-utf8", "array", "string", "extra-field", "null-name", "number-name",
-         "bad-name", "duplicate-key"],
+    ids=["broken", "not-utf8", "array", "string", "extra-field", "null-name", "empty-name",
+         "number-name", "bad-name", "duplicate-key"],
 )
 def test_malformed_stop_bodies_are_refused_and_stop_nothing(
     service: ServiceProcess, body: bytes, reason: str

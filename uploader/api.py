@@ -113,6 +113,9 @@ def parse_stop_body(raw: str | bytes) -> str | None:
         return None
     if body["session_name"] is None:
         raise BadRequest("session_name must be a string; leave it out to stop whichever session is active.")
+    if body["session_name"] == "":
+        # validate_session_name's advice (omit it for a generated name) is a start's.
+        raise BadRequest("session_name must not be empty; leave it out to stop whichever session is active.")
     # A name no session can have is a mistake to say as such, not a mere mismatch (409).
     return validate_session_name(body["session_name"])
 

@@ -259,11 +259,24 @@ def test_unknown_paths_and_methods_answer_json(service: ServiceProcess) -> None:
     wrong = service.http.get("/v1/watch/start")
     assert wrong.status_code == 405
     assert "GET is not allowed" in wrong.json()["error"]
-    assert wrong.headers["Allow"] == "OPTIONS, POST"
+    assert wrong.headers["Allow"] == "POST"
     long = service.http.get("/" + "x" * 20_000)
     assert long.status_code == 404 and len(long.content) < 400
     doubled = read_until_closed(service.port, b"GET //healthz HTTP/1.0\r\n\r\n")
     assert doubled.startswith(b"HTTP/1.1 404 ") and b'{"error": "There is no //healthz here;' in doubled
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [("/v1/watch/start", "POST"), ("/v1/status", "GET, HEAD"), ("/healthz", "GET, HEAD")],
+)
+def test_options_is_refused_like_any_method_a_path_does_not_take(
+    service: ServiceProcess, path: str, allowed: str
+) -> None:
+    answer = service.http.options(path)
+    assert answer.status_code == 405
+    assert answer.json() == {"error": f"OPTIONS is not allowed on {path}."}
+    assert answer.headers["Allow"] == allowed
 
 
 def test_a_path_with_doubled_slashes_starts_and_stops_nothing(service: ServiceProcess) -> None:

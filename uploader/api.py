@@ -129,6 +129,9 @@ NOT_READY = (
 def create_app(service: Service) -> QuartTrio:
     app = QuartTrio("uploader")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # OPTIONS is refused like any method a path does not take (the probes' way too), rather
+    # than answered with an empty HTML 200: the API has no CORS or other use for it.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     # A path is taken as written: "//v1/watch/stop" is no API path, though werkzeug's default
     # map would merge its slashes and stop the session. Set before any route is added.
     app.url_map = app.url_map_class(host_matching=app.url_map.host_matching, merge_slashes=False)

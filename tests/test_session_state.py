@@ -312,6 +312,23 @@ async def test_a_stop_that_cannot_be_recorded_yet_says_so_and_is_recorded_later(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_state_that_cannot_be_recorded_yet_is_logged_with_its_reason_and_no_stray_full_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = layout_in(tmp_path)
+    control = SessionControl(layout, ThreadLane("nfs", 2), watch, nfs_timeout_s=5)
+    (layout.processing_root / "session.json.tmp" / "something").mkdir(parents=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        with pytest.raises(NfsUnavailable):
+            await control.start("run-1")
+        await trio.sleep(0.3)  # the background loop's first try
+        nursery.cancel_scope.cancel()
+    [line] = [r.getMessage() for r in caplog.records if "cannot record" in r.getMessage()]
+    assert line.startswith("cannot record the session state (the NFS share failed: ")
+    assert line.endswith("); retrying in 1 s") and ".)" not in line
+
+
 async def test_starts_retried_while_the_state_cannot_be_written_add_no_background_writers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

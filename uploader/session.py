@@ -530,7 +530,9 @@ class SessionControl:
                         self._unrecorded = None
                     return
                 except (NfsUnavailable, NfsRefused) as exc:
-                    log.error("cannot record the session state (%s); retrying in %.0f s", exc, delay)
+                    # The reason is written as a sentence: its full stop does not go inside brackets.
+                    reason = str(exc).removesuffix(".")
+                    log.error("cannot record the session state (%s); retrying in %.0f s", reason, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, 60.0)
 

@@ -371,7 +371,7 @@ def test_an_http2_websocket_handshake_gets_the_json_error_and_its_connection_clo
     }
 
 
-@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example", "a..b:8080"])
+@pytest.mark.parametrize("host", ["a..b", ".a", "x" * 64 + ".example", "a..b:8080"])
 def test_a_host_header_that_is_no_host_name_is_refused_with_a_json_error(
     service: ServiceProcess, host: str
 ) -> None:
@@ -380,6 +380,12 @@ def test_a_host_header_that_is_no_host_name_is_refused_with_a_json_error(
     assert answer.json() == {"error": "The Host header is not a valid host name."}
     assert service.http.get("/healthz").status_code == 200  # a request after it, to flush the log
     assert '"level": "error"' not in service.log() and "Traceback" not in service.log()
+
+
+def test_a_host_header_of_characters_no_host_name_has_is_read_as_none(service: ServiceProcess) -> None:
+    """werkzeug reads such a Host as empty, which routes: nothing the API answers depends on it."""
+    for host in ("my_host", "bad!host", "x:abc"):
+        assert service.http.get("/v1/status", headers={"Host": host}).status_code == 200
 
 
 def test_probes_answer_whatever_the_host_header(service: ServiceProcess) -> None:

@@ -27,6 +27,7 @@ from uploader.errors import (
     classify,
     describe,
     is_benign_race,
+    may_have_gone_through,
     unanswered,
 )
 
@@ -280,3 +281,13 @@ def test_a_connection_reset_and_an_error_answer_are_no_silence() -> None:
     assert unanswered(reset) is None
     assert unanswered(http_error(503)) is None
     assert unanswered(OSError(errno.ETIMEDOUT, "timed out")) is None  # NFS, not storage
+
+
+def test_a_request_sent_and_never_answered_or_reset_may_have_gone_through() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        assert may_have_gone_through(_sdk_failure(f"http://127.0.0.1:{silent.getsockname()[1]}"))
+    assert may_have_gone_through(ServiceResponseError("Connection aborted.", error=ConnectionResetError(104, "reset")))
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    assert not may_have_gone_through(_sdk_failure(f"http://127.0.0.1:{port}"))  # never connected
+    assert not may_have_gone_through(http_error(500))  # answered

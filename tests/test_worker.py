@@ -32,7 +32,7 @@ from uploader.layout import FileKey, Layout, blob_name
 from uploader.progress import Progress
 from uploader.service import make_lanes
 from uploader.telemetry import Metrics
-from uploader.worker import Pipeline, WorkItem
+from uploader.worker import RECHECKS, Pipeline, WorkItem
 
 
 @pytest.fixture
@@ -642,8 +642,8 @@ async def test_a_file_timing_out_while_storage_answers_others_is_quarantined(
 async def test_a_file_whose_lost_answers_hid_an_upload_that_went_through_is_completed_not_quarantined(
     settings: Settings, store: BlobStore, container: ContainerClient, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Every answer to its upload is lost (a timeout after the blob was written): when its
-    attempts run out, storage holds its blob byte for byte, and it is done."""
+    """Every answer to its upload is lost (a timeout after the blob was written): storage
+    holds its blob byte for byte, so it is done, not sent again and again."""
     settings = with_quick_retries(settings)
     progress = Progress()
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
@@ -664,7 +664,7 @@ async def test_a_file_whose_lost_answers_hid_an_upload_that_went_through_is_comp
     monkeypatch.setattr(store, "upload", upload)
     await run_among_others(pipeline, send, receive, layout, lost, others, 0.02,
                            lambda: progress.files_processed == len(others) + 1 or progress.files_quarantined > 0)
-    assert tries >= settings.max_attempts and progress.files_quarantined == 0
+    assert tries == 1 and progress.files_quarantined == 0
     assert container.download_blob(blob_name(lost)).readall() == b"x" * 100
     assert not layout.processing_path(lost).exists()
 
@@ -691,41 +691,84 @@ async def test_a_large_file_whose_commit_answer_was_lost_is_completed_not_quaran
     monkeypatch.setattr(store, "upload_while_staging", upload_while_staging)
     await run_until(pipeline, send, receive, offer(layout, lost),
                     lambda: progress.files_processed == 1 or progress.files_quarantined > 0)
-    assert tries >= settings.max_attempts and progress.files_quarantined == 0
+    assert tries == 1 and progress.files_quarantined == 0
     assert container.download_blob(blob_name(lost)).readall() == b"x" * 100
 
 
 async def test_a_file_is_not_quarantined_while_storage_cannot_say_whether_it_went_up(
     settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Its answers are lost, and storage answers no one, probes included, for a while: no
+    quarantine until storage has said, again and again, that the blob is not there."""
     settings = with_quick_retries(settings)
     progress = Progress()
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     key = FileKey("20240102", "s", "reset.bin")
     in_incoming(layout, key)
-    real_holds = store.holds
-    asked: list[str] = []
+    real_holds, real_probe = store.holds, store.probe
+    down = True
+    answers: list[bool] = []  # whether storage answered each check of the blob
 
     async def upload(staged: fileops.StagedFile, name: str, **kwargs: Any) -> Any:
         raise ServiceResponseError("Connection aborted.")  # its answer lost, every time
 
-    async def holds(name: str, staged: fileops.StagedFile) -> bool:
-        asked.append(name)
-        if len(asked) <= 2:
-            raise ServiceRequestError("Connection refused.")  # storage cannot say, twice
-        return await real_holds(name, staged)
+    async def holds(name: str, staged: fileops.StagedFile, **kwargs: Any) -> bool:
+        answers.append(not down)
+        if down:
+            raise ServiceRequestError("Connection refused.")
+        return await real_holds(name, staged, **kwargs)
+
+    async def probe() -> bool:
+        return not down and await real_probe()
+
+    monkeypatch.setattr(store, "upload", upload)
+    monkeypatch.setattr(store, "holds", holds)
+    monkeypatch.setattr(store, "probe", probe)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        await send.send(offer(layout, key))
+        with trio.fail_after(10):
+            while progress.files_failed < 2 * settings.max_attempts:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert progress.files_quarantined == 0
+        down = False
+        with trio.fail_after(10):
+            while progress.files_quarantined == 0:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert answers.count(True) >= 1 + RECHECKS  # not there, said at its failure and after
+
+
+async def test_a_file_whose_every_request_fails_while_storage_works_for_others_is_quarantined(
+    settings: Settings, store: BlobStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A middlebox that breaks every request about one blob, its check included: the check
+    failing while storage takes probes is the file's own failure too."""
+    settings = with_quick_retries(settings)
+    progress = Progress()
+    layout, pipeline, send, receive = pipeline_for(settings, store, progress)
+    key = FileKey("20240102", "s", "cursed.bin")
+    in_incoming(layout, key)
+
+    async def upload(staged: fileops.StagedFile, name: str, **kwargs: Any) -> Any:
+        raise ServiceResponseError("Connection aborted.")
+
+    async def holds(name: str, staged: fileops.StagedFile, **kwargs: Any) -> bool:
+        raise ServiceResponseError("Connection aborted.")
 
     monkeypatch.setattr(store, "upload", upload)
     monkeypatch.setattr(store, "holds", holds)
     await run_until(pipeline, send, receive, offer(layout, key), lambda: progress.files_quarantined > 0)
-    assert len(asked) == 3  # quarantined once storage said the blob is not there
+    assert progress.quarantined[0]["file"] == "cursed.bin"
 
 
 async def test_a_write_storage_carries_out_after_its_timeout_is_completed_not_quarantined(
     settings: Settings, store: BlobStore, container: ContainerClient, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A server that resumes works off what it had received: the last try's blob lands a
     moment after its request timed out, and after the check made at once."""
+    caplog.set_level(logging.INFO, logger="uploader.worker")
     settings = with_quick_timeouts(settings)
     progress = Progress()
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
@@ -758,6 +801,7 @@ async def test_a_write_storage_carries_out_after_its_timeout_is_completed_not_qu
     assert tries == settings.max_attempts and progress.files_quarantined == 0
     assert container.download_blob(blob_name(late)).readall() == b"x" * 100
     assert not layout.processing_path(late).exists()
+    assert any("late.bin went up after all" in r.getMessage() for r in caplog.records)  # (asked again)
 
 
 async def test_a_file_whose_path_is_too_long_for_the_processing_root_is_quarantined_from_incoming(

@@ -346,11 +346,13 @@ class BlobStore:
                 f"{bytes(stored_md5 or b'').hex()}, expected {staged.size} and {staged.md5.hex()}"
             )
 
-    async def holds(self, name: str, staged: StagedFile) -> bool:
-        """Whether the blob ``name`` exists with the size and MD5 of ``staged``."""
+    async def holds(self, name: str, staged: StagedFile, *, once: bool = False) -> bool:
+        """Whether the blob ``name`` exists with the size and MD5 of ``staged``; ``once``:
+        asked without the SDK's retries (the caller asks again in its own time)."""
         blob = self.container.get_blob_client(name)
         try:
-            properties = await self.lanes.azure.run(blob.get_blob_properties)
+            read = partial(blob.get_blob_properties, retry_total=0) if once else blob.get_blob_properties
+            properties = await self.lanes.azure.run(read)
         except ResourceNotFoundError:
             return False
         return _matches(properties, staged)

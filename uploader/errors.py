@@ -163,6 +163,13 @@ def unanswered(exc: BaseException) -> str | None:
     return None
 
 
+def may_have_gone_through(exc: BaseException) -> bool:
+    """Whether storage may have carried out a request whose answer never came: it was sent,
+    and then the wait for the answer ran out, or the connection was reset or closed. (A
+    connection never made, or an answer, says it was not, or says what became of it.)"""
+    return isinstance(exc, ServiceResponseError) or unanswered(exc) == "read"
+
+
 def is_out_of_space(exc: BaseException) -> bool:
     """A full disk or quota: it fails every file until space comes back, so it says nothing
     about the file itself (a probe that lists a folder would still succeed)."""

@@ -32,7 +32,7 @@ class ThreadLane:
         self._ids = itertools.count()
         # Guards _started: calls end in their own threads, maybe after trio abandoned them.
         self._lock = threading.Lock()
-        # (began, ended) on the trio clock of the last calls that returned, in the order they
+        # (began, ended), time.monotonic, of the last calls that returned, in the order they
         # ended: whether the other side answered anyone in a given while (see answered_within).
         self._returned: deque[tuple[float, float]] = deque(maxlen=1024)
 
@@ -40,8 +40,9 @@ class ThreadLane:
         call_id = next(self._ids)
 
         def tracked() -> T:
+            began = time.monotonic()  # once it has its thread: no wait for one counts
             with self._lock:
-                self._started[call_id] = time.monotonic()
+                self._started[call_id] = began
             try:
                 # Trio runs this in a copy of the caller's context: inside a file's span, the
                 # call gets a child span of its own, in the thread; a bare call gets none.
@@ -49,19 +50,19 @@ class ThreadLane:
                     called = getattr(fn, "func", fn)  # a functools.partial: what it calls
                     name = f"{self.name} {getattr(called, '__name__', 'call')}"
                     with _tracer.start_as_current_span(name):
-                        return fn(*args, **kwargs)
-                return fn(*args, **kwargs)
+                        result = fn(*args, **kwargs)
+                else:
+                    result = fn(*args, **kwargs)
             finally:
                 with self._lock:
                     del self._started[call_id]
+            self._returned.append((began, time.monotonic()))  # (an abandoned call's too)
+            return result
 
-        began = trio.current_time()
-        result = await trio.to_thread.run_sync(tracked, limiter=self.limiter, abandon_on_cancel=True)
-        self._returned.append((began, trio.current_time()))
-        return result
+        return await trio.to_thread.run_sync(tracked, limiter=self.limiter, abandon_on_cancel=True)
 
     def answered_within(self, after: float, before: float) -> bool:
-        """Whether a call begun at ``after`` or later returned by ``before`` (trio clock)."""
+        """Whether a call begun at ``after`` or later returned by ``before`` (time.monotonic)."""
         for began, ended in reversed(self._returned):
             if ended < after:
                 return False  # (and so did every call before it: none began after ``after``)

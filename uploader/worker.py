@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +36,7 @@ from uploader.errors import (
     classify,
     describe,
     is_out_of_space,
+    may_have_gone_through,
     refused_by_storage,
     unanswered,
 )
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 # What a file's attempt needs to work: the share, the local staging disk, blob storage.
 SIDES = ("nfs", "staging", "storage")
+# How often storage must say a blob is not up, a back-off apart, before the file whose request
+# went unanswered is quarantined: a server that resumes may carry the request out late.
+RECHECKS = 3
 
 
 @dataclass
@@ -95,6 +100,7 @@ class WorkItem:
     # The staged copy whose last request storage left unanswered: the quarantine due first
     # asks whether its blob went up after all (storage may carry out a request late).
     recheck: StagedFile | None = None
+    rechecks_left: int = 0  # answers "not up" still to get before the quarantine
     in_pipeline: bool = False
 
 
@@ -500,7 +506,7 @@ class Pipeline:
         # A request storage never answered (a timeout) is the file's only if storage answered
         # others while it waited: in a flapping outage a try begun in a gap times out in the
         # next spell, and the probe below may land in the gap after it.
-        answered_others = self._answered_others_while_waiting(exc, failed_at)
+        answered_others = self._answered_others_while_waiting(exc)
         progress.files_failed += 1
         self.metrics.files_failed.add(1, {"disposition": disposition.value})
         progress.note_error(f"{key}: {reason}")
@@ -556,19 +562,22 @@ class Pipeline:
         else:
             give_up = False
         recheck: StagedFile | None = None
-        if give_up and disposition is Disposition.RETRYABLE and item.staged is not None \
-                and self._side_of(exc) == "storage":
+        sent_unanswered = may_have_gone_through(exc)
+        if item.staged is not None and self._side_of(exc) == "storage" and (
+            sent_unanswered or (give_up and disposition is Disposition.RETRYABLE)
+        ):
             # A request whose answer was lost (a timeout, a reset) may have gone through: the
-            # file is up, byte for byte, and its retry only completes it. Quarantined, it
-            # would be both up and set aside.
+            # file is up, byte for byte, and its retry only completes it (sent again, its
+            # lost answers could go on for ever; quarantined, it would be both up and set aside).
             went_up = await self._is_up(item, item.staged)
-            if went_up is not False:  # up, or storage cannot say now: asked again next time
+            if went_up:
                 give_up = False
-                if went_up:
-                    item.verified = item.staged
-            elif unanswered(exc) is not None:
-                # A request left unanswered may yet be carried out (a server that resumes
-                # works off what it had received): asked once more, after a while.
+                item.verified = item.staged
+            elif went_up is None:  # storage answers no one now: asked again next time
+                give_up = False
+            elif give_up and sent_unanswered:
+                # Storage may yet carry it out (a server that resumes works off what it had
+                # received): asked again after a while, before the quarantine.
                 recheck = item.staged
         item.failed_at = failed_at
         if give_up:
@@ -577,7 +586,7 @@ class Pipeline:
                     return
                 item.quarantine_tries += 1
             item.quarantine_due = (reason, disposition)
-            item.recheck = recheck
+            item.recheck, item.rechecks_left = recheck, RECHECKS
             self._quarantines_due.add(key)
         # A file waiting for its retry keeps no staging copy: during an outage every file
         # waits, and staging must hold only the files in flight. The retry copies it again.
@@ -586,6 +595,11 @@ class Pipeline:
         if item.quarantine_due is None:
             progress.files_retried += 1
             self._retry_soon(item, "attempt %d of %s failed (%s); retrying in %.1f s", item.attempts, key, reason)
+        elif item.recheck is not None:
+            self._retry_soon(
+                item, "attempt %d of %s failed (%s); whether it went up after all is asked in %.1f s, "
+                "before its quarantine", item.attempts, key, reason,
+            )
         else:
             self._retry_soon(item, "the quarantine of %s will be tried again in %.1f s", key)
 
@@ -626,26 +640,32 @@ class Pipeline:
 
     async def _is_up(self, item: WorkItem, staged: StagedFile) -> bool | None:
         """Whether storage holds the blob of ``staged``, though its upload failed; None when
-        storage cannot say now."""
-        with trio.move_on_after(self.settings.azure_read_timeout_s):
+        storage answers no one now. A check that fails while storage takes a probe is the
+        blob's own failure, like its upload's: not up."""
+        name = blob_name(item.key)
+        with trio.move_on_after(self.settings.azure_read_timeout_s + 1):
             try:
-                return await self.store.holds(blob_name(item.key), staged)
-            except AzureError:
-                pass
+                return await self.store.holds(name, staged, once=True)
+            except AzureError as exc:
+                log.info("cannot read the properties of %s: %s", name, describe(exc), extra=_log_fields(item.key))
+        if await self.store.probe():
+            self._working("storage")
+            return False
         return None
 
-    def _answered_others_while_waiting(self, exc: Exception, failed_at: float) -> bool:
-        """For a request storage left unanswered until its timeout ran out: whether another
-        request of storage's went through meanwhile. True for any other failure."""
+    def _answered_others_while_waiting(self, exc: Exception) -> bool:
+        """For a request storage left unanswered until its timeout ran out (just now): whether
+        another request of storage's went through meanwhile. True for any other failure."""
         wait = unanswered(exc)
         if wait is None:
             return True
         settings = self.settings
         waited = settings.azure_connect_timeout_s if wait == "connect" else settings.azure_read_timeout_s
-        # A request sent when this one had waited half its time, and answered before it ran
+        # A request sent once this one had waited half its time, and answered before it ran
         # out: storage was answering then. (One merely answered meanwhile proves less: begun
         # before a hang, or in the backlog a resumed server works off, where this one was too.)
-        return self.lanes.azure.answered_within(failed_at - waited / 2, failed_at)
+        now = time.monotonic()  # (the lanes' clock)
+        return self.lanes.azure.answered_within(now - waited / 2, now)
 
     def _working(self, *sides: str) -> None:
         now = trio.current_time()
@@ -700,15 +720,19 @@ class Pipeline:
             try:
                 if item.recheck is not None:
                     went_up = await self._is_up(item, item.recheck)
-                    if went_up is None:
-                        item.quarantine_tries += 1
-                        self._retry_soon(item, "whether %s went up after all is asked again in %.1f s", item.key)
-                        return
                     if went_up:
                         log.info("%s went up after all; completing it", item.key, extra=_log_fields(item.key))
+                        item.span.set_attribute("outcome", "went up after all")
                         item.verified, item.recheck, item.quarantine_due = item.recheck, None, None
                         self._quarantines_due.discard(item.key)
+                        self.progress.files_retried += 1  # (its failure ends in a retry after all)
                         await self._retry_send.send(item)
+                        return
+                    if went_up is None or item.rechecks_left > 1:
+                        if went_up is False:
+                            item.rechecks_left -= 1
+                        item.quarantine_tries += 1
+                        self._retry_soon(item, "whether %s went up after all is asked again in %.1f s", item.key)
                         return
                     item.recheck = None
                 done = await self._quarantine(item, reason, disposition)

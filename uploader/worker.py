@@ -571,6 +571,7 @@ class Pipeline:
             # lost answers could go on for ever; quarantined, it would be both up and set aside).
             went_up = await self._is_up(item, item.staged)
             if went_up:
+                log.info("%s is up all the same: its retry only completes it", key, extra=_log_fields(key))
                 give_up = False
                 item.verified = item.staged
             elif went_up is None:  # storage answers no one now: asked again next time

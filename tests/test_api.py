@@ -371,6 +371,39 @@ def test_an_http2_websocket_handshake_gets_the_json_error_and_its_connection_clo
     }
 
 
+def test_an_http2_plain_connect_is_refused_and_leaves_the_other_requests_on_its_connection_alone(
+    service: ServiceProcess,
+) -> None:
+    """A tunnel request (CONNECT without :protocol or :path) beside a start, in one write."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    body = json.dumps({"session_name": "beside"}).encode()
+    client.send_headers(1, [
+        (":method", "POST"), (":scheme", "http"), (":path", "/v1/watch/start"), (":authority", "x"),
+        ("content-type", "application/json"), ("content-length", str(len(body))),
+    ])
+    client.send_data(1, body, end_stream=True)
+    client.send_headers(3, [(":method", "CONNECT"), (":authority", "127.0.0.1:1")])
+    statuses: dict[int, bytes] = {}
+    bodies: dict[int, bytes] = {1: b"", 3: b""}
+    ended: set[int] = set()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as conn:
+        conn.sendall(client.data_to_send())
+        while ended != {1, 3} and (data := conn.recv(65536)):
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] += event.data
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            conn.sendall(client.data_to_send())
+    assert statuses == {1: b"200", 3: b"404"}
+    assert json.loads(bodies[1])["session_name"] == "beside"
+    assert "error" in json.loads(bodies[3])
+    assert service.status()["session_name"] == "beside"
+
+
 @pytest.mark.parametrize("host", ["a..b", ".a", "x" * 64 + ".example", "a..b:8080"])
 def test_a_host_header_that_is_no_host_name_is_refused_with_a_json_error(
     service: ServiceProcess, host: str

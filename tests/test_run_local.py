@@ -58,3 +58,10 @@ def test_a_service_port_taken_by_another_process_is_refused(taken_port: int) -> 
         f"run-local: port {taken_port} on 127.0.0.1 is taken by another process; give the "
         "service a free one with APP_PORT=<port>.\n"
     )
+
+
+def test_one_port_for_azurite_and_the_service_is_refused() -> None:
+    port = str(free_port())
+    done = run_local(AZURITE_PORT=port, APP_PORT=port)
+    assert done.returncode == 1
+    assert done.stderr == f"run-local: AZURITE_PORT and APP_PORT are both {port}; give each a port of its own.\n"

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+import h2.events
 import h11
 import hypercorn.protocol
 import hypercorn.protocol.h2
@@ -22,6 +23,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event
 from hypercorn.protocol import events as stream_events
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio import serve as hypercorn_serve
@@ -494,6 +496,23 @@ def no_websocket_endpoint(path: str) -> str:
     return f"There is no WebSocket endpoint at {shown_path(path)}; the API answers plain HTTP requests only."
 
 
+class AuthorityPathH2Protocol(H2Protocol):
+    """Hypercorn's HTTP/2 protocol, made to answer a plain CONNECT (a tunnel, no ``:path``).
+
+    Hypercorn reads a request's path from ``:path`` only, which such a request lacks: the
+    connection failed, and every other request on it lost its answer, a start carried out
+    included. Its authority stands for its path, as the request target of an HTTP/1.1
+    CONNECT does, and the request is refused like any WebSocket handshake (RefusedWebSocket).
+    """
+
+    async def _create_stream(self, request: h2.events.RequestReceived) -> None:
+        headers = request.headers or []
+        if not any(name == b":path" for name, _ in headers):
+            authority = next((value for name, value in headers if name == b":authority"), b"*")
+            request.headers = [*headers, (b":path", authority)]
+        await super()._create_stream(request)
+
+
 class ConnectionServer(TCPServer):
     """Hypercorn's trio connection handler, made unable to end the service.
 
@@ -528,6 +547,7 @@ async def serve(
     # streams of both HTTP versions from these module attributes; there is no setting for any.
     hypercorn.trio.run.TCPServer = ConnectionServer  # type: ignore[attr-defined]
     hypercorn.protocol.H11Protocol = JsonErrorsH11Protocol  # type: ignore[attr-defined]
+    hypercorn.protocol.H2Protocol = AuthorityPathH2Protocol  # type: ignore[attr-defined]
     hypercorn.protocol.h11.WSStream = RefusedWebSocket  # type: ignore[attr-defined]
     hypercorn.protocol.h2.WSStream = RefusedWebSocket  # type: ignore[attr-defined]
     await hypercorn_serve(

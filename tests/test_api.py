@@ -591,8 +591,9 @@ def test_clients_hanging_up_mid_body_do_not_stop_the_service(service: ServicePro
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET /v1/status HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
         (b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"POST /v1/watch/start HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
     ],
-    ids=["garbage", "bad-content-length", "huge-header"],
+    ids=["garbage", "bad-content-length", "huge-header", "gzip-transfer-encoding"],
 )
 def test_requests_the_http_server_refuses_get_a_json_error_too(
     service: ServiceProcess, request_bytes: bytes, status: int
@@ -602,3 +603,4 @@ def test_requests_the_http_server_refuses_get_a_json_error_too(
     assert head.startswith(f"HTTP/1.1 {status} ".encode())
     assert b"content-type: application/json" in head.lower()
     assert json.loads(body)["error"].endswith(".")
+    assert "(HTTP " not in json.loads(body)["error"]  # each names its cause

@@ -394,6 +394,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 PROTOCOL_ERRORS = {
     400: "The request is not valid HTTP/1.1.",
     431: "The request's target or header fields are too large.",
+    501: "The request's Transfer-Encoding is not supported: only chunked is.",
 }
 
 

@@ -207,6 +207,16 @@ def in_incoming(layout: Layout, *keys: FileKey) -> None:
         layout.incoming_path(key).write_bytes(b"x" * 100)
 
 
+def probe_works_while(store: BlobStore, monkeypatch: pytest.MonkeyPatch, works: Callable[[], bool]) -> None:
+    """Storage's probe goes through, for real, while ``works()``, and fails otherwise."""
+    real_probe = store.probe
+
+    async def probe() -> bool:
+        return works() and await real_probe()
+
+    monkeypatch.setattr(store, "probe", probe)
+
+
 def staging_disk_refuses(root: Path, failed: Path | None = None) -> None:
     raise OSError(errno.EROFS, "Read-only file system", str(root))
 
@@ -405,7 +415,7 @@ async def test_a_file_whose_last_try_failed_in_an_outage_just_over_is_tried_agai
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     key = FileKey("20240102", "s", "outage.bin")
     in_incoming(layout, key)
-    real_upload, real_probe = store.upload, store.probe
+    real_upload = store.upload
     tries = 0
     outage_over = False
 
@@ -417,11 +427,8 @@ async def test_a_file_whose_last_try_failed_in_an_outage_just_over_is_tried_agai
             raise ServiceRequestError("Connection refused")
         return await real_upload(*args, **kwargs)
 
-    async def probe() -> bool:
-        return outage_over and await real_probe()
-
     monkeypatch.setattr(store, "upload", upload_in_the_outage)
-    monkeypatch.setattr(store, "probe", probe)
+    probe_works_while(store, monkeypatch, lambda: outage_over)
     await run_until(pipeline, send, receive, offer(layout, key),
                     lambda: progress.files_processed + progress.files_quarantined > 0)
     assert (progress.files_processed, progress.files_quarantined) == (1, 0)
@@ -437,7 +444,7 @@ async def test_with_one_attempt_an_outage_after_files_went_up_quarantines_nothin
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     before, during = FileKey("20240102", "s", "before.bin"), FileKey("20240102", "s", "during.bin")
     in_incoming(layout, before, during)
-    real_upload, real_probe = store.upload, store.probe
+    real_upload = store.upload
     outage = False
 
     async def upload(*args: Any, **kwargs: Any) -> Any:
@@ -445,11 +452,8 @@ async def test_with_one_attempt_an_outage_after_files_went_up_quarantines_nothin
             raise ServiceRequestError("Connection refused")
         return await real_upload(*args, **kwargs)
 
-    async def probe() -> bool:
-        return not outage and await real_probe()
-
     monkeypatch.setattr(store, "upload", upload)
-    monkeypatch.setattr(store, "probe", probe)
+    probe_works_while(store, monkeypatch, lambda: not outage)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         await send.send(offer(layout, before))
@@ -481,7 +485,7 @@ async def test_a_file_failing_in_the_spells_of_a_flapping_outage_is_not_quaranti
     flap = FileKey("20240102", "s", "flap.bin")
     others = [FileKey("20240102", "s", f"ok{n}.bin") for n in range(6)]
     in_incoming(layout, flap, *others)
-    real_upload, real_probe = store.upload, store.probe
+    real_upload = store.upload
     spell = True
 
     async def upload(staged: fileops.StagedFile, name: str, **kwargs: Any) -> Any:
@@ -489,11 +493,8 @@ async def test_a_file_failing_in_the_spells_of_a_flapping_outage_is_not_quaranti
             raise ServiceRequestError("Connection refused")
         return await real_upload(staged, name, **kwargs)
 
-    async def probe() -> bool:
-        return not spell and await real_probe()
-
     monkeypatch.setattr(store, "upload", upload)
-    monkeypatch.setattr(store, "probe", probe)
+    probe_works_while(store, monkeypatch, lambda: not spell)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         await send.send(offer(layout, flap))
@@ -705,7 +706,7 @@ async def test_a_file_is_not_quarantined_while_storage_cannot_say_whether_it_wen
     layout, pipeline, send, receive = pipeline_for(settings, store, progress)
     key = FileKey("20240102", "s", "reset.bin")
     in_incoming(layout, key)
-    real_holds, real_probe = store.holds, store.probe
+    real_holds = store.holds
     down = True
     answers: list[bool] = []  # whether storage answered each check of the blob
 
@@ -718,12 +719,9 @@ async def test_a_file_is_not_quarantined_while_storage_cannot_say_whether_it_wen
             raise ServiceRequestError("Connection refused.")
         return await real_holds(name, staged, **kwargs)
 
-    async def probe() -> bool:
-        return not down and await real_probe()
-
     monkeypatch.setattr(store, "upload", upload)
     monkeypatch.setattr(store, "holds", holds)
-    monkeypatch.setattr(store, "probe", probe)
+    probe_works_while(store, monkeypatch, lambda: not down)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         await send.send(offer(layout, key))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -408,6 +408,15 @@ class LastRequestConnection(h11.Connection):
     request of this connection, which closes once the answer is sent.
     """
 
+    # Set per request: a body announced larger than the API takes is not asked for.
+    body_refused = False
+
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool:
+        # Hypercorn answers "100 Continue" as soon as the client waits for it, before the app
+        # sees the request: the client then sent a body only to hear 413.
+        return super().they_are_waiting_for_100_continue and not self.body_refused
+
     def receive_data(self, data: bytes) -> None:
         # An empty read is the client's EOF, which h11 must still see.
         if data and self.their_state is h11.MUST_CLOSE:
@@ -418,7 +427,15 @@ class LastRequestConnection(h11.Connection):
         if self.their_state is h11.MUST_CLOSE and self.trailing_data[0]:
             # Bytes that came in the same read as the end of the request.
             return h11.NEED_DATA
-        return super().next_event()
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            self.body_refused = announced_length(event.headers) > MAX_BODY_BYTES
+        return event
+
+
+def announced_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """The Content-Length of a request's headers (h11 checked its form), 0 without one."""
+    return next((int(value) for name, value in headers if name == b"content-length"), 0)
 
 
 class JsonErrorsH11Protocol(H11Protocol):

@@ -144,3 +144,20 @@ def test_complaints_about_different_things_are_held_back_apart() -> None:
     assert only.filter(failing)
     failing.args = (long_error + " (again)",)
     assert not only.filter(failing)  # the same complaint, however its text varies
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_a_line_carries_the_trace_ids_only_of_a_span_that_is_recorded(sampled: bool) -> None:
+    """An unsampled span (OTEL_TRACES_SAMPLER=always_off, a ratio) is exported nowhere:
+    its ids would lead nowhere."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    context = SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=False,
+                          trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT))
+    record = logging.makeLogRecord({"msg": "hello", "levelname": "INFO", "name": "t"})
+    with trace.use_span(NonRecordingSpan(context)):
+        entry = json.loads(JsonFormatter().format(record))
+    assert ("trace_id" in entry) is sampled and ("span_id" in entry) is sampled
+    if sampled:
+        assert entry["trace_id"] == format(0xABC, "032x")

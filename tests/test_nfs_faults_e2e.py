@@ -23,6 +23,7 @@ from tests.conftest import ServiceFactory
 from tests.faults.faultfs import FaultFS
 from tests.faults.proxy import FaultProxy
 from tests.support.azurite import Azurite, blob_contents
+from tests.support.otlp import OtlpReceiver, SpanRecord
 from tests.support.service import Folders, ServiceProcess, wait_for, write_file
 from tests.test_local_faults_e2e import small_disk
 from tests.test_upload_e2e import today, wait_for_blobs, wait_until_clean
@@ -201,6 +202,31 @@ def test_a_file_the_service_may_not_read_stays_in_incoming_until_it_can(
     assert wait_for_blobs(container, {blob}, timeout=90)[blob] == secret
     wait_until_clean(folders)
     assert service.status()["claims_failing"] == 0
+
+
+def test_a_failed_claim_is_traced_as_a_failed_attempt(
+    service_factory: ServiceFactory, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    """Not as a file someone else took: the file is still there, and its next try goes up."""
+    receiver = OtlpReceiver().start()
+    try:
+        service = service_factory(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
+        service.start_session("traced")
+        faultfs.fail("open", "incoming/traced/secret.bin", "EACCES", times=1)
+        write_file(folders.session("traced") / "secret.bin", 1000, seed=1)
+        wait_for_blobs(container, {f"{today()}/traced/secret.bin"})
+
+        def attempts() -> list[SpanRecord]:
+            with receiver.lock:
+                return [s for s in receiver.spans if s.name == "file" and s.attributes.get("file") == "secret.bin"]
+
+        wait_for(lambda: len(attempts()) == 2, timeout=20, what="the spans of both attempts")
+        failed, uploaded = sorted(attempts(), key=lambda s: str(s.attributes["outcome"]))
+        assert failed.attributes["outcome"] == "failed" and failed.error
+        assert failed.attributes["disposition"] == "retryable"
+        assert uploaded.attributes["outcome"] == "uploaded" and not uploaded.error
+    finally:
+        receiver.stop()
 
 
 def test_a_sub_folder_the_service_may_not_read_is_counted_until_it_can(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from uploader.otel_settings import otel_setting_problems
+from uploader.otel_settings import otel_setting_problems, tidy_otel_variables
 
 GOOD = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
@@ -55,6 +55,30 @@ def test_nothing_is_checked_when_the_sdk_is_disabled() -> None:
 
 def test_blank_values_count_as_not_set() -> None:
     assert otel_setting_problems({name: "" for name in GOOD}) == []
+
+
+def test_metric_temporality_and_histogram_aggregation_take_what_the_exporter_knows() -> None:
+    assert otel_setting_problems({
+        "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta",
+        "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION": "base2_exponential_bucket_histogram",
+    }) == []
+
+
+def test_blanks_around_otel_values_are_stripped_and_blank_ones_dropped_before_the_sdk_reads_them() -> None:
+    """A YAML block keeps its line break; a value of spaces is no endpoint."""
+    environ = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318\n",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "   ",
+        "OTEL_SERVICE_NAME": " lab-uploader ",
+        "APP_PORT": " 8080 ",  # not OpenTelemetry's: left to the settings
+    }
+    tidy_otel_variables(environ)
+    assert environ == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+        "OTEL_SERVICE_NAME": "lab-uploader",
+        "APP_PORT": " 8080 ",
+    }
+    assert otel_setting_problems(environ) == []
 
 
 def test_variables_the_service_does_not_read_are_not_checked() -> None:
@@ -109,6 +133,9 @@ BAD = [
     ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/nonexistent/client.key"),
     ("OTEL_SDK_DISABLED", "1"),  # the SDK would take it for false and stay on
     ("OTEL_SDK_DISABLED", "yes"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:0"),  # the exporters would use port 80
+    ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "sometimes"),
+    ("OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION", "Explicit_Bucket_Histogram"),
 ]
 
 

@@ -39,7 +39,7 @@ def observed(
         APP_AZURE_MAX_SINGLE_PUT_SIZE=str(4 * MiB),
         APP_AZURE_MAX_BLOCK_SIZE=str(MiB),
         APP_AZURE_RETRY_TOTAL="0",
-        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint + "\n",  # as a YAML block gives it
         OTEL_SERVICE_NAME="uploader-under-test",
         OTEL_BSP_SCHEDULE_DELAY="100",
         OTEL_BLRP_SCHEDULE_DELAY="100",
@@ -143,8 +143,13 @@ def test_api_requests_get_server_spans_but_probes_do_not(
                 for s in receiver.spans if s.kind == SERVER
             }
 
-    assert "/v1/watch/start" in wait_for(server_paths, timeout=20, what="server spans")
-    assert "/healthz" not in server_paths()
+    assert observed.http.get("/metrics").status_code == 200
+    assert observed.http.get("/v1/metrics").status_code == 404  # a path with the word: traced
+    assert "/v1/metrics" in wait_for(lambda: "/v1/metrics" in server_paths() and server_paths(),
+                                     timeout=20, what="server spans")
+    paths = server_paths()
+    assert "/v1/watch/start" in paths
+    assert "/healthz" not in paths and "/metrics" not in paths
 
 
 def test_the_start_request_s_trace_ends_with_the_request(
@@ -163,6 +168,41 @@ def test_the_start_request_s_trace_ends_with_the_request(
         in_its_trace = {s.name for s in receiver.spans if s.trace_id == start.trace_id}
     assert "nfs write" in in_its_trace  # the session state, recorded by the request
     assert not any("scan" in name for name in in_its_trace), in_its_trace
+
+
+def test_a_drain_s_work_after_the_stop_request_is_not_in_its_trace(
+    service_factory: ServiceFactory, azurite: Azurite, proxy: FaultProxy, receiver: OtlpReceiver,
+    folders: Folders, container: ContainerClient,
+) -> None:
+    """The stop answers at once; the drain it leaves behind lasts until the queue is worked off."""
+    service = service_factory(
+        connection_string=azurite.connection_string(port=proxy.port),
+        APP_WORKER_CONCURRENCY="1",
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    held = proxy.stall(method="PUT", times=None)
+    service.start_session("drained")
+    names = {f"q{i}.bin" for i in range(4)}
+    for i, name in enumerate(sorted(names)):
+        write_file(folders.session("drained") / name, 100, seed=i)
+    proxy.wait_stalled(held, timeout=20)
+    wait_for(lambda: service.status()["queue_depth"] > 0, timeout=20, what="files queued behind the stalled one")
+    service.stop_session()
+    proxy.remove(held)  # (first: it would hold the next request)
+    proxy.release_all()
+    wait_for_blobs(container, {f"{today()}/drained/{name}" for name in names})
+
+    # The drain ends once it found its files gone from the folder: checks made after the stop.
+    wait_for(lambda: service.status()["draining"] == [], timeout=20, what="the drain to end")
+    service.stop()  # (which flushes the spans)
+    with receiver.lock:
+        stops = [s for s in receiver.spans if s.kind == SERVER and "/v1/watch/stop" in (
+            str(s.attributes.get("url.path")), str(s.attributes.get("http.target")))]
+        assert len(stops) == 1
+        in_its_trace = {s.name for s in receiver.spans if s.trace_id == stops[0].trace_id}
+    assert "nfs write" in in_its_trace  # the state and the drain, recorded by the request
+    assert "nfs still_there" not in in_its_trace, in_its_trace
 
 
 def test_the_five_metrics_have_the_workloads_values(
@@ -304,10 +344,12 @@ def test_the_collector_gets_the_configured_token_and_service_name_whatever_netrc
     assert set(receiver.authorizations) == {"Bearer tok123"}
 
 
+@pytest.mark.parametrize("blank", [{}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "   ", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}],
+                         ids=["unset", "blank"])
 def test_without_an_endpoint_nothing_is_exported_and_nothing_complains(
-    service_factory: ServiceFactory, folders: Folders, container: ContainerClient
+    service_factory: ServiceFactory, folders: Folders, container: ContainerClient, blank: dict[str, str]
 ) -> None:
-    service = service_factory()
+    service = service_factory(**blank)
     service.start_session("quiet")
     write_file(folders.session("quiet") / "q.bin", 100)
     wait_for_blobs(container, {f"{today()}/quiet/q.bin"})

@@ -26,7 +26,7 @@ import trio
 from uploader.config import Settings, SettingsError, load_settings, unknown_settings
 from uploader.errors import Fatal
 from uploader.memory_budget import memory_limit, over_limit
-from uploader.otel_settings import otel_setting_problems
+from uploader.otel_settings import otel_setting_problems, tidy_otel_variables
 
 if TYPE_CHECKING:
     from uploader.service import Service
@@ -59,6 +59,7 @@ def _fatal_errors(group: BaseException) -> list[Fatal]:
 
 def read_settings() -> Settings:
     """The APP_* settings, after checking the OTEL_* ones too: every bad one on one line."""
+    tidy_otel_variables(os.environ)
     problems = otel_setting_problems(os.environ)
     try:
         settings = load_settings()

@@ -213,9 +213,10 @@ def create_app(service: Service) -> QuartTrio:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return error(500, f"Internal error: {type(exc).__name__}.")
 
-    # A server span per request; the scrape would only add noise.
+    # A server span per request; the scrape would only add noise. (A regular expression
+    # searched in scheme://host/path: /metrics itself, not every path that has the word.)
     traced = OpenTelemetryMiddleware(
-        app.asgi_app, excluded_urls="metrics", exclude_spans=["receive", "send"]
+        app.asgi_app, excluded_urls="^[^/]*//[^/]*/metrics$", exclude_spans=["receive", "send"]
     )
     app.asgi_app = probes_first(  # type: ignore[method-assign,assignment]
         sends_shielded(traced), lambda: service.ready

@@ -34,6 +34,7 @@ from uploader.errors import describe
 from uploader.lanes import ThreadLane
 from uploader.layout import FileKey, Layout, is_date_prefix, is_session_name
 from uploader.progress import Progress, utc_now_iso
+from uploader.telemetry import untraced
 from uploader.worker import WorkItem
 
 log = logging.getLogger(__name__)
@@ -412,6 +413,7 @@ class Drains:
             assert self._nursery is not None
             self._nursery.start_soon(self._forget_when_claimed, key, offers)
 
+    @untraced
     async def _forget_when_claimed(self, key: SessionKey, offers: Offers) -> None:
         """Wait until what the drain names has left the session's folder, offering again what
         a claim left there (a claim that failed, or found an older file of that name still
@@ -426,7 +428,7 @@ class Drains:
                 if self._stops[key] != stops:
                     continue  # a stop meanwhile: what it recorded is checked too
                 if left:
-                    log.warning("%d files that stopped session %s had queued are still in its folder; "
+                    log.warning("%d files offered before session %s stopped are still in its folder (not claimed yet); "
                                 "offering them again in %.0f s", len(left), key[1], delay,
                                 extra={"session": key[1]})
                     await trio.sleep(delay)
@@ -506,6 +508,7 @@ class Drains:
         for _, key, files in found:
             self._nursery.start_soon(self._catch_up, key, files)
 
+    @untraced
     async def _catch_up(self, key: SessionKey, files: list[Offered]) -> None:
         session = key[1]
         offers = self._offers_of(key)

@@ -53,6 +53,9 @@ class Claim(enum.Enum):
     # its name, are still in flight.
     BUSY = "a file of this name, of one of its folders or in a folder of its name is still in flight"
     CHANGED = "changed"  # changed since the watcher found it stable: still being written
+    # The claim's call failed (an OSError: the worker's outcome, never returned here); the
+    # file stays in incoming and is offered again.
+    FAILED = "failed"
 
 
 class ScanEntry(NamedTuple):

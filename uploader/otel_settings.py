@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from urllib.parse import urlsplit
 
 from uploader.config import is_host
@@ -94,6 +94,22 @@ _COMPONENT_VARIABLES = {
     },
 }
 EXEMPLAR_FILTERS = ("always_on", "always_off", "trace_based")
+# Read by the OTLP metric exporter: TEMPORALITY in any case, AGGREGATION exactly as written;
+# on any other value it logs a warning and uses the first.
+TEMPORALITIES = ("cumulative", "delta", "lowmemory")
+HISTOGRAM_AGGREGATIONS = ("explicit_bucket_histogram", "base2_exponential_bucket_histogram")
+
+
+def tidy_otel_variables(environ: MutableMapping[str, str]) -> None:
+    """Strip the blanks around every OTEL_* value, and drop the variables left empty, before
+    OpenTelemetry reads them: it reads them as written, so an endpoint from a YAML block
+    (its line break kept) or of spaces only was taken for one and failed every export."""
+    for name in [name for name in environ if name.startswith("OTEL_")]:
+        value = environ[name].strip()
+        if value:
+            environ[name] = value
+        else:
+            del environ[name]
 
 
 def _installed(group: str) -> list[str]:
@@ -166,12 +182,25 @@ def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
                     # not in a DNS lookup at every export.
                     and (is_host(host) or (":" in host and is_host(f"[{host}]")))
                 )
-                parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+                if parts.port == 0:  # (ValueError for one that is no number or too large)
+                    valid = False  # the exporters would send to port 80
             except ValueError:
                 valid = False
             if not valid:  # not echoed: a URL may carry credentials
                 problems.append(f"{name}: must be an http(s) URL with a host name or IP address, "
                                 "such as http://collector:4318")
+    temporality = value("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE")
+    if temporality and temporality.lower() not in TEMPORALITIES:
+        problems.append(
+            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE: must be one of "
+            f"{', '.join(t.upper() for t in TEMPORALITIES)} (got {temporality!r})"
+        )
+    aggregation = value("OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION")
+    if aggregation and aggregation not in HISTOGRAM_AGGREGATIONS:
+        problems.append(
+            "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION: must be one of "
+            f"{', '.join(HISTOGRAM_AGGREGATIONS)} (got {aggregation!r})"
+        )
     for name in _COMPRESSION_VARIABLES:
         if value(name) and value(name).lower() not in COMPRESSIONS:
             problems.append(f"{name}: must be one of {', '.join(COMPRESSIONS)} (got {value(name)!r})")

@@ -15,7 +15,6 @@ import logging
 from functools import partial
 
 import trio
-from opentelemetry import context as otel_context
 
 from uploader import api, gc, instance_lock, watcher
 from uploader.blobstore import BlobStore, open_blob_store
@@ -28,7 +27,7 @@ from uploader.layout import FileKey, Layout
 from uploader.progress import Progress, utc_now_iso
 from uploader.recovery import Recovered, find_quarantined, read_stored_state, recover
 from uploader.session import SessionControl, SessionState
-from uploader.telemetry import Metrics, Telemetry
+from uploader.telemetry import Metrics, Telemetry, untraced
 from uploader.worker import Pipeline, WorkItem
 
 log = logging.getLogger(__name__)
@@ -313,6 +312,7 @@ class Service:
             for key in unfinished:
                 await send.send(WorkItem(key, claimed=True))
 
+    @untraced  # it runs for the session's life, not the starting request's
     async def _watch(
         self,
         date_prefix: str,
@@ -323,9 +323,6 @@ class Service:
     ) -> None:
         assert self._send is not None
         settings = self.settings
-        # The watcher runs for the session's life: its calls must not join the trace of the
-        # request that started the session (as spans of a request long answered).
-        detached = otel_context.attach(otel_context.Context())
         try:
             await watcher.run(
                 self._send.clone(),
@@ -341,7 +338,6 @@ class Service:
                 task_status=task_status,
             )
         finally:
-            otel_context.detach(detached)
             # A stopped session's folder is not ours to report.
             self.progress.claims_failing = self.progress.entries_skipped = 0
             self.progress.incoming_files, self.progress.incoming_session = 0, None

@@ -35,6 +35,7 @@ from uploader.layout import (
     new_session_name,
     validate_new_session_name,
 )
+from uploader.telemetry import untraced
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -402,6 +403,7 @@ class SessionControl:
         assert self._nursery is not None
         self._nursery.start_soon(self._remove_unused, name, ended, outcome, self._starts[name])
 
+    @untraced
     async def _remove_unused(self, name: str, ended: trio.Event, outcome: list[bool], starts: int) -> None:
         """Remove the incoming folder a failed start made, if it is still empty and no session
         of that name started since: a folder of a session that never started would mislead
@@ -512,6 +514,7 @@ class SessionControl:
             assert self._nursery is not None
             self._nursery.start_soon(self._save_in_background)
 
+    @untraced
     async def _save_in_background(self) -> None:
         try:
             await self._save_until_recorded()

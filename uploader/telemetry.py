@@ -20,12 +20,14 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
 
 from opentelemetry import _logs, metrics, trace
+from opentelemetry import context as otel_context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
@@ -52,6 +54,26 @@ from uploader.http_session import CollectorSession
 from uploader.log_writer import BackgroundLineWriter, own_stderr
 from uploader.otel_settings import SIGNALS
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def untraced(task: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """A task that outlives the request that starts it (a watcher, a drain, a write in the
+    background), run outside any trace: trio hands a new task a copy of its starter's
+    context, so its spans and log lines would belong to a request long answered."""
+
+    @wraps(task)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        token = otel_context.attach(otel_context.Context())
+        try:
+            return await task(*args, **kwargs)
+        finally:
+            otel_context.detach(token)
+
+    return run
+
+
 _STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 NOISY_LOGGERS = ("azure", "urllib3", "hypercorn.access", "quart.serving")
 SHUTDOWN_BUDGET_S = 3.0
@@ -68,7 +90,7 @@ class JsonFormatter(logging.Formatter):
             "message": redact(record.getMessage()),
         }
         context = trace.get_current_span().get_span_context()
-        if context.is_valid:
+        if context.is_valid and context.trace_flags.sampled:  # (else no span has that id)
             entry["trace_id"] = format(context.trace_id, "032x")
             entry["span_id"] = format(context.span_id, "016x")
         for name, value in vars(record).items():

@@ -293,7 +293,8 @@ class Pipeline:
             claimed = await self._claim(item, stage=stage_now)
             if claimed.outcome is not Claim.CLAIMED:
                 self._release_room(item)
-                span.set_attribute("outcome", f"not claimed: {claimed.outcome.value}")
+                if claimed.outcome is not Claim.FAILED:  # (which said so on the span)
+                    span.set_attribute("outcome", f"not claimed: {claimed.outcome.value}")
                 span.end()
                 return False
             item.staged, stage_error = claimed.staged, claimed.stage_error
@@ -395,8 +396,14 @@ class Pipeline:
             # Still in incoming: the watcher offers it again after a while.
             self._said_waiting.pop(key, None)
             failed = True
+            disposition = classify(exc)
             self.progress.files_failed += 1
-            self.metrics.files_failed.add(1, {"disposition": classify(exc).value})
+            self.metrics.files_failed.add(1, {"disposition": disposition.value})
+            span = trace.get_current_span()  # the file's: a failed attempt, as any other
+            span.set_attribute("outcome", "failed")
+            span.set_attribute("disposition", disposition.value)
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR, describe(exc))
             self.progress.note_error(f"claim {key}: {describe(exc)}")
             log.warning("cannot claim %s: %s", key, describe(exc), extra=_log_fields(key))
             if exc.errno == errno.ENAMETOOLONG and (problem := blob_name_problem(blob_name(key))):
@@ -408,7 +415,7 @@ class Pipeline:
                 if await self._quarantine(item, reason, Disposition.PERMANENT, source=layout.incoming_path(key)):
                     failed = False
                     self.progress.left_incoming(key)
-            return Claimed(Claim.GONE)
+            return Claimed(Claim.FAILED)
         finally:
             self.progress.claim_ended(key)
             if item.on_claim_settled is not None:

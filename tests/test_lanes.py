@@ -8,7 +8,7 @@ import time
 import pytest
 import trio
 
-from uploader.lanes import ThreadLane
+from uploader.lanes import StillRunning, ThreadLane
 
 
 async def test_a_running_call_shows_its_age_and_counts_as_stuck_only_past_the_limit() -> None:
@@ -68,3 +68,36 @@ async def test_a_call_answered_within_a_while_is_one_begun_and_returned_in_it() 
     with pytest.raises(ZeroDivisionError):
         await lane.run(lambda: 1 / 0)
     assert not lane.answered_within(before, time.monotonic())  # a failure is no answer
+
+
+async def test_a_check_abandoned_on_a_hang_takes_one_thread_however_often_it_is_asked_again() -> None:
+    lane = ThreadLane("nfs", 4)
+    release = threading.Event()
+    with trio.move_on_after(0.1):
+        await lane.run_alone("probe", release.wait)
+    for _ in range(10):  # a failure of another file each time, the share still hung
+        with pytest.raises(StillRunning):
+            await lane.run_alone("probe", release.wait)
+    assert lane.running() == 1
+    await lane.run_alone("other", lambda: None)  # another kind is not held up
+    release.set()
+    with trio.fail_after(5):
+        while True:  # until the abandoned call has returned in its thread
+            try:
+                answer = await lane.run_alone("probe", lambda: "answered")
+                break
+            except StillRunning:
+                await trio.sleep(0.01)
+    assert answer == "answered"
+
+
+async def test_a_check_cancelled_before_it_had_a_thread_leaves_the_next_one_free() -> None:
+    lane = ThreadLane("nfs", 1)
+    release = threading.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lane.run, release.wait)  # the lane's only thread
+        await trio.sleep(0.05)
+        with trio.move_on_after(0.1):
+            await lane.run_alone("probe", lambda: None)  # waits for a thread, then gives up
+        release.set()
+    assert await lane.run_alone("probe", lambda: "ran") == "ran"

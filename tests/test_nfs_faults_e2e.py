@@ -321,6 +321,34 @@ def test_a_file_whose_blob_name_azure_would_refuse_is_quarantined_at_once(
     assert Path(str(record["path"])).read_bytes() == far
 
 
+def test_checks_of_a_hung_share_repeated_at_every_failure_hold_one_thread_not_all(
+    service_factory: ServiceFactory, faultfs: FaultFS, folders: Folders, container: ContainerClient
+) -> None:
+    """Each failing file asks whether the share answers for others (a listing of the
+    processing root); with that listing hung, each check was abandoned holding a thread,
+    until none was left for any file."""
+    service = service_factory(
+        APP_NFS_THREADS="4", APP_NFS_OP_TIMEOUT_S="1", APP_NFS_CALL_STUCK_S="1",
+        APP_RETRY_BACKOFF_S="0.1", APP_RETRY_BACKOFF_MAX_S="0.5",
+    )
+    service.start_session("lk")
+    faultfs.fail("read", processing_glob("lk", "bad*"), "EIO", times=None)
+    listing = faultfs.hang("readdir", ".processing")
+    drop(folders, "lk", {f"bad{i}.bin": 1000 for i in range(6)})
+    # Past their last attempt, each failure of theirs checks the share: the first check hangs.
+    wait_for(lambda: service.status()["nfs_calls"]["stuck"] >= 1, timeout=60, what="a check of the share to hang")
+    time.sleep(3)  # more failures of theirs, each a check of the share
+    good = {f"{today()}/lk/{name}": data for name, data in {
+        name: write_file(folders.session("lk") / name, 1000, seed=i)
+        for i, name in enumerate(["good-1.bin", "good-2.bin"], start=10)
+    }.items()}
+    assert wait_for_blobs(container, set(good), timeout=30) == good
+    assert service.status()["nfs_calls"]["stuck"] <= 2  # the hung check, once, and a GC sweep
+    assert service.status()["files_quarantined"] == 0  # no file is to blame while the share hangs
+    faultfs.release(listing)
+    wait_for(lambda: service.status()["files_quarantined"] == 6, timeout=60, what="the bad files' quarantine")
+
+
 def test_a_hung_share_blocks_neither_probes_nor_status_nor_stop(
     service: ServiceProcess, faultfs: FaultFS, folders: Folders, container: ContainerClient
 ) -> None:

@@ -23,6 +23,11 @@ T = TypeVar("T")
 _tracer = trace.get_tracer(__name__)
 
 
+class StillRunning(Exception):
+    """The lane's last call of that kind has not returned yet (abandoned, its thread still
+    waiting on a hung share, say)."""
+
+
 class ThreadLane:
     def __init__(self, name: str, threads: int, *, stuck_after_s: float = 10.0) -> None:
         self.name = name
@@ -35,6 +40,8 @@ class ThreadLane:
         # (began, ended), time.monotonic, of the last calls that returned, in the order they
         # ended: whether the other side answered anyone in a given while (see answered_within).
         self._returned: deque[tuple[float, float]] = deque(maxlen=1024)
+        # The calls run through run_alone that have not returned, by kind (guarded by _lock).
+        self._alone: dict[str, object] = {}
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call_id = next(self._ids)
@@ -60,6 +67,37 @@ class ThreadLane:
             return result
 
         return await trio.to_thread.run_sync(tracked, limiter=self.limiter, abandon_on_cancel=True)
+
+    async def run_alone(self, kind: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` unless the last call of ``kind`` run here has not returned yet: then
+        raise StillRunning at once. For a check repeated at every failure (is the share
+        answering?): each check abandoned on a hung share keeps its thread, and one per
+        failure would take every thread of the lane, stalling the calls of every file."""
+        token = object()
+        with self._lock:
+            if kind in self._alone:
+                raise StillRunning(f"the last {kind} in the {self.name} lane has not returned")
+            self._alone[kind] = token
+        began = False
+
+        def alone() -> T:
+            nonlocal began
+            began = True
+            try:
+                return fn(*args)
+            finally:
+                self._forget_alone(kind, token)
+
+        try:
+            return await self.run(alone)
+        finally:
+            if not began:  # cancelled while waiting for a thread: it will not run
+                self._forget_alone(kind, token)
+
+    def _forget_alone(self, kind: str, token: object) -> None:
+        with self._lock:
+            if self._alone.get(kind) is token:
+                del self._alone[kind]
 
     def answered_within(self, after: float, before: float) -> bool:
         """Whether a call begun at ``after`` or later returned by ``before`` (time.monotonic)."""

@@ -41,7 +41,7 @@ from uploader.errors import (
     unanswered,
 )
 from uploader.fileops import Claim, Claimed, StagedFile
-from uploader.lanes import Lanes
+from uploader.lanes import Lanes, StillRunning
 from uploader.layout import (
     FileKey,
     Layout,
@@ -695,14 +695,18 @@ class Pipeline:
         working = False
         with trio.move_on_after(self.settings.nfs_op_timeout_s):
             try:
+                # One check of a side at a time: one that has not returned (a hung share)
+                # answers for the failures meanwhile.
                 if side == "staging":
                     assert isinstance(exc, OSError)
                     failed = self._on_staging_disk(exc)
-                    await self.lanes.staging.run(fileops.probe_writable, self.layout.staging_root, failed)
+                    await self.lanes.staging.run_alone(
+                        "probe", fileops.probe_writable, self.layout.staging_root, failed
+                    )
                 elif side == "nfs":
-                    await self.lanes.nfs.run(os.listdir, self.layout.processing_root)
+                    await self.lanes.nfs.run_alone("probe", os.listdir, self.layout.processing_root)
                 working = side != "storage" or await self.store.probe()
-            except OSError:
+            except (OSError, StillRunning):
                 working = False
         if working:
             self._working(side)

@@ -151,3 +151,14 @@ async def test_a_file_larger_than_the_budget_fails_at_once_with_enospc() -> None
     assert refused.value.errno == errno.ENOSPC and "APP_LOCAL_STAGING_MAX_BYTES" in str(refused.value)
     assert await staging.larger_than_disk(11 * MB)
     assert not await staging.larger_than_disk(9 * MB)
+
+
+async def test_a_file_that_fits_the_disk_only_with_the_blocks_kept_for_root_is_larger_than_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ext4 volume keeps 5 % for root: the service's user can never fill them."""
+    disk = os.statvfs_result((4096, 4096, 1000, 1000, 950, 0, 0, 0, 0, 255))  # 1000 blocks, 50 kept
+    monkeypatch.setattr(os, "statvfs", lambda root: disk)
+    staging = StagingSpace(Path("/unused"), InlineLane())  # type: ignore[arg-type]
+    assert await staging.larger_than_disk(951 * 4096)
+    assert not await staging.larger_than_disk(950 * 4096)

@@ -95,7 +95,9 @@ class StagingSpace:
             disk = await self.lane.run(os.statvfs, self.root)
         except OSError:
             return False
-        return size > disk.f_blocks * disk.f_frsize
+        # Less the blocks the file system keeps for root (5 % on ext4 by default), which a
+        # service running as another user can never write: only f_bavail counts them out.
+        return size > (disk.f_blocks - (disk.f_bfree - disk.f_bavail)) * disk.f_frsize
 
     def _room(self) -> float:
         if trio.current_time() - self._seen_at > self.recheck_s:

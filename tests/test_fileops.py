@@ -1324,6 +1324,22 @@ def test_list_files_leaves_no_descriptor_open(tmp_path: Path, monkeypatch: pytes
     assert open_fds() == before
 
 
+def test_a_session_folder_that_cannot_be_read_is_named_in_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the descriptor it was read through ("EIO on 13")."""
+    root = tmp_path / "session"
+    make_file(root / "1.csv")
+
+    def fails(fd: int) -> object:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), fd)
+
+    monkeypatch.setattr(os, "scandir", fails)
+    with pytest.raises(OSError) as failed:
+        list_files(root)
+    assert failed.value.filename == str(root)
+
+
 def test_list_files_skips_dangling_symlink(tmp_path: Path) -> None:
     root = tmp_path / "session"
     root.mkdir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from uploader.layout import FileKey
 from uploader.progress import Progress
 
 
@@ -26,3 +27,12 @@ def test_a_long_error_is_shortened_and_still_resolved() -> None:
     assert progress.last_error.endswith(f" ... ({len(message)} characters)")
     progress.resolve_error(message)
     assert progress.last_error is None
+
+
+def test_a_claim_under_way_shows_until_it_ends() -> None:
+    progress = Progress()
+    key = FileKey("20240102", "s", "a.bin")
+    progress.claim_started(key)
+    assert progress.snapshot()["claiming"] == 1 and progress.snapshot()["claimed"] == 0
+    progress.claim_ended(key)
+    assert progress.snapshot()["claiming"] == 0

@@ -123,8 +123,12 @@ def list_files(root: Path, extensions: tuple[str, ...] = ()) -> Scan:
     stack: list[tuple[int, str, list[str]]] = []
     try:
         stack.append((os.open(root, _FOLDER_LIST), "", []))
-        device = os.fstat(stack[-1][0]).st_dev
-        stack[-1][2].extend(list_folder(stack[-1][0], ""))
+        try:
+            device = os.fstat(stack[-1][0]).st_dev
+            stack[-1][2].extend(list_folder(stack[-1][0], ""))
+        except OSError as exc:
+            exc.filename = str(root)  # not the descriptor, which the error would name
+            raise
         while stack:
             fd, prefix, folders = stack[-1]
             if not folders:

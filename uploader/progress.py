@@ -104,6 +104,9 @@ class Progress:
             "entries_skipped": self.entries_skipped,
             "incoming_files": self.incoming_files,
             "claimed": len(self.claimed),
+            # A claim of a small file copies it to staging in the same call: on a slow or hung
+            # share it is here, neither in incoming_files nor yet in in_flight or claimed.
+            "claiming": len(self.claiming),
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             # A path as valid Unicode, written like the blob names (%XX for bytes that are

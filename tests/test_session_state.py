@@ -516,3 +516,29 @@ async def test_a_folder_made_late_stays_when_its_session_has_started_since(
         await trio.sleep(0.2)  # the first call has ended by now, and gone by the folder
         assert layout.incoming_dir("again").is_dir()
         nursery.cancel_scope.cancel()
+
+
+async def test_state_writes_retried_against_a_hung_share_hold_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starts and stops a client retries while the share hangs, and the background loop's
+    tries: each write abandoned at its timeout would hold a thread until the share answers."""
+    layout = layout_in(tmp_path)
+    released = threading.Event()
+
+    def hung_write(path: Path, payload: bytes) -> None:
+        released.wait(10)
+
+    monkeypatch.setattr(fileops, "write_atomically", hung_write)
+    lane = ThreadLane("nfs", 8)
+    control = SessionControl(layout, lane, watch, nfs_timeout_s=0.2)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.run)
+            for name in ("run-1", "run-2", "run-3", "run-4"):
+                with pytest.raises(NfsUnavailable):
+                    await control.start(name)
+            assert lane.running() == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        released.set()

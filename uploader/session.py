@@ -26,7 +26,7 @@ import trio
 from uploader import fileops
 from uploader.drain import Drains
 from uploader.errors import describe
-from uploader.lanes import ThreadLane
+from uploader.lanes import StillRunning, ThreadLane
 from uploader.layout import (
     Layout,
     date_prefix,
@@ -46,6 +46,9 @@ T = TypeVar("T")
 STOP_SAVE_WAIT_S = 1.0
 # How long a stop waits for its cancelled watcher to end (a step, unless the loop is stalled).
 WATCHER_END_WAIT_S = 1.0
+# The longest pause between the background tries to record the state: a stop made while the
+# share hung is recorded within this of its return.
+SAVE_RETRY_MAX_S = 10.0
 
 
 class SessionConflict(Exception):
@@ -537,7 +540,8 @@ class SessionControl:
                     reason = str(exc).removesuffix(".")
                     log.error("cannot record the session state (%s); retrying in %.0f s", reason, delay)
             await trio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            # Soon after the share is back (a write a time: a hung one is not repeated).
+            delay = min(delay * 2, SAVE_RETRY_MAX_S)
 
     async def _save(self, state: SessionState, deadline: float | None = None) -> None:
         """Record ``state``, by ``deadline`` (default: APP_NFS_OP_TIMEOUT_S from now), or
@@ -553,19 +557,30 @@ class SessionControl:
                 f"the NFS share did not take the record of a stopped session's queue within "
                 f"{self._nfs_timeout_s:g} s."
             )
-        await self._on_nfs(self._state_file.writer(state), deadline=deadline)
+        # One write at a time: one abandoned on a hung share holds its thread until the share
+        # answers, and the starts and stops a client retries meanwhile would each add one.
+        await self._on_nfs(self._state_file.writer(state), deadline=deadline, alone="state write")
 
-    async def _on_nfs(self, fn: Callable[..., T], *args: object, deadline: float | None = None) -> T:
+    async def _on_nfs(
+        self, fn: Callable[..., T], *args: object, deadline: float | None = None, alone: str | None = None
+    ) -> T:
         """``fn`` in the NFS lane, its OSErrors as NfsRefused or NfsUnavailable; given up on
-        at ``deadline`` (default: APP_NFS_OP_TIMEOUT_S from now; math.inf: never)."""
+        at ``deadline`` (default: APP_NFS_OP_TIMEOUT_S from now; math.inf: never). ``alone``:
+        not while the last call of that kind has not returned (NfsUnavailable at once)."""
         if deadline is None:
             deadline = self._deadline()
         try:
             with trio.fail_at(deadline):
-                return await self.nfs.run(fn, *args)
+                if alone is None:
+                    return await self.nfs.run(fn, *args)
+                return await self.nfs.run_alone(alone, fn, *args)
         except trio.TooSlowError:
             raise NfsUnavailable(
                 f"the NFS share did not answer within {self._nfs_timeout_s:g} s."
+            ) from None
+        except StillRunning:
+            raise NfsUnavailable(
+                f"the NFS share has not answered the last {alone} yet (more than {self._nfs_timeout_s:g} s)."
             ) from None
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

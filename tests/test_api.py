@@ -36,6 +36,8 @@ def test_status_before_any_session(service: ServiceProcess) -> None:
         assert field in status
     assert status["active"] is False
     assert status["session_name"] is None
+    assert status["staging"] == {"copies": 0, "held_bytes": 0, "waiting_for_room": 0}
+    assert status["staging_calls"]["running"] == 0 and status["claiming"] == 0
 
 
 @pytest.mark.parametrize(

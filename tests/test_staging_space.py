@@ -54,8 +54,10 @@ async def test_a_copy_that_would_not_fit_beside_the_running_ones_waits_for_one_t
         nursery.start_soon(copy, "c", 1)
         await trio.sleep(1)
         assert sorted(started) == ["a", "b"]  # 24 MB free, 20 still to write: c waits
+        assert staging.snapshot() == {"copies": 2, "held_bytes": 20 * MB, "waiting_for_room": 1}
         await trio.sleep(4.5)  # a has ended
         assert sorted(started) == ["a", "b", "c"]
+        assert staging.snapshot() == {"copies": 2, "held_bytes": 20 * MB, "waiting_for_room": 0}
 
 
 async def test_a_copy_larger_than_the_disk_starts_when_it_is_alone(

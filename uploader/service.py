@@ -27,6 +27,7 @@ from uploader.layout import FileKey, Layout
 from uploader.progress import Progress, utc_now_iso
 from uploader.recovery import Recovered, find_quarantined, read_stored_state, recover
 from uploader.session import SessionControl, SessionState
+from uploader.staging_space import StagingSpace
 from uploader.telemetry import Metrics, Telemetry, untraced
 from uploader.worker import Pipeline, WorkItem
 
@@ -98,6 +99,7 @@ class Service:
         self.drains: Drains | None = None
         self.store: BlobStore | None = None
         self._queue: trio.MemoryReceiveChannel[WorkItem] | None = None
+        self._pipeline: Pipeline | None = None
         self._send: trio.MemorySendChannel[WorkItem] | None = None
 
     def queue_depth(self) -> int:
@@ -117,7 +119,9 @@ class Service:
             "queue_depth": self.queue_depth(),
             **self.progress.snapshot(),
             "nfs_calls": self.lanes.nfs.snapshot(),
+            "staging_calls": self.lanes.staging.snapshot(),
             "azure_calls": self.lanes.azure.snapshot(),
+            "staging": self._pipeline.space.snapshot() if self._pipeline else dict(StagingSpace.NOTHING),
         }
 
     def draining(self) -> list[str]:
@@ -214,7 +218,7 @@ class Service:
             log.warning("cannot empty the staging folder: %s", describe(exc))
         send, receive = trio.open_memory_channel[WorkItem](settings.max_queue_size)
         self._send, self._queue = send, receive
-        pipeline = Pipeline(
+        self._pipeline = pipeline = Pipeline(
             settings=settings,
             layout=layout,
             lanes=lanes,

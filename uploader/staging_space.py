@@ -24,6 +24,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import ClassVar
 
 import trio
 
@@ -31,6 +32,8 @@ from uploader.lanes import ThreadLane
 
 
 class StagingSpace:
+    NOTHING: ClassVar[dict[str, int]] = {"copies": 0, "held_bytes": 0, "waiting_for_room": 0}  # (before start-up)
+
     def __init__(self, root: Path, lane: ThreadLane, *, recheck_s: float = 1.0, budget: int = 0) -> None:
         self.root = root
         self.lane = lane
@@ -46,6 +49,7 @@ class StagingSpace:
         self._room_seen = 0
         self._seen_at = -float("inf")
         self._reserved_since = 0
+        self.waiting = 0  # copies waiting for their turn or for room
 
     @contextlib.asynccontextmanager
     async def reserve(self, size: int, path: Path) -> AsyncIterator[None]:
@@ -69,17 +73,29 @@ class StagingSpace:
         if self.budget and size > self.budget:
             raise OSError(errno.ENOSPC, f"{size} bytes do not fit in APP_LOCAL_STAGING_MAX_BYTES "
                           f"({self.budget})", str(path))
-        async with self._turn:
-            while self._running and size > self._room():
-                if size <= await self._look():
-                    break
-                # Copies end and uploads free their copies: look again then.
-                with trio.move_on_after(self.recheck_s):
-                    await self._released.wait()
-            reservation = next(self._ids)
-            self._running[reservation] = (size, path)
-            self._reserved_since += size
+        self.waiting += 1
+        try:
+            async with self._turn:
+                while self._running and size > self._room():
+                    if size <= await self._look():
+                        break
+                    # Copies end and uploads free their copies: look again then.
+                    with trio.move_on_after(self.recheck_s):
+                        await self._released.wait()
+                reservation = next(self._ids)
+                self._running[reservation] = (size, path)
+                self._reserved_since += size
+        finally:
+            self.waiting -= 1
         return reservation
+
+    def snapshot(self) -> dict[str, int]:
+        """What status shows: copies holding room (and how much), and copies waiting for it."""
+        return {
+            "copies": len(self._running),
+            "held_bytes": sum(size for size, _ in self._running.values()),
+            "waiting_for_room": self.waiting,
+        }
 
     def release(self, reservation: int | None) -> None:
         if reservation is None or self._running.pop(reservation, None) is None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 import trio
@@ -101,3 +104,69 @@ async def test_a_check_cancelled_before_it_had_a_thread_leaves_the_next_one_free
             await lane.run_alone("probe", lambda: None)  # waits for a thread, then gives up
         release.set()
     assert await lane.run_alone("probe", lambda: "ran") == "ran"
+
+
+async def test_a_call_that_waits_its_turn_runs_once_the_one_before_has_returned() -> None:
+    lane = ThreadLane("nfs", 4)
+    release = threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        release.wait(10)
+        order.append("first")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lane.run_alone, "state write", first)
+        await trio.sleep(0.05)
+        assert lane.alone_running("state write") is not None
+        nursery.start_soon(partial(lane.run_alone, "state write", lambda: order.append("second"), wait=True))
+        await trio.sleep(0.1)
+        assert order == [] and lane.running() == 1  # the second waits, in no thread
+        release.set()
+    assert order == ["first", "second"]
+    assert lane.alone_running("state write") is None
+
+
+async def test_a_caller_cancelled_as_its_thread_starts_never_runs_beside_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its thread has started, but the caller is gone (cancelled) before the call began: the
+    turn is given back, so the thread must not run the call beside the next one."""
+    lane = ThreadLane("nfs", 4)
+    ran: list[str] = []
+    outcome: list[BaseException] = []
+
+    class CallerGone(Exception):
+        pass
+
+    async def thread_started_then_caller_gone(fn: Callable[..., object]) -> object:
+        def late() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        threading.Timer(0.1, late).start()  # the thread gets to it after the caller left
+        raise CallerGone
+
+    monkeypatch.setattr(lane, "run", thread_started_then_caller_gone)
+    with pytest.raises(CallerGone):
+        await lane.run_alone("probe", lambda: ran.append("late"))
+    assert lane.alone_running("probe") is None  # the turn was given back at once
+    await trio.sleep(0.3)
+    assert ran == [] and isinstance(outcome[0], StillRunning)
+
+
+async def test_a_call_run_alone_keeps_the_name_of_what_it_calls() -> None:
+    """Its span is named after it (``nfs listdir``, not the wrapper's name)."""
+    lane = ThreadLane("nfs", 1)
+    names: list[str] = []
+    real_run = lane.run
+
+    async def named(fn: Callable[..., object], *args: object) -> object:
+        names.append(fn.__name__)
+        return await real_run(fn, *args)
+
+    lane.run = named  # type: ignore[method-assign]
+    await lane.run_alone("probe", os.listdir, ".")
+    assert names == ["listdir"]

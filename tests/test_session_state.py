@@ -542,3 +542,57 @@ async def test_state_writes_retried_against_a_hung_share_hold_one_thread(
             nursery.cancel_scope.cancel()
     finally:
         released.set()
+
+
+async def test_a_start_right_after_a_stop_on_a_slow_share_waits_for_the_stop_s_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop answers before its write is done (STOP_SAVE_WAIT_S); the start's write goes
+    after it, within the start's own time, not refused because one is still running."""
+    layout = layout_in(tmp_path)
+    real_write = fileops.write_atomically
+    delay = [0.0]
+
+    def slow(path: Path, payload: bytes) -> None:
+        time.sleep(delay[0])
+        real_write(path, payload)
+
+    monkeypatch.setattr(fileops, "write_atomically", slow)
+    control = SessionControl(layout, ThreadLane("nfs", 8), watch, nfs_timeout_s=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        await control.start("run-1")
+        delay[0] = 1.5
+        await control.stop()  # answered after 1 s, its write still going
+        started = await control.start("run-2")
+        assert started.active and read_state(layout.state_file) == started
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_write_of_a_start_given_up_on_is_overwritten_as_soon_as_it_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client was told the start failed: once the share answers, the state of the moment
+    (stopped) goes over the start's late write at once, not at the next retry's turn."""
+    layout = layout_in(tmp_path)
+    real_write = fileops.write_atomically
+    released = threading.Event()
+
+    def hung(path: Path, payload: bytes) -> None:
+        released.wait(10)
+        real_write(path, payload)
+
+    control = SessionControl(layout, ThreadLane("nfs", 8), watch, nfs_timeout_s=0.3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        monkeypatch.setattr(fileops, "write_atomically", hung)
+        with pytest.raises(NfsUnavailable):
+            await control.start("run-1")
+        await trio.sleep(2.5)  # the background loop's retries wait on the write still held
+        released.set()
+        for _ in range(75):  # 1.5 s
+            await trio.sleep(0.02)
+            if layout.state_file.exists() and read_state(layout.state_file) == SessionState():
+                break
+        assert read_state(layout.state_file) == SessionState()
+        nursery.cancel_scope.cancel()

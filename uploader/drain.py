@@ -403,6 +403,7 @@ class Drains:
     def _ordered(self, key: SessionKey) -> fileops.OrderedWrites:
         return self._files.setdefault(key, fileops.OrderedWrites(self.layout.drain_file(*key)))
 
+    @untraced  # (retried for as long as the share fails: past the request that wrote it)
     async def _write(self, key: SessionKey, write: Callable[[], None], written: trio.Event) -> None:
         await self._until_done(f"record the drain of {key[1]}", write)
         written.set()

@@ -8,6 +8,8 @@ Azure calls each get their own lane, and each lane counts the calls that are stu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import threading
 import time
@@ -41,7 +43,7 @@ class ThreadLane:
         # ended: whether the other side answered anyone in a given while (see answered_within).
         self._returned: deque[tuple[float, float]] = deque(maxlen=1024)
         # The calls run through run_alone that have not returned, by kind (guarded by _lock).
-        self._alone: dict[str, object] = {}
+        self._alone: dict[str, tuple[object, trio.Event]] = {}
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         call_id = next(self._ids)
@@ -68,36 +70,64 @@ class ThreadLane:
 
         return await trio.to_thread.run_sync(tracked, limiter=self.limiter, abandon_on_cancel=True)
 
-    async def run_alone(self, kind: str, fn: Callable[..., T], *args: Any) -> T:
+    async def run_alone(self, kind: str, fn: Callable[..., T], *args: Any, wait: bool = False) -> T:
         """Run ``fn`` unless the last call of ``kind`` run here has not returned yet: then
-        raise StillRunning at once. For a check repeated at every failure (is the share
-        answering?): each check abandoned on a hung share keeps its thread, and one per
-        failure would take every thread of the lane, stalling the calls of every file."""
-        token = object()
-        with self._lock:
-            if kind in self._alone:
+        raise StillRunning at once or, with ``wait``, wait until it has (for as long as the
+        caller's cancel scope allows). For calls repeated at every failure or retry (is the
+        share answering? record the state): each one abandoned on a hung share keeps its
+        thread, and one per failure would take every thread of the lane, stalling the calls
+        of every file."""
+        while True:
+            with self._lock:
+                held = self._alone.get(kind)
+                if held is None:
+                    token, done = object(), trio.Event()
+                    self._alone[kind] = (token, done)
+                    break
+            if not wait:
                 raise StillRunning(f"the last {kind} in the {self.name} lane has not returned")
-            self._alone[kind] = token
+            await held[1].wait()
+        trio_token = trio.lowlevel.current_trio_token()
         began = False
 
         def alone() -> T:
             nonlocal began
-            began = True
+            # Decided under the lock on both sides: a caller cancelled as its thread started
+            # has given the turn back, and then the call must not run beside the next one.
+            with self._lock:
+                if self._alone.get(kind, (None,))[0] is not token:
+                    raise StillRunning(f"the {kind} was given up on before it began")
+                began = True
             try:
                 return fn(*args)
             finally:
-                self._forget_alone(kind, token)
+                if self._forget_alone(kind, token):
+                    with contextlib.suppress(trio.RunFinishedError):
+                        trio_token.run_sync_soon(done.set)
 
+        functools.update_wrapper(alone, getattr(fn, "func", fn))  # its span is named for fn
         try:
             return await self.run(alone)
         finally:
-            if not began:  # cancelled while waiting for a thread: it will not run
-                self._forget_alone(kind, token)
+            with self._lock:
+                gave_back = not began and self._alone.get(kind, (None,))[0] is token
+                if gave_back:
+                    del self._alone[kind]
+            if gave_back:
+                done.set()
 
-    def _forget_alone(self, kind: str, token: object) -> None:
+    def _forget_alone(self, kind: str, token: object) -> bool:
         with self._lock:
-            if self._alone.get(kind) is token:
+            if self._alone.get(kind, (None,))[0] is token:
                 del self._alone[kind]
+                return True
+        return False
+
+    def alone_running(self, kind: str) -> trio.Event | None:
+        """The event set once the call of ``kind`` running now returns; None if none runs."""
+        with self._lock:
+            held = self._alone.get(kind)
+        return None if held is None else held[1]
 
     def answered_within(self, after: float, before: float) -> bool:
         """Whether a call begun at ``after`` or later returned by ``before`` (time.monotonic)."""

@@ -26,7 +26,7 @@ import trio
 from uploader import fileops
 from uploader.drain import Drains
 from uploader.errors import describe
-from uploader.lanes import StillRunning, ThreadLane
+from uploader.lanes import ThreadLane
 from uploader.layout import (
     Layout,
     date_prefix,
@@ -49,6 +49,7 @@ WATCHER_END_WAIT_S = 1.0
 # The longest pause between the background tries to record the state: a stop made while the
 # share hung is recorded within this of its return.
 SAVE_RETRY_MAX_S = 10.0
+STATE_WRITE = "state write"  # the kind of call (ThreadLane.run_alone): one at a time
 
 
 class SessionConflict(Exception):
@@ -539,8 +540,14 @@ class SessionControl:
                     # The reason is written as a sentence: its full stop does not go inside brackets.
                     reason = str(exc).removesuffix(".")
                     log.error("cannot record the session state (%s); retrying in %.0f s", reason, delay)
-            await trio.sleep(delay)
-            # Soon after the share is back (a write a time: a hung one is not repeated).
+            held = self.nfs.alone_running(STATE_WRITE)
+            with trio.move_on_after(delay):
+                if held is not None:
+                    # A write the share still holds (maybe of an older state: a start it gave
+                    # up on): once it lands, the state of the moment goes over it at once.
+                    await held.wait()
+                else:
+                    await trio.sleep_forever()
             delay = min(delay * 2, SAVE_RETRY_MAX_S)
 
     async def _save(self, state: SessionState, deadline: float | None = None) -> None:
@@ -559,28 +566,25 @@ class SessionControl:
             )
         # One write at a time: one abandoned on a hung share holds its thread until the share
         # answers, and the starts and stops a client retries meanwhile would each add one.
-        await self._on_nfs(self._state_file.writer(state), deadline=deadline, alone="state write")
+        await self._on_nfs(self._state_file.writer(state), deadline=deadline, alone=STATE_WRITE)
 
     async def _on_nfs(
         self, fn: Callable[..., T], *args: object, deadline: float | None = None, alone: str | None = None
     ) -> T:
         """``fn`` in the NFS lane, its OSErrors as NfsRefused or NfsUnavailable; given up on
         at ``deadline`` (default: APP_NFS_OP_TIMEOUT_S from now; math.inf: never). ``alone``:
-        not while the last call of that kind has not returned (NfsUnavailable at once)."""
+        after the last call of that kind has returned (waiting for it counts in the time)."""
         if deadline is None:
             deadline = self._deadline()
         try:
             with trio.fail_at(deadline):
                 if alone is None:
                     return await self.nfs.run(fn, *args)
-                return await self.nfs.run_alone(alone, fn, *args)
+                # After the one before, which a slow share may still be carrying out.
+                return await self.nfs.run_alone(alone, fn, *args, wait=True)
         except trio.TooSlowError:
             raise NfsUnavailable(
                 f"the NFS share did not answer within {self._nfs_timeout_s:g} s."
-            ) from None
-        except StillRunning:
-            raise NfsUnavailable(
-                f"the NFS share has not answered the last {alone} yet (more than {self._nfs_timeout_s:g} s)."
             ) from None
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

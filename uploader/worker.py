@@ -41,7 +41,7 @@ from uploader.errors import (
     unanswered,
 )
 from uploader.fileops import Claim, Claimed, StagedFile
-from uploader.lanes import Lanes, StillRunning
+from uploader.lanes import Lanes
 from uploader.layout import (
     FileKey,
     Layout,
@@ -695,18 +695,19 @@ class Pipeline:
         working = False
         with trio.move_on_after(self.settings.nfs_op_timeout_s):
             try:
-                # One check of a side at a time: one that has not returned (a hung share)
-                # answers for the failures meanwhile.
+                # One check of a side at a time, each after the one before: a check that does
+                # not return within the time (a hung share) answers "not working" for the
+                # failures meanwhile, which wait in no thread.
                 if side == "staging":
                     assert isinstance(exc, OSError)
                     failed = self._on_staging_disk(exc)
                     await self.lanes.staging.run_alone(
-                        "probe", fileops.probe_writable, self.layout.staging_root, failed
+                        "probe", fileops.probe_writable, self.layout.staging_root, failed, wait=True
                     )
                 elif side == "nfs":
-                    await self.lanes.nfs.run_alone("probe", os.listdir, self.layout.processing_root)
+                    await self.lanes.nfs.run_alone("probe", os.listdir, self.layout.processing_root, wait=True)
                 working = side != "storage" or await self.store.probe()
-            except (OSError, StillRunning):
+            except OSError:
                 working = False
         if working:
             self._working(side)

@@ -340,9 +340,12 @@ def test_checks_of_a_hung_share_repeated_at_every_failure_hold_one_thread_not_al
     time.sleep(3)  # more failures of theirs, each a check of the share
     good = {f"{today()}/lk/{name}": data for name, data in {
         name: write_file(folders.session("lk") / name, 1000, seed=i)
-        for i, name in enumerate(["good-1.bin", "good-2.bin"], start=10)
+        for i, name in enumerate([f"good-{n}.bin" for n in range(8)], start=10)
     }.items()}
     assert wait_for_blobs(container, set(good), timeout=30) == good
+    # And completed: a completion makes no folder in the hung processing root (made at start).
+    wait_for(lambda: not [p for p in folders.files_on_nfs() if p.name.startswith("good-")], timeout=30,
+             what="the good files to leave the share")
     assert service.status()["nfs_calls"]["stuck"] <= 2  # the hung check, once, and a GC sweep
     assert service.status()["files_quarantined"] == 0  # no file is to blame while the share hangs
     faultfs.release(listing)

@@ -14,6 +14,7 @@ import trio.testing
 from uploader import recovery
 from uploader.config import load_settings
 from uploader.fileops import quarantine
+from uploader.lanes import ThreadLane
 from uploader.layout import FileKey, Layout
 from uploader.recovery import find_quarantined, find_unfinished
 from uploader.service import STATE_REFUSED_GIVE_UP_S, Service
@@ -229,3 +230,14 @@ async def test_a_state_file_refused_for_long_costs_the_session_not_the_claimed_f
     assert recovered.state_problem.startswith(
         f"session state {tmp_path / 'proc' / 'session.json'} cannot be read (EACCES"
     )
+
+
+async def test_recovery_makes_the_service_s_own_folders_under_the_processing_root(tmp_path: Path) -> None:
+    """Made now, a completion or quarantine later only looks them up: a mkdir in the
+    processing root would wait behind a listing of it that a hung share holds."""
+    layout = Layout(tmp_path / "in", tmp_path / "proc", tmp_path / "stage")
+    layout.processing_root.mkdir()
+    await recovery.recover(layout, ThreadLane("nfs", 1))
+    for folder in (layout.completed_root, layout.failed_files_root, layout.failed_reasons_root,
+                   layout.drains_root):
+        assert folder.is_dir()

@@ -178,12 +178,26 @@ async def read_stored_state(layout: Layout, nfs: ThreadLane) -> tuple[SessionSta
         return SessionState(), str(exc)
 
 
+def make_own_folders(layout: Layout) -> None:
+    """Blocking: the folders of the service's own under the processing root, made at start-up rather
+    than at a file's completion, quarantine or a stop: a mkdir in the processing root waits behind
+    a listing of it that the share holds (a hung READDIR locks the folder), and every worker
+    completing a file would wait there, while one made in advance is only looked up."""
+    for folder in (layout.completed_root, layout.failed_files_root, layout.failed_reasons_root,
+                   layout.drains_root):
+        os.makedirs(folder, exist_ok=True)
+
+
 async def recover(
     layout: Layout, nfs: ThreadLane, stored: tuple[SessionState, str | None] | None = None
 ) -> Recovered:
     """``stored``: the state an earlier, failed attempt has read already (a state file it
     moved aside is not there to be read again)."""
     state, state_problem = stored if stored is not None else await read_stored_state(layout, nfs)
+    try:
+        await nfs.run(make_own_folders, layout)
+    except OSError as exc:  # made when first needed, then
+        log.warning("cannot make the service's folders under the processing root: %s", describe(exc))
     unfinished, unreadable = await nfs.run(find_unfinished, layout)
     if unfinished:
         log.info("recovery found %d unfinished files", len(unfinished))

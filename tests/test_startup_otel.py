@@ -134,6 +134,7 @@ BAD = [
     ("OTEL_SDK_DISABLED", "1"),  # the SDK would take it for false and stay on
     ("OTEL_SDK_DISABLED", "yes"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:0"),  # the exporters would use port 80
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:/v1/traces"),  # so would they here
     ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "sometimes"),
     ("OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION", "Explicit_Bucket_Histogram"),
 ]

@@ -182,8 +182,8 @@ def otel_setting_problems(environ: Mapping[str, str]) -> list[str]:
                     # not in a DNS lookup at every export.
                     and (is_host(host) or (":" in host and is_host(f"[{host}]")))
                 )
-                if parts.port == 0:  # (ValueError for one that is no number or too large)
-                    valid = False  # the exporters would send to port 80
+                if parts.port == 0 or parts.netloc.endswith(":"):  # (ValueError: no number, too large)
+                    valid = False  # 0 or none after the colon: the exporters would send to port 80
             except ValueError:
                 valid = False
             if not valid:  # not echoed: a URL may carry credentials

@@ -499,20 +499,29 @@ def test_oversized_body_is_refused(service: ServiceProcess) -> None:
     assert "larger than" in answer.json()["error"]
 
 
+def expect_continue(length: int) -> bytes:
+    """The head of a start whose client asks before it sends its ``length`` bytes of body."""
+    return (
+        b"POST /v1/watch/start HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n" % length
+    )
+
+
+def first_answer_head(conn: socket.socket) -> bytes:
+    received = b""
+    while b"\r\n\r\n" not in received and (chunk := conn.recv(65536)):
+        received += chunk
+    return received
+
+
 def test_an_oversized_body_announced_with_expect_100_continue_is_refused_before_it_is_sent(
     service: ServiceProcess,
 ) -> None:
-    """The client asks before it sends 100 kB it announced; the answer is the refusal, not
-    "100 Continue" (which would have it send the body only to hear 413)."""
-    request = (
-        b"POST /v1/watch/start HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
-        b"Content-Type: application/json\r\nExpect: 100-continue\r\n\r\n"
-    )
+    """The answer is the refusal, not "100 Continue" (which would have the client send
+    100 kB only to hear 413)."""
     with socket.create_connection(("127.0.0.1", service.port), timeout=5) as conn:
-        conn.sendall(request)
-        received = b""
-        while b"\r\n\r\n" not in received and (chunk := conn.recv(65536)):
-            received += chunk
+        conn.sendall(expect_continue(100_000))
+        received = first_answer_head(conn)
     assert received.startswith(b"HTTP/1.1 413 "), received[:200]
     assert service.http.get("/v1/status").json()["active"] is False
 
@@ -521,15 +530,9 @@ def test_a_small_body_announced_with_expect_100_continue_is_asked_for_and_taken(
     service: ServiceProcess,
 ) -> None:
     body = b'{"session_name": "asked"}'
-    head = (
-        b"POST /v1/watch/start HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
-        b"Content-Type: application/json\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n" % len(body)
-    )
     with socket.create_connection(("127.0.0.1", service.port), timeout=5) as conn:
-        conn.sendall(head)
-        received = b""
-        while b"\r\n\r\n" not in received and (chunk := conn.recv(65536)):
-            received += chunk
+        conn.sendall(expect_continue(len(body)))
+        received = first_answer_head(conn)
         assert received.startswith(b"HTTP/1.1 100 "), received[:200]
         conn.sendall(body)
         while chunk := conn.recv(65536):

@@ -26,8 +26,7 @@ _tracer = trace.get_tracer(__name__)
 
 
 class StillRunning(Exception):
-    """The lane's last call of that kind has not returned yet (abandoned, its thread still
-    waiting on a hung share, say)."""
+    """Raised in a thread of run_alone whose caller gave its turn up before the call began."""
 
 
 class ThreadLane:
@@ -70,13 +69,12 @@ class ThreadLane:
 
         return await trio.to_thread.run_sync(tracked, limiter=self.limiter, abandon_on_cancel=True)
 
-    async def run_alone(self, kind: str, fn: Callable[..., T], *args: Any, wait: bool = False) -> T:
-        """Run ``fn`` unless the last call of ``kind`` run here has not returned yet: then
-        raise StillRunning at once or, with ``wait``, wait until it has (for as long as the
-        caller's cancel scope allows). For calls repeated at every failure or retry (is the
-        share answering? record the state): each one abandoned on a hung share keeps its
-        thread, and one per failure would take every thread of the lane, stalling the calls
-        of every file."""
+    async def run_alone(self, kind: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` once the last call of ``kind`` run here has returned, waiting (in no
+        thread) for as long as the caller's cancel scope allows. For calls repeated at every
+        failure or retry (is the share answering? record the state): each one abandoned on a
+        hung share keeps its thread, and one per failure would take every thread of the lane,
+        stalling the calls of every file."""
         while True:
             with self._lock:
                 held = self._alone.get(kind)
@@ -84,8 +82,6 @@ class ThreadLane:
                     token, done = object(), trio.Event()
                     self._alone[kind] = (token, done)
                     break
-            if not wait:
-                raise StillRunning(f"the last {kind} in the {self.name} lane has not returned")
             await held[1].wait()
         trio_token = trio.lowlevel.current_trio_token()
         began = False

@@ -581,7 +581,7 @@ class SessionControl:
                 if alone is None:
                     return await self.nfs.run(fn, *args)
                 # After the one before, which a slow share may still be carrying out.
-                return await self.nfs.run_alone(alone, fn, *args, wait=True)
+                return await self.nfs.run_alone(alone, fn, *args)
         except trio.TooSlowError:
             raise NfsUnavailable(
                 f"the NFS share did not answer within {self._nfs_timeout_s:g} s."

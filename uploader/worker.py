@@ -702,10 +702,10 @@ class Pipeline:
                     assert isinstance(exc, OSError)
                     failed = self._on_staging_disk(exc)
                     await self.lanes.staging.run_alone(
-                        "probe", fileops.probe_writable, self.layout.staging_root, failed, wait=True
+                        "probe", fileops.probe_writable, self.layout.staging_root, failed
                     )
                 elif side == "nfs":
-                    await self.lanes.nfs.run_alone("probe", os.listdir, self.layout.processing_root, wait=True)
+                    await self.lanes.nfs.run_alone("probe", os.listdir, self.layout.processing_root)
                 working = side != "storage" or await self.store.probe()
             except OSError:
                 working = False
